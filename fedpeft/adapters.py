@@ -1,0 +1,134 @@
+"""LoRA injection through PEFT, which tensors train, get/set of the adapter state, PEFT export.
+
+`AdaptedModel` owns one PEFT-wrapped classifier. The in-process executor reuses it for every
+client: it loads the global `AdapterState`, trains, and reads the new tensors back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedpeft.config import ModelConfig
+from fedpeft.models import MODELS, Tokenizer, build_model
+from fedpeft.state import HEAD, AdapterState, kind_of
+
+__all__ = ["AdaptedModel", "load_exported", "EXPORT_META"]
+
+ADAPTER_NAME = "default"
+EXPORT_META = "fedpeft_model.json"  # how to rebuild the base model of an exported adapter
+
+
+def _normalise(peft_name: str) -> str | None:
+    """PEFT parameter name -> normalised adapter name, or None for frozen base weights."""
+    name = peft_name.removeprefix("base_model.model.")
+    if ".lora_A." in name or ".lora_B." in name:
+        return name.replace(f".{ADAPTER_NAME}.", ".")
+    if name.startswith("head.modules_to_save."):
+        return name.replace(f"head.modules_to_save.{ADAPTER_NAME}.", "head.")
+    return None
+
+
+class AdaptedModel:
+    """A classifier with LoRA adapters injected by PEFT; the head is a PEFT `modules_to_save`."""
+
+    def __init__(self, cfg: ModelConfig, num_labels: int, seed: int) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        self.cfg = cfg
+        self.num_labels = num_labels
+        self.seed = seed
+        base, self.tokenizer = build_model(cfg.name, num_labels, cfg.layers, seed)
+        self.targets = cfg.targets or MODELS.get(cfg.name).default_targets
+        lora = LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=list(self.targets),
+            modules_to_save=["head"],
+        )
+        base.name_or_path = cfg.name  # PEFT records it as base_model_name_or_path
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)  # the shared initial A (PEFT: kaiming-uniform; B = 0)
+            self.module = get_peft_model(base, lora)
+        self._params: dict[str, nn.Parameter] = {}
+        for peft_name, param in self.module.named_parameters():
+            name = _normalise(peft_name)
+            if name is not None:
+                self._params[name] = param
+        if not any(kind_of(n) != HEAD for n in self._params):
+            raise ValueError(f"no LoRA layer matched model.targets={list(self.targets)} in model {cfg.name!r}")
+        self.set_trainable(set())
+
+    # ---- adapter state --------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self._params)
+
+    def state(self) -> AdapterState:
+        tensors = {n: p.detach().to("cpu", torch.float32).clone() for n, p in self._params.items()}
+        return AdapterState(tensors, rank=self.cfg.rank, alpha=self.cfg.alpha, targets=tuple(self.targets))
+
+    def load(self, state: AdapterState) -> None:
+        missing = set(self._params) - set(state.tensors)
+        if missing:
+            raise KeyError(f"adapter state lacks {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, param in self._params.items():
+                param.copy_(state.tensors[name])
+
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return {n: self._params[n].detach().to("cpu", torch.float32).clone() for n in names}
+
+    # ---- what trains ----------------------------------------------------------------------
+    def set_trainable(self, kinds: set[str]) -> list[str]:
+        """Freeze everything, then unfreeze adapter tensors of the given kinds (A, B, head)."""
+        for param in self.module.parameters():
+            param.requires_grad_(False)
+        trained = []
+        for name, param in self._params.items():
+            if kind_of(name) in kinds:
+                param.requires_grad_(True)
+                trained.append(name)
+        return trained
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self._params.values() if p.requires_grad]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.module(input_ids=input_ids, attention_mask=attention_mask)
+
+    # ---- export ---------------------------------------------------------------------------
+    def export(self, state: AdapterState, directory: str | Path) -> Path:
+        """Write `state` in the PEFT format (adapter_config.json + adapter_model.safetensors)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.load(state)
+        self.module.save_pretrained(str(directory), save_embedding_layers=False)
+        meta = {
+            "model": self.cfg.name,
+            "layers": self.cfg.layers,
+            "num_labels": self.num_labels,
+            "seed": self.seed,
+            "max_length": self.cfg.max_length,
+        }
+        (directory / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
+        return directory
+
+
+def load_exported(directory: str | Path) -> tuple[nn.Module, Tokenizer]:
+    """Load an exported federated adapter: rebuild the offline base model, then
+    `PeftModel.from_pretrained(base, directory)`. Returns (model in eval mode, tokenizer)."""
+    from peft import PeftModel
+
+    directory = Path(directory)
+    meta_path = directory / EXPORT_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory} has no {EXPORT_META}; is it a fedpeft export?")
+    meta = json.loads(meta_path.read_text())
+    base, tokenizer = build_model(meta["model"], meta["num_labels"], meta["layers"], meta["seed"])
+    model = PeftModel.from_pretrained(base, str(directory))
+    return model.eval(), tokenizer

@@ -1,0 +1,178 @@
+"""`fedpeft simulate | privacy | list`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+import sys
+import time
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+
+from fedpeft.config import ConfigError, Spec, load_spec, parse_overrides
+from fedpeft.registry import UnknownNameError
+
+DEFAULT_SPEC = "quickstart.toml"
+
+
+def _default_spec_path() -> Path:
+    return Path(str(resources.files("fedpeft.simulations").joinpath(DEFAULT_SPEC)))
+
+
+def resolve_spec(path: str | None, overrides: list[str]) -> Spec:
+    spec = load_spec(path or _default_spec_path())
+    return spec.with_flat(parse_overrides(overrides)) if overrides else spec
+
+
+def _prepare_out(out: str | None, spec: Spec, resume: bool) -> Path:
+    from fedpeft.federation import CHECKPOINT, SUMMARY
+
+    if out is None:
+        if resume:
+            raise ConfigError("--resume needs --out DIR: the directory of the run to continue")
+        return Path("runs") / f"{spec.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    path = Path(out)
+    if resume:
+        if not (path / CHECKPOINT).is_file():
+            raise ConfigError(f"nothing to resume: {path / CHECKPOINT} does not exist")
+        return path
+    if (path / SUMMARY).exists():
+        raise ConfigError(f"{path} already holds a finished run; choose another --out")
+    if (path / CHECKPOINT).exists():
+        raise ConfigError(f"{path} holds an unfinished run; add --resume to continue it, or choose another --out")
+    return path
+
+
+def _check_resume_spec(out: Path, spec: Spec) -> None:
+    import torch
+
+    from fedpeft.federation import CHECKPOINT
+
+    saved = Spec.from_dict(torch.load(out / CHECKPOINT, weights_only=False)["spec"])
+    if saved != spec:
+        mine, theirs = spec.to_flat(), saved.to_flat()
+        diff = [f"{k}: run has {theirs.get(k)!r}, now {mine.get(k)!r}" for k in mine if mine.get(k) != theirs.get(k)]
+        raise ConfigError("cannot resume with a different spec; " + "; ".join(diff))
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    spec = resolve_spec(args.spec, args.set)
+    out = _prepare_out(args.out, spec, args.resume)
+    if args.resume:
+        _check_resume_spec(out, spec)
+    from rich.console import Console
+
+    from fedpeft.federation import Federation
+    from fedpeft.report import ProgressDisplay, final_table, plot_run
+
+    console = Console(stderr=True)
+    fed, privacy = spec.federation, spec.privacy
+    mode = (
+        f"DP-SGD epsilon={privacy.epsilon:g}, delta={privacy.delta:g}, C={privacy.clip:g}"
+        if privacy.enabled
+        else "privacy off"
+    )
+    console.print(
+        f"[bold]fedpeft[/] {spec.name}: {spec.strategy.name} on {spec.model.name} / {spec.data.name}, "
+        f"{fed.clients} clients ({fed.clients_per_round} per round), {fed.rounds} rounds, {mode}"
+    )
+    tic = time.perf_counter()
+    with console.status("loading model and data, calibrating noise..."):
+        federation = Federation.build(spec)
+    sizes = [len(c) for c in federation.data.clients]
+    line = f"built in {time.perf_counter() - tic:.1f}s: client sizes {min(sizes)}-{max(sizes)}, test {len(federation.data.test)}"
+    if federation.sigmas:
+        line += f", sigma {min(federation.sigmas):.3f}-{max(federation.sigmas):.3f}"
+    console.print(line)
+    created = not out.exists()
+    try:
+        with ProgressDisplay(console, spec) as progress:
+            result = federation.run(out, resume=args.resume, callbacks=progress.callbacks())
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]; continue with: fedpeft simulate ... --out {out} --resume")
+        return 130
+    except BaseException:
+        if created and not any(out.glob("checkpoint.pt")):
+            shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping
+        raise
+    plot_run(result.history, out / "accuracy.png", title=f"{spec.name}: {spec.strategy.name}")
+    console.print(final_table(result.summary, result.history))
+    console.print(f"results in {out}/ (summary.json, rounds.jsonl, accuracy.png, PEFT adapter)")
+    return 0
+
+
+def cmd_privacy(args: argparse.Namespace) -> int:
+    from fedpeft.privacy.accounting import calibrate_sigma, epsilon
+
+    if args.sigma is not None:
+        eps = epsilon(((args.sigma, args.q, args.steps),), args.delta, args.accountant)
+        print(
+            f"epsilon = {eps:.4f} at delta={args.delta:g} (sigma={args.sigma}, q={args.q}, steps={args.steps}, {args.accountant})"
+        )
+    else:
+        if args.epsilon is None or not math.isfinite(args.epsilon):
+            raise ConfigError("give --sigma to compute epsilon, or a finite --epsilon to calibrate sigma")
+        sigma = calibrate_sigma(args.epsilon, args.delta, args.q, args.steps, args.accountant)
+        print(
+            f"sigma = {sigma:.4f} reaches epsilon <= {args.epsilon:g} at delta={args.delta:g} (q={args.q}, steps={args.steps}, {args.accountant})"
+        )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from fedpeft.data import DATASETS
+    from fedpeft.models import MODELS
+    from strategies import STRATEGIES
+
+    print("models:     " + ", ".join(MODELS.names()))
+    print("datasets:   " + ", ".join(DATASETS.names()))
+    print("strategies: " + ", ".join(STRATEGIES.names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpeft", description="Federated, differentially private LoRA fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="run a simulated federation (default: the quickstart spec)")
+    sim.add_argument("spec", nargs="?", help="federation spec (TOML); default simulations/quickstart.toml")
+    sim.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec key, e.g. federation.rounds=3 or privacy.epsilon=inf",
+    )
+    sim.add_argument("--out", help="output directory (default runs/NAME-TIMESTAMP)")
+    sim.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    sim.set_defaults(func=cmd_simulate)
+
+    priv = sub.add_parser("privacy", help="calibrate sigma for a target epsilon, or compute epsilon")
+    priv.add_argument("--q", type=float, required=True, help="sampling rate (batch / examples)")
+    priv.add_argument("--steps", type=int, required=True, help="number of DP-SGD steps")
+    priv.add_argument("--delta", type=float, default=1e-5)
+    priv.add_argument("--epsilon", type=float, help="target epsilon (calibrates sigma)")
+    priv.add_argument("--sigma", type=float, help="noise multiplier (computes epsilon)")
+    priv.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
+    priv.set_defaults(func=cmd_privacy)
+
+    lst = sub.add_parser("list", help="list registered models, datasets and strategies")
+    lst.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, UnknownNameError, ValueError) as exc:
+        print(f"fedpeft: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

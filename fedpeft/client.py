@@ -1,0 +1,188 @@
+"""One client's local training, and evaluation: the reference path every other path is checked against.
+
+Local training is `steps` steps of plain SGD (no momentum, fresh each round) on the tensors the
+strategy trains. Each step draws a Poisson sample (rate q = batch_size / n, as DP-SGD's accounting
+assumes). Privacy on or off is the same loop: with DP-SGD the step goes through Opacus
+(per-example gradients, clipping to C, Gaussian noise sigma*C); without it the loss is summed and
+divided by the expected batch size, which is exactly the DP update at sigma = 0 and C = inf.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fedpeft.adapters import AdaptedModel
+from fedpeft.data.base import TokenizedData
+from fedpeft.privacy.accounting import ClientBudget, sample_rate
+from fedpeft.state import AdapterState, ClientUpdate
+
+__all__ = ["DPSGD", "LocalTraining", "ClientRefused", "client_round", "train_client", "evaluate"]
+
+
+class ClientRefused(RuntimeError):
+    """A client declines to train because the round would exceed its privacy budget."""
+
+
+@dataclass(frozen=True)
+class DPSGD:
+    """DP-SGD parameters of one client: noise multiplier sigma and per-example clipping norm C."""
+
+    sigma: float
+    clip: float
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """What a client does with the global adapter in one round."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    trains: frozenset[str]  # kinds that train: A, B, head
+    uploads: tuple[str, ...]  # normalised names of the tensors sent back
+
+
+def poisson_batches(n: int, q: float, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """`steps` Poisson samples of range(n): each row joins each batch independently with prob. q."""
+    return [torch.nonzero(torch.rand(n, generator=generator) < q).squeeze(1) for _ in range(steps)]
+
+
+def train_client(
+    model: AdaptedModel,
+    global_state: AdapterState,
+    data: TokenizedData,
+    plan: LocalTraining,
+    *,
+    client_id: int,
+    seed: int,
+    dp: DPSGD | None = None,
+) -> ClientUpdate:
+    """Train one client from the global adapter; return the tensors it uploads.
+
+    `seed` fixes the batches, the DP noise and dropout, so a client's round is reproducible.
+    `num_examples` (the aggregation weight) is the expected number of examples the client used,
+    q * n * steps: it depends on n only when n < batch_size, not on the sampled batches.
+    """
+    start = time.perf_counter()
+    n = len(data)
+    q = sample_rate(plan.batch_size, n)
+    expected_batch = q * n
+    generator = torch.Generator().manual_seed(seed)
+    batches = poisson_batches(n, q, plan.steps, generator)
+
+    model.load(global_state)
+    model.set_trainable(set(plan.trains))
+    params = model.trainable_parameters()
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=plan.lr)
+    module: torch.nn.Module = model.module
+    if dp is not None:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        module = GradSampleModule(model.module, batch_first=True, loss_reduction="mean")
+        optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=dp.sigma,
+            max_grad_norm=dp.clip,
+            expected_batch_size=expected_batch,
+            loss_reduction="mean",
+            generator=torch.Generator().manual_seed(seed + 1),
+        )
+
+    losses = []
+    module.train()
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # Opacus's hooks fire with no input requiring grad (frozen embeddings): expected, harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        torch.manual_seed(seed + 2)  # dropout
+        try:
+            for index in batches:
+                optimizer.zero_grad(set_to_none=True)
+                if len(index) == 0:  # an empty Poisson sample still takes a (noise-only) step
+                    for p in params:
+                        p.grad = torch.zeros_like(p)
+                        if dp is not None:
+                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    optimizer.step()
+                    continue
+                input_ids, mask, labels = data.batch(index)
+                logits = module(input_ids=input_ids, attention_mask=mask)
+                if dp is not None:  # Opacus contract: mean over the batch it sees
+                    loss = F.cross_entropy(logits, labels)
+                    loss.backward()
+                    losses.append(float(loss.detach()))
+                else:  # sum / expected batch size: the DP update at sigma = 0, C = inf
+                    loss = F.cross_entropy(logits, labels, reduction="sum") / expected_batch
+                    loss.backward()
+                    losses.append(float(loss.detach()) * expected_batch / len(index))
+                optimizer.step()
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            if dp is not None:
+                module.to_standard_module()  # remove Opacus hooks and attributes from the model
+    model.module.eval()
+    metrics = {
+        "train_loss": sum(losses) / len(losses) if losses else float("nan"),
+        "steps": float(len(batches)),
+        "examples_seen": float(sum(len(b) for b in batches)),
+        "seconds": time.perf_counter() - start,
+    }
+    return ClientUpdate(
+        client_id=client_id,
+        num_examples=max(1, round(expected_batch * plan.steps)),
+        tensors=model.tensors(list(plan.uploads)),
+        metrics=metrics,
+    )
+
+
+def client_round(
+    model: AdaptedModel,
+    global_state: AdapterState,
+    data: TokenizedData,
+    plan: LocalTraining,
+    *,
+    client_id: int,
+    seed: int,
+    budget: ClientBudget | None,
+    clip: float,
+) -> ClientUpdate:
+    """A client's whole round: check its privacy budget, train, record the steps it took.
+
+    Raises ClientRefused (and trains nothing) when `plan.steps` more steps would take the client
+    past its target epsilon. With `budget` None, privacy is off.
+    """
+    if budget is not None and not budget.allows(plan.steps):
+        raise ClientRefused(
+            f"client {client_id} refuses to train: {plan.steps} more steps would spend epsilon "
+            f"{budget.epsilon_after(plan.steps):.3f} > its budget {budget.target_epsilon:g} "
+            f"(spent so far {budget.epsilon:.3f} over {budget.steps} steps)"
+        )
+    dp = DPSGD(budget.sigma, clip) if budget is not None else None
+    update = train_client(model, global_state, data, plan, client_id=client_id, seed=seed, dp=dp)
+    if budget is not None:
+        budget.record(int(update.metrics["steps"]))
+        update.metrics["epsilon"] = budget.epsilon
+    return update
+
+
+@torch.no_grad()
+def evaluate(model: AdaptedModel, state: AdapterState, data: TokenizedData, batch_size: int) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of `state` on `data`. Batches group similar lengths, so
+    little compute goes to padding."""
+    model.load(state)
+    model.module.eval()
+    lengths = data.attention_mask.sum(1)
+    order = torch.argsort(lengths, stable=True)
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(order), batch_size):
+        input_ids, mask, labels = data.batch(order[start : start + batch_size])
+        logits = model.forward(input_ids, mask)
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+    n = max(len(data), 1)
+    return {"accuracy": correct / n, "loss": loss_sum / n}

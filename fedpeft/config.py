@@ -1,0 +1,325 @@
+"""Federation spec: frozen, validated dataclasses, loaded from TOML and mapped to/from flat keys.
+
+A spec has six sections (federation, model, data, strategy, privacy, train). Every field has one
+default, here; TOML files and ``--set section.key=value`` overrides only change fields. The flat
+form (``{"federation.rounds": 5, ...}``) is what ``--set`` and Flower's run-config use, so both
+speak the same keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+__all__ = [
+    "ConfigError",
+    "FederationConfig",
+    "ModelConfig",
+    "DataConfig",
+    "StrategyConfig",
+    "PrivacyConfig",
+    "TrainConfig",
+    "Spec",
+    "load_spec",
+    "parse_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A spec value is invalid; the message says what to change."""
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = field(default=5, metadata=_help("number of federated rounds"))
+    clients: int = field(default=4, metadata=_help("number of clients (data partitions)"))
+    clients_per_round: int = field(default=4, metadata=_help("clients sampled each round"))
+    min_clients: int = field(
+        default=1, metadata=_help("fewest valid updates a round needs to aggregate; else it is skipped")
+    )
+    seed: int = field(default=0, metadata=_help("seed for everything: same spec + seed, same result"))
+    executor: str = field(default="sequential", metadata=_help("who trains the clients: sequential"))
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, f"federation.rounds must be >= 1 (got {self.rounds})")
+        _require(self.clients >= 1, f"federation.clients must be >= 1 (got {self.clients})")
+        _require(
+            1 <= self.clients_per_round <= self.clients,
+            f"federation.clients_per_round must be between 1 and federation.clients={self.clients} "
+            f"(got {self.clients_per_round}); lower it or raise federation.clients",
+        )
+        _require(
+            1 <= self.min_clients <= self.clients_per_round,
+            f"federation.min_clients must be between 1 and clients_per_round={self.clients_per_round} "
+            f"(got {self.min_clients})",
+        )
+        _require(self.seed >= 0, f"federation.seed must be >= 0 (got {self.seed})")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = field(default="minilm", metadata=_help("model registry name (see `fedpeft models`)"))
+    rank: int = field(default=8, metadata=_help("LoRA rank r"))
+    alpha: float = field(default=8.0, metadata=_help("LoRA alpha; scale = alpha / rank"))
+    dropout: float = field(default=0.0, metadata=_help("LoRA dropout"))
+    targets: tuple[str, ...] = field(
+        default=(), metadata=_help("module names LoRA adapts; empty = the model's default")
+    )
+    train_head: bool = field(
+        default=True, metadata=_help("train the classifier head (else frozen at a shared seeded init)")
+    )
+    layers: int = field(default=0, metadata=_help("keep only the first N encoder layers; 0 = all"))
+    max_length: int = field(default=64, metadata=_help("tokens per example (longer are truncated)"))
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, f"model.rank must be >= 1 (got {self.rank})")
+        _require(self.alpha > 0, f"model.alpha must be > 0 (got {self.alpha})")
+        _require(0 <= self.dropout < 1, f"model.dropout must be in [0, 1) (got {self.dropout})")
+        _require(self.layers >= 0, f"model.layers must be >= 0, 0 meaning all (got {self.layers})")
+        _require(self.max_length >= 4, f"model.max_length must be >= 4 (got {self.max_length})")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = field(default="rotten-tomatoes", metadata=_help("dataset registry name"))
+    partition: str = field(default="natural", metadata=_help("iid | dirichlet | natural"))
+    dirichlet_alpha: float = field(default=0.5, metadata=_help("label-skew concentration (dirichlet)"))
+    test_size: int = field(default=1000, metadata=_help("examples held out on the server for evaluation"))
+    max_examples: int = field(default=0, metadata=_help("use at most this many training examples; 0 = all"))
+
+    def __post_init__(self) -> None:
+        valid = ("iid", "dirichlet", "natural")
+        _require(
+            self.partition in valid,
+            f"data.partition must be one of {', '.join(valid)} (got {self.partition!r})",
+        )
+        _require(self.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0 (got {self.dirichlet_alpha})")
+        _require(self.test_size >= 1, f"data.test_size must be >= 1 (got {self.test_size})")
+        _require(self.max_examples >= 0, f"data.max_examples must be >= 0 (got {self.max_examples})")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Strategy name plus its own options (any other key of the [strategy] table)."""
+
+    name: str = field(default="fedsvd", metadata=_help("server strategy registry name"))
+    options: tuple[tuple[str, Any], ...] = field(
+        default=(), metadata=_help("strategy-specific options, e.g. refactor_period for fedsvd")
+    )
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    epsilon: float = field(default=8.0, metadata=_help("target epsilon per client; inf = privacy off"))
+    delta: float = field(default=1e-5, metadata=_help("target delta per client"))
+    clip: float = field(default=2.0, metadata=_help("per-example gradient clipping norm C"))
+    accountant: str = field(default="prv", metadata=_help("prv (tighter) | rdp"))
+
+    def __post_init__(self) -> None:
+        _require(
+            self.epsilon > 0,
+            f"privacy.epsilon must be > 0 (got {self.epsilon}); use inf to turn privacy off",
+        )
+        _require(0 < self.delta < 1, f"privacy.delta must be in (0, 1) (got {self.delta})")
+        _require(self.clip > 0, f"privacy.clip must be > 0 (got {self.clip})")
+        _require(
+            self.accountant in ("prv", "rdp"),
+            f"privacy.accountant must be prv or rdp (got {self.accountant!r})",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = field(default=10, metadata=_help("optimizer steps per client per round"))
+    batch_size: int = field(
+        default=32, metadata=_help("expected batch size; Poisson sampling rate q = batch_size / n_k")
+    )
+    lr: float = field(default=0.5, metadata=_help("SGD learning rate (no momentum; reset each round)"))
+    eval_batch_size: int = field(default=256, metadata=_help("batch size of server evaluation"))
+
+    def __post_init__(self) -> None:
+        _require(self.local_steps >= 1, f"train.local_steps must be >= 1 (got {self.local_steps})")
+        _require(self.batch_size >= 1, f"train.batch_size must be >= 1 (got {self.batch_size})")
+        _require(self.lr > 0, f"train.lr must be > 0 (got {self.lr})")
+        _require(self.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
+
+
+_SECTIONS: dict[str, type] = {
+    "federation": FederationConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "strategy": StrategyConfig,
+    "privacy": PrivacyConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A whole federation: what to run, on what, how privately. Immutable; derive with `replace`."""
+
+    name: str = "quickstart"
+    federation: FederationConfig = FederationConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    train: TrainConfig = TrainConfig()
+
+    # ---- nested dict form (TOML, summary.json) -------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        for section in _SECTIONS:
+            values = dataclasses.asdict(getattr(self, section))
+            if section == "strategy":
+                values = {"name": values["name"], **dict(self.strategy.options)}
+            else:
+                values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+            out[section] = values
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Spec:
+        unknown = set(data) - set(_SECTIONS) - {"name"}
+        if unknown:
+            raise ConfigError(f"unknown spec section(s) {sorted(unknown)}; valid: name, {', '.join(_SECTIONS)}")
+        kwargs: dict[str, Any] = {"name": str(data.get("name", cls.name))}
+        for section, klass in _SECTIONS.items():
+            table = data.get(section, {})
+            if not isinstance(table, Mapping):
+                raise ConfigError(f"[{section}] must be a table, got {type(table).__name__}")
+            kwargs[section] = _build_section(section, klass, table)
+        return cls(**kwargs)
+
+    # ---- flat dotted form (--set, Flower run-config) -------------------------------------
+    def to_flat(self) -> dict[str, Any]:
+        """Flat ``section.key -> scalar`` mapping; tuples become comma-joined strings."""
+        flat: dict[str, Any] = {"name": self.name}
+        for section, values in self.to_dict().items():
+            if section == "name":
+                continue
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = ",".join(value) if isinstance(value, list) else value
+        return flat
+
+    def with_flat(self, flat: Mapping[str, Any]) -> Spec:
+        """Return a copy with dotted keys (``federation.rounds``) overridden."""
+        nested = self.to_dict()
+        for dotted, value in flat.items():
+            if dotted == "name":
+                nested["name"] = str(value)
+                continue
+            section, _, key = dotted.partition(".")
+            if section not in _SECTIONS or not key:
+                raise ConfigError(
+                    f"unknown key {dotted!r}: keys are section.field with section one of "
+                    f"{', '.join(_SECTIONS)} (e.g. federation.rounds)"
+                )
+            nested[section][key] = value
+        return Spec.from_dict(nested)
+
+
+def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+    where = f"{section}.{key}"
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false (got {value!r})")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where} must be an integer (got {value!r})")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be a number (got {value!r})") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number (got {value!r})")
+        return float(value)
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings (got {value!r})")
+        return tuple(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string (got {value!r})")
+        return value
+    return value
+
+
+def _build_section(section: str, klass: type, table: Mapping[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(klass)}
+    defaults = klass()
+    if klass is StrategyConfig:
+        name = _coerce(section, "name", table.get("name", defaults.name), defaults.name)
+        options = tuple(sorted((k, v) for k, v in table.items() if k != "name"))
+        return StrategyConfig(name=name, options=options)
+    unknown = set(table) - set(fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {sorted(f'{section}.{k}' for k in unknown)}; "
+            f"valid keys of [{section}]: {', '.join(fields)}"
+        )
+    values = {k: _coerce(section, k, v, getattr(defaults, k)) for k, v in table.items()}
+    return klass(**values)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read a spec from a TOML file. Missing keys take the defaults of this module."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"spec file {str(path)!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data.setdefault("name", path.stem)
+    return Spec.from_dict(data)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` strings; VALUE is read as a TOML value (``inf``, ``3``, ``"x"``, ``[..]``),
+    falling back to the bare string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, e.g. federation.rounds=3 (got {item!r})")
+        raw = raw.strip()
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out

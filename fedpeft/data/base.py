@@ -1,0 +1,63 @@
+"""Datasets as plain texts + labels (+ natural group ids), tokenised once into tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TextDataset", "TokenizedData", "FederatedData"]
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    """Raw examples. `groups` is a natural id per example (a movie, a topic) for natural splits."""
+
+    texts: list[str]
+    labels: list[int]
+    groups: list[str]
+    label_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not (len(self.texts) == len(self.labels) == len(self.groups)):
+            raise ValueError("texts, labels and groups must have the same length")
+
+
+@dataclass(frozen=True)
+class TokenizedData:
+    """Tokenised examples: input_ids and attention_mask [N, L] (right-padded), labels [N]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def select(self, index: torch.Tensor) -> TokenizedData:
+        return TokenizedData(self.input_ids[index], self.attention_mask[index], self.labels[index])
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows `index`, with trailing all-padding columns trimmed (exact under mean pooling)."""
+        mask = self.attention_mask[index]
+        width = max(int(mask.sum(1).max()) if len(index) else 1, 1)
+        return self.input_ids[index, :width], mask[:, :width], self.labels[index]
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """What a federation runs on: one tokenised partition per client, a server-side test split."""
+
+    clients: list[TokenizedData]
+    test: TokenizedData
+    label_names: tuple[str, ...]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def majority_rate(self) -> float:
+        """Accuracy of always predicting the test split's most common label."""
+        counts = torch.bincount(self.test.labels, minlength=self.num_labels)
+        return float(counts.max()) / max(len(self.test), 1)

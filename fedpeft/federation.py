@@ -1,0 +1,288 @@
+"""The round loop: sample -> train -> validate -> aggregate -> evaluate -> account -> checkpoint -> log.
+
+One loop for every way of running; only the executor changes. Every random choice derives from
+(spec seed, round, client), never from a running RNG, so a run resumed from a checkpoint takes
+exactly the path an uninterrupted run takes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeft.adapters import AdaptedModel
+from fedpeft.client import LocalTraining, evaluate
+from fedpeft.config import ConfigError, Spec
+from fedpeft.data import DATASETS, FederatedData, prepare
+from fedpeft.executors import ClientFailure, Executor, SequentialExecutor
+from fedpeft.models import MODELS
+from fedpeft.privacy.accounting import plan_budgets
+from fedpeft.state import HEAD, AdapterState, ClientUpdate
+from strategies import STRATEGIES, Strategy, make_strategy
+
+__all__ = ["Federation", "RunResult", "seed_for", "sample_clients", "validate_update", "check_names"]
+
+log = logging.getLogger("fedpeft")
+
+CHECKPOINT = "checkpoint.pt"
+ROUNDS = "rounds.jsonl"
+SUMMARY = "summary.json"
+EXECUTORS = ("sequential",)
+
+
+def seed_for(seed: int, *parts: int) -> int:
+    """A 31-bit seed derived from the run seed and a path (round, client, purpose)."""
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def sample_clients(seed: int, round_num: int, num_clients: int, per_round: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed_for(seed, round_num, 0))
+    return sorted(torch.randperm(num_clients, generator=generator)[:per_round].tolist())
+
+
+def check_names(spec: Spec) -> None:
+    """Unknown registry names fail before any work, each listing the valid ones."""
+    MODELS.get(spec.model.name)
+    DATASETS.get(spec.data.name)
+    STRATEGIES.get(spec.strategy.name)
+    if spec.federation.executor not in EXECUTORS:
+        raise ConfigError(f"unknown executor {spec.federation.executor!r}; valid: {', '.join(EXECUTORS)}")
+
+
+def validate_update(update: ClientUpdate, expected: list[str], reference: AdapterState) -> str | None:
+    """Why `update` must not be aggregated, or None if it is sound."""
+    if set(update.tensors) != set(expected):
+        missing, extra = set(expected) - set(update.tensors), set(update.tensors) - set(expected)
+        return f"wrong tensors (missing {sorted(missing)[:2]}, unexpected {sorted(extra)[:2]})"
+    if not (isinstance(update.num_examples, int) and update.num_examples > 0):
+        return f"num_examples must be a positive integer (got {update.num_examples!r})"
+    for name in expected:
+        tensor, ref = update.tensors[name], reference.tensors[name]
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != ref.shape:
+            shape = getattr(tensor, "shape", type(tensor).__name__)
+            return f"{name}: shape {tuple(shape)} != expected {tuple(ref.shape)}"
+        if tensor.dtype != ref.dtype:
+            return f"{name}: dtype {tensor.dtype} != expected {ref.dtype}"
+        if not torch.isfinite(tensor).all():
+            return f"{name}: non-finite values (NaN or inf)"
+    return None
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+    state: AdapterState
+
+
+@dataclass
+class Callbacks:
+    """Optional progress hooks; the loop itself never prints."""
+
+    on_round_start: Callable[[int, list[int]], None] | None = None
+    on_client_done: Callable[[int, int], None] | None = None
+    on_round_end: Callable[[dict[str, Any]], None] | None = None
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Federation:
+    """A federation built from a spec: model, data, strategy, client budgets, executor."""
+
+    spec: Spec
+    model: AdaptedModel
+    data: FederatedData
+    strategy: Strategy
+    executor: Executor
+    plan: LocalTraining
+    sigmas: list[float] | None = field(default=None)
+
+    @classmethod
+    def build(cls, spec: Spec, executor: Executor | None = None) -> Federation:
+        """Validate names and options, load the model and data, calibrate sigma per client."""
+        check_names(spec)
+        strategy = make_strategy(spec.strategy.name, spec.strategy.kwargs)
+        fed = spec.federation
+        model = AdaptedModel(spec.model, num_labels=2, seed=fed.seed)
+        data = prepare(spec.data, fed.clients, model.tokenizer, spec.model.max_length, fed.seed)
+        if data.num_labels != model.num_labels:  # rebuild for datasets with more labels
+            model = AdaptedModel(spec.model, num_labels=data.num_labels, seed=fed.seed)
+        state = model.state()
+        trains = set(strategy.trains) | ({HEAD} if spec.model.train_head else set())
+        plan = LocalTraining(
+            steps=spec.train.local_steps,
+            batch_size=spec.train.batch_size,
+            lr=spec.train.lr,
+            trains=frozenset(trains),
+            uploads=tuple(strategy.uploads(state, spec.model.train_head)),
+        )
+        budgets = None
+        if spec.privacy.enabled:
+            budgets = plan_budgets(
+                [len(c) for c in data.clients],
+                spec.train.batch_size,
+                fed.rounds,
+                spec.train.local_steps,
+                spec.privacy.epsilon,
+                spec.privacy.delta,
+                spec.privacy.accountant,
+            )
+        if executor is None:
+            executor = SequentialExecutor(model, data.clients, budgets, spec.privacy.clip)
+        sigmas = [b.sigma for b in budgets] if budgets else None
+        return cls(spec, model, data, strategy, executor, plan, sigmas)
+
+    # ---------------------------------------------------------------------------------------
+    def run(self, out: Path, resume: bool = False, callbacks: Callbacks | None = None) -> RunResult:
+        """Run (or resume) all rounds, writing rounds.jsonl and a checkpoint after each round and
+        summary.json plus the PEFT adapter at the end."""
+        callbacks = callbacks or Callbacks()
+        spec, fed = self.spec, self.spec.federation
+        out.mkdir(parents=True, exist_ok=True)
+        state = self.model.state()
+        server_state = self.strategy.init_state(state)
+        history: list[dict[str, Any]] = []
+        epsilons: dict[int, float] = {}
+        start_round, elapsed = 1, 0.0
+        if resume:
+            ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+            state, server_state, history = ckpt["state"], ckpt["server_state"], ckpt["history"]
+            epsilons, elapsed = ckpt["epsilons"], ckpt["elapsed"]
+            self.executor.load_client_states(ckpt["client_states"])
+            start_round = ckpt["round"] + 1
+
+        upload_names = list(self.plan.uploads)
+        for rnd in range(start_round, fed.rounds + 1):
+            tic = time.perf_counter()
+            # sample
+            sampled = sample_clients(fed.seed, rnd, fed.clients, fed.clients_per_round)
+            if callbacks.on_round_start:
+                callbacks.on_round_start(rnd, sampled)
+            # train
+            seeds = {cid: seed_for(fed.seed, rnd, cid + 1) for cid in sampled}
+            on_client = functools.partial(callbacks.on_client_done, rnd) if callbacks.on_client_done else None
+            results = self.executor.run_round(rnd, sampled, state, self.plan, seeds, on_client)
+            # validate
+            accepted: list[ClientUpdate] = []
+            dropped: dict[int, str] = {}
+            for result in results:
+                if isinstance(result, ClientFailure):
+                    dropped[result.client_id] = result.reason
+                    log.warning("round %d: %s", rnd, result.reason)
+                    continue
+                reason = validate_update(result, upload_names, state)
+                if reason is not None:
+                    dropped[result.client_id] = f"update rejected: {reason}"
+                    log.warning("round %d: client %d update rejected: %s", rnd, result.client_id, reason)
+                    continue
+                accepted.append(result)
+                if "epsilon" in result.metrics:  # account
+                    epsilons[result.client_id] = float(result.metrics["epsilon"])
+            # aggregate
+            strategy_metrics: dict[str, float] = {}
+            aggregated = len(accepted) >= fed.min_clients
+            if aggregated:
+                state, server_state, strategy_metrics = self.strategy.aggregate(state, accepted, rnd, server_state)
+            else:
+                log.warning(
+                    "round %d: only %d valid update(s) < min_clients=%d; global adapter unchanged",
+                    rnd,
+                    len(accepted),
+                    fed.min_clients,
+                )
+            # evaluate
+            metrics = evaluate(self.model, state, self.data.test, spec.train.eval_batch_size)
+            elapsed += time.perf_counter() - tic
+            record = {
+                "round": rnd,
+                "accuracy": metrics["accuracy"],
+                "loss": metrics["loss"],
+                "epsilon_max": max(epsilons.values()) if epsilons else (0.0 if self.sigmas else None),
+                "clients": [u.client_id for u in accepted],
+                "dropped": {str(k): v for k, v in dropped.items()},
+                "aggregated": aggregated,
+                "train_loss": _mean([u.metrics.get("train_loss", math.nan) for u in accepted]),
+                "bytes_up": sum(state.num_bytes(upload_names) for _ in accepted),
+                "bytes_down": state.num_bytes() * len(sampled),
+                "seconds": time.perf_counter() - tic,
+                **{f"strategy.{k}": v for k, v in strategy_metrics.items()},
+            }
+            history.append(record)
+            # checkpoint, then log: the log never runs ahead of what a resume restores
+            ckpt = {
+                "spec": spec.to_dict(),
+                "round": rnd,
+                "state": state,
+                "server_state": server_state,
+                "history": history,
+                "epsilons": epsilons,
+                "elapsed": elapsed,
+                "client_states": self.executor.client_states(),
+            }
+            _atomic_write(out / CHECKPOINT, functools.partial(torch.save, ckpt))
+            lines = "".join(json.dumps(jsonable(r)) + "\n" for r in history)
+            _atomic_write(out / ROUNDS, functools.partial(Path.write_text, data=lines))
+            if callbacks.on_round_end:
+                callbacks.on_round_end(record)
+
+        summary = self._summary(history, epsilons, elapsed)
+        self.model.export(state, out)
+        _atomic_write(out / SUMMARY, lambda p: p.write_text(json.dumps(jsonable(summary), indent=2) + "\n"))
+        return RunResult(summary, history, state)
+
+    def _summary(self, history: list[dict[str, Any]], epsilons: dict[int, float], elapsed: float) -> dict[str, Any]:
+        spec = self.spec
+        last = history[-1]
+        return {
+            "name": spec.name,
+            "strategy": spec.strategy.name,
+            "rounds": len(history),
+            "accuracy": last["accuracy"],
+            "loss": last["loss"],
+            "best_accuracy": max(r["accuracy"] for r in history),
+            "majority_rate": self.data.majority_rate,
+            "epsilon": (max(epsilons.values()) if epsilons else 0.0) if spec.privacy.enabled else None,
+            "epsilon_per_client": {str(k): v for k, v in sorted(epsilons.items())} if spec.privacy.enabled else None,
+            "target_epsilon": spec.privacy.epsilon if spec.privacy.enabled else None,
+            "delta": spec.privacy.delta if spec.privacy.enabled else None,
+            "sigma_per_client": self.sigmas,
+            "seed": spec.federation.seed,
+            "clients": [len(c) for c in self.data.clients],
+            "test_examples": len(self.data.test),
+            "bytes_up": sum(r["bytes_up"] for r in history),
+            "bytes_down": sum(r["bytes_down"] for r in history),
+            "seconds": elapsed,
+            "spec": spec.to_dict(),
+        }
+
+
+def jsonable(obj: Any) -> Any:
+    """Make `obj` strict JSON: non-finite floats become the strings "inf", "-inf", "nan"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else None

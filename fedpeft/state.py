@@ -1,0 +1,81 @@
+"""Plain data exchanged between clients, strategies and the round loop (torch only, no Flower).
+
+Parameter names are normalised PEFT names without the ``base_model.model.`` prefix and the adapter
+name, e.g. ``encoder.encoder.layer.0.attention.self.query.lora_A.weight`` or ``head.weight``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+
+import torch
+
+__all__ = ["AdapterState", "ClientUpdate", "LORA_A", "LORA_B", "HEAD", "lora_layers", "kind_of"]
+
+# What a parameter is, as strategies see it. Defined once; used in upload declarations.
+LORA_A = "A"
+LORA_B = "B"
+HEAD = "head"
+
+
+def kind_of(name: str) -> str:
+    """Kind of a normalised parameter name: A, B or head."""
+    if name.endswith(".lora_A.weight"):
+        return LORA_A
+    if name.endswith(".lora_B.weight"):
+        return LORA_B
+    return HEAD
+
+
+def lora_layers(names: Iterator[str] | list[str]) -> list[str]:
+    """Prefixes of the adapted layers (``...query``), in order, each having an A and a B."""
+    return [n[: -len(".lora_A.weight")] for n in names if n.endswith(".lora_A.weight")]
+
+
+@dataclass(frozen=True)
+class AdapterState:
+    """The global adapter: every LoRA factor and trained head tensor, plus its LoRA hyper-parameters.
+
+    Tensors are float32 on the CPU. Instances are treated as immutable: strategies build new ones.
+    """
+
+    tensors: Mapping[str, torch.Tensor]
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+
+    @property
+    def layers(self) -> list[str]:
+        return lora_layers(list(self.tensors))
+
+    def A(self, layer: str) -> torch.Tensor:  # noqa: N802 - the paper's name
+        return self.tensors[f"{layer}.lora_A.weight"]
+
+    def B(self, layer: str) -> torch.Tensor:  # noqa: N802
+        return self.tensors[f"{layer}.lora_B.weight"]
+
+    def with_tensors(self, updates: Mapping[str, torch.Tensor]) -> AdapterState:
+        """A copy with some tensors replaced (keys must already exist)."""
+        unknown = set(updates) - set(self.tensors)
+        if unknown:
+            raise KeyError(f"unknown adapter tensors: {sorted(unknown)[:3]}")
+        merged = {k: updates.get(k, v) for k, v in self.tensors.items()}
+        return replace(self, tensors=merged)
+
+    def clone(self) -> AdapterState:
+        return replace(self, tensors={k: v.detach().clone() for k, v in self.tensors.items()})
+
+    def num_bytes(self, names: list[str] | None = None) -> int:
+        names = list(self.tensors) if names is None else names
+        return sum(self.tensors[n].numel() * self.tensors[n].element_size() for n in names)
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends back after a round of local training."""
+
+    client_id: int
+    num_examples: int
+    tensors: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Ready federation specs (TOML), installed as the package data fedpeft.simulations."""

@@ -1,0 +1,76 @@
+"""The strategy contract: a pure server step on adapter tensors, no Flower, no model.
+
+A strategy declares which LoRA factors clients train (A, B or both) and maps
+(global AdapterState, client updates, round, its own state) -> (new global state, new state,
+metrics). The classifier head, when the spec trains it, is averaged by every strategy alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from fedpeft.registry import Registry
+from fedpeft.state import HEAD, AdapterState, ClientUpdate, kind_of
+
+__all__ = ["Strategy", "STRATEGIES", "weighted_mean", "make_strategy"]
+
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
+
+
+def weights(updates: list[ClientUpdate]) -> list[float]:
+    """p_k = n_k / sum_j n_j over the clients of the round."""
+    total = sum(u.num_examples for u in updates)
+    if total <= 0:
+        raise ValueError("client updates carry no examples")
+    return [u.num_examples / total for u in updates]
+
+
+def weighted_mean(updates: list[ClientUpdate], name: str) -> torch.Tensor:
+    """sum_k p_k * tensor_k, accumulated in float64, returned as float32."""
+    out = torch.zeros_like(updates[0].tensors[name], dtype=torch.float64)
+    for p, update in zip(weights(updates), updates, strict=True):
+        out += p * update.tensors[name].double()
+    return out.float()
+
+
+class Strategy(ABC):
+    """Base of server strategies. Subclasses are dataclasses whose fields are their options."""
+
+    name: ClassVar[str]
+    trains: ClassVar[frozenset[str]]  # LoRA factor kinds the clients train: subset of {A, B}
+    sum_only: ClassVar[bool]  # server step needs only sum_k p_k * upload_k (secure aggregation ok)
+
+    def uploads(self, state: AdapterState, train_head: bool) -> list[str]:
+        """Names of the tensors a client sends back."""
+        kinds = set(self.trains) | ({HEAD} if train_head else set())
+        return [n for n in state.tensors if kind_of(n) in kinds]
+
+    def init_state(self, state: AdapterState) -> dict[str, Any]:
+        """The strategy's own state before round 1 (checkpointed with the run)."""
+        return {}
+
+    @abstractmethod
+    def aggregate(
+        self, state: AdapterState, updates: list[ClientUpdate], round_num: int, server_state: dict[str, Any]
+    ) -> tuple[AdapterState, dict[str, Any], dict[str, float]]:
+        """One server step. Must not mutate its inputs."""
+
+    def options(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+
+def make_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy:
+    """Build a registered strategy; unknown names and options are errors naming the valid ones."""
+    klass = STRATEGIES.get(name)
+    options = dict(options or {})
+    valid = {f.name for f in dataclasses.fields(klass)} if dataclasses.is_dataclass(klass) else set()
+    unknown = set(options) - valid
+    if unknown:
+        raise ValueError(
+            f"strategy {name!r} has no option(s) {sorted(unknown)}; valid: {', '.join(sorted(valid)) or '(none)'}"
+        )
+    return klass(**options)

@@ -1,0 +1,25 @@
+"""FedAvg on LoRA (FedIT): clients train A and B; the server averages each factor separately.
+
+Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning" (FedIT),
+ICASSP 2024. Averaging the factors is not averaging the products: B_avg A_avg != sum_k p_k B_k A_k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedpeft.state import LORA_A, LORA_B
+from strategies.base import STRATEGIES, Strategy, weighted_mean
+
+
+@STRATEGIES.register("fedavg")
+@dataclass(frozen=True)
+class FedAvg(Strategy):
+    name = "fedavg"
+    trains = frozenset({LORA_A, LORA_B})
+    sum_only = True
+
+    def aggregate(self, state, updates, round_num, server_state):
+        names = list(updates[0].tensors)
+        new = state.with_tensors({n: weighted_mean(updates, n) for n in names})
+        return new, dict(server_state), {}
