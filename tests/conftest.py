@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny random BERT on synthetic data, so every test runs in seconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedpeft.config import Spec
+
+TINY = {
+    "name": "tiny",
+    "federation.rounds": 3,
+    "federation.clients": 4,
+    "federation.clients_per_round": 3,
+    "federation.seed": 0,
+    "model.name": "tiny-bert",
+    "model.max_length": 24,
+    "data.name": "synthetic",
+    "data.partition": "iid",
+    "data.test_size": 200,
+    "strategy.name": "fedavg",
+    "privacy.epsilon": float("inf"),
+    "train.local_steps": 5,
+    "train.batch_size": 16,
+    "train.lr": 0.3,
+}
+
+
+def tiny_spec(**overrides) -> Spec:
+    """The tiny spec with dotted-key overrides (underscores for dots: federation__rounds=2)."""
+    flat = {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}
+    return Spec().with_flat(flat)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)  # tests compare floats: keep reductions in one thread's order
+    yield

@@ -1,0 +1,64 @@
+"""Per-client ledgers and calibration against Opacus's own accountants."""
+
+import pytest
+
+from fedpeft.privacy.accounting import ClientBudget, calibrate_sigma, epsilon, plan_budgets
+
+
+@pytest.mark.parametrize("name", ["rdp", "prv"])
+def test_ledger_matches_opacus_accountant_stepped_by_hand(name):
+    from opacus.accountants import create_accountant
+
+    budget = ClientBudget(client_id=0, sigma=0.9, q=0.02, target_epsilon=50.0, delta=1e-5, accountant=name)
+    reference = create_accountant(mechanism=name)
+    for steps in (10, 7, 10):  # three rounds; the middle one ended early
+        budget.record(steps)
+        for _ in range(steps):
+            reference.step(noise_multiplier=0.9, sample_rate=0.02)
+    assert budget.steps == 27 and budget.history == [(0.9, 0.02, 27)]
+    assert budget.epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-6)
+
+
+def test_known_values_from_design():
+    """sigma 0.454, q 0.0054, 100 steps, delta 1e-5: RDP 8.0, PRV 6.4 (DESIGN.md)."""
+    history = ((0.454, 0.0054, 100),)
+    assert epsilon(history, 1e-5, "rdp") == pytest.approx(8.0, abs=0.05)
+    assert epsilon(history, 1e-5, "prv") == pytest.approx(6.4, abs=0.1)
+
+
+def test_heterogeneous_history_composes():
+    mixed = epsilon(((1.0, 0.01, 50), (2.0, 0.05, 30)), 1e-5, "rdp")
+    assert mixed > epsilon(((1.0, 0.01, 50),), 1e-5, "rdp")
+    assert mixed > epsilon(((2.0, 0.05, 30),), 1e-5, "rdp")
+
+
+@pytest.mark.parametrize("name", ["rdp", "prv"])
+def test_calibrated_sigma_meets_target_tightly(name):
+    sigma = calibrate_sigma(4.0, 1e-5, 0.02, 120, name)
+    spent = epsilon(((sigma, 0.02, 120),), 1e-5, name)
+    assert 3.95 <= spent <= 4.0
+    assert epsilon(((sigma * 0.97, 0.02, 120),), 1e-5, name) > spent
+
+
+def test_plan_is_worst_case_and_refuses_past_budget():
+    (budget,) = plan_budgets(
+        [500], batch_size=25, rounds=3, local_steps=10, target_epsilon=2.0, delta=1e-5, accountant="rdp"
+    )
+    assert budget.q == pytest.approx(0.05)
+    for _ in range(3):
+        assert budget.allows(10)
+        budget.record(10)
+    assert budget.epsilon <= 2.0
+    assert not budget.allows(10)  # a fourth round would overspend
+    assert budget.epsilon_after(10) > 2.0
+
+
+def test_unreachable_budget_says_what_to_change():
+    with pytest.raises(ValueError, match="raise privacy.epsilon"):
+        calibrate_sigma(1e-4, 1e-5, 1.0, 10_000, "rdp")
+
+
+def test_budget_round_trips_through_dict():
+    b = ClientBudget(3, 0.7, 0.1, 8.0, 1e-5, "prv")
+    b.record(5)
+    assert ClientBudget.from_dict(b.to_dict()) == b

@@ -1,0 +1,73 @@
+"""The command line: errors that say what to change, output directories, a whole tiny run."""
+
+import json
+
+import pytest
+
+from fedpeft.cli import main
+
+TINY = [
+    "--set",
+    "model.name=tiny-bert",
+    "--set",
+    "data.name=synthetic",
+    "--set",
+    "data.test_size=200",
+    "--set",
+    "federation.rounds=2",
+    "--set",
+    "train.local_steps=3",
+    "--set",
+    "train.batch_size=16",
+    "--set",
+    "model.max_length=24",
+]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.name=gpt9", "unknown model 'gpt9'; valid: minilm, tiny-bert"),
+        ("data.name=imdb", "unknown dataset 'imdb'; valid: rotten-tomatoes, synthetic"),
+        ("strategy.name=fedprox", "unknown strategy 'fedprox'; valid: fedavg, fedsvd"),
+        ("privacy.epsilon=0", "privacy.epsilon must be > 0"),
+        ("federation.clients_per_round=99", "clients_per_round must be between 1 and"),
+        ("model.rank=0", "model.rank must be >= 1"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, override, message):
+    out = tmp_path / "run"
+    assert main(["simulate", *TINY, "--set", override, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_simulate_writes_results_and_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["simulate", *TINY, "--set", "privacy.epsilon=inf", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epsilon"] is None and summary["rounds"] == 2
+    assert summary["spec"]["privacy"]["epsilon"] == "inf"  # strict JSON
+    for name in ("rounds.jsonl", "accuracy.png", "adapter_config.json", "adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    assert main(["simulate", *TINY, "--out", str(out)]) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+
+
+def test_resume_needs_a_checkpoint_and_the_same_spec(tmp_path, capsys):
+    assert main(["simulate", *TINY, "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(["simulate", *TINY, "--out", str(out)]) == 0
+    (out / "summary.json").unlink()  # pretend it was killed after its last checkpoint
+    assert main(["simulate", *TINY, "--set", "train.lr=0.1", "--out", str(out), "--resume"]) == 2
+    assert "train.lr: run has 0.5, now 0.1" in capsys.readouterr().err
+    assert main(["simulate", *TINY, "--out", str(out), "--resume"]) == 0
+    assert (out / "summary.json").is_file()
+
+
+def test_privacy_calculator(capsys):
+    assert main(["privacy", "--q", "0.0054", "--steps", "100", "--sigma", "0.454", "--accountant", "rdp"]) == 0
+    assert "epsilon = 7.9" in capsys.readouterr().out
+    assert main(["privacy", "--q", "0.01", "--steps", "100", "--epsilon", "3"]) == 0
+    assert "sigma = " in capsys.readouterr().out
