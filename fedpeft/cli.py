@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -46,26 +47,12 @@ def _prepare_out(out: str | None, spec: Spec, resume: bool) -> Path:
     return path
 
 
-def _check_resume_spec(out: Path, spec: Spec) -> None:
-    import torch
-
-    from fedpeft.federation import CHECKPOINT
-
-    saved = Spec.from_dict(torch.load(out / CHECKPOINT, weights_only=False)["spec"])
-    if saved != spec:
-        mine, theirs = spec.to_flat(), saved.to_flat()
-        diff = [f"{k}: run has {theirs.get(k)!r}, now {mine.get(k)!r}" for k in mine if mine.get(k) != theirs.get(k)]
-        raise ConfigError("cannot resume with a different spec; " + "; ".join(diff))
-
-
 def cmd_simulate(args: argparse.Namespace) -> int:
     spec = resolve_spec(args.spec, args.set)
     out = _prepare_out(args.out, spec, args.resume)
-    if args.resume:
-        _check_resume_spec(out, spec)
     from rich.console import Console
 
-    from fedpeft.federation import Federation
+    from fedpeft.federation import CHECKPOINT, Federation
     from fedpeft.report import ProgressDisplay, final_table, plot_run
 
     console = Console(stderr=True)
@@ -91,12 +78,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     try:
         with ProgressDisplay(console, spec) as progress:
             result = federation.run(out, resume=args.resume, callbacks=progress.callbacks())
-    except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]; continue with: fedpeft simulate ... --out {out} --resume")
-        return 130
-    except BaseException:
-        if created and not any(out.glob("checkpoint.pt")):
-            shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping
+    except BaseException as exc:
+        saved = (out / CHECKPOINT).is_file()
+        if created and not saved:
+            shutil.rmtree(out, ignore_errors=True)  # no round finished: nothing worth keeping
+        if isinstance(exc, KeyboardInterrupt):
+            if saved:
+                console.print(f"[yellow]interrupted[/]; continue with the same command plus --out {out} --resume")
+            else:
+                console.print("[yellow]interrupted[/] before the first round finished; nothing was saved")
+            return 130
         raise
     plot_run(result.history, out / "accuracy.png", title=f"{spec.name}: {spec.strategy.name}")
     console.print(final_table(result.summary, result.history))
@@ -170,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, UnknownNameError, ValueError) as exc:
+        if os.environ.get("FEDPEFT_DEBUG"):
+            raise
         print(f"fedpeft: error: {exc}", file=sys.stderr)
         return 2
 

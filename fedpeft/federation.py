@@ -119,10 +119,9 @@ class Federation:
         check_names(spec)
         strategy = make_strategy(spec.strategy.name, spec.strategy.kwargs)
         fed = spec.federation
-        model = AdaptedModel(spec.model, num_labels=2, seed=fed.seed)
-        data = prepare(spec.data, fed.clients, model.tokenizer, spec.model.max_length, fed.seed)
-        if data.num_labels != model.num_labels:  # rebuild for datasets with more labels
-            model = AdaptedModel(spec.model, num_labels=data.num_labels, seed=fed.seed)
+        raw = DATASETS.get(spec.data.name)()
+        model = AdaptedModel(spec.model, num_labels=len(raw.label_names), seed=fed.seed)
+        data = prepare(spec.data, fed.clients, model.tokenizer, spec.model.max_length, fed.seed, raw=raw)
         state = model.state()
         trains = set(strategy.trains) | ({HEAD} if spec.model.train_head else set())
         plan = LocalTraining(
@@ -162,6 +161,7 @@ class Federation:
         start_round, elapsed = 1, 0.0
         if resume:
             ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+            _check_same_spec(Spec.from_dict(ckpt["spec"]), spec)
             state, server_state, history = ckpt["state"], ckpt["server_state"], ckpt["history"]
             epsilons, elapsed = ckpt["epsilons"], ckpt["elapsed"]
             self.executor.load_client_states(ckpt["client_states"])
@@ -270,6 +270,13 @@ class Federation:
             "seconds": elapsed,
             "spec": spec.to_dict(),
         }
+
+
+def _check_same_spec(saved: Spec, spec: Spec) -> None:
+    if saved != spec:
+        mine, theirs = spec.to_flat(), saved.to_flat()
+        diff = [f"{k}: run has {theirs.get(k)!r}, now {mine.get(k)!r}" for k in mine if mine.get(k) != theirs.get(k)]
+        raise ConfigError("cannot resume with a different spec; " + "; ".join(diff))
 
 
 def jsonable(obj: Any) -> Any:
