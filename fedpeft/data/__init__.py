@@ -20,21 +20,26 @@ DATASETS.register("rotten-tomatoes")(rotten_tomatoes.load)
 DATASETS.register("synthetic")(synthetic.load)
 
 
-def prepare(cfg: DataConfig, num_clients: int, tokenizer: Tokenizer, max_length: int, seed: int) -> FederatedData:
-    """Load, hold out the server's test split, partition the rest, tokenise everything once."""
-    raw = DATASETS.get(cfg.name)()
+def prepare(
+    cfg: DataConfig,
+    num_clients: int,
+    tokenizer: Tokenizer,
+    max_length: int,
+    seed: int,
+    raw: TextDataset | None = None,
+) -> FederatedData:
+    """Hold out the server's test split, partition the rest, tokenise everything once.
+
+    `raw` is the loaded dataset `cfg.name`; it is loaded here when not given."""
+    raw = raw if raw is not None else DATASETS.get(cfg.name)()
     n = len(raw.texts)
     if cfg.test_size >= n:
         raise ValueError(f"data.test_size={cfg.test_size} leaves no training data ({n} examples)")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     test_rows, pool = order[: cfg.test_size], sorted(order[cfg.test_size :])
     if cfg.max_examples:
-        pool = sorted(
-            pool[i]
-            for i in torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1))[
-                : cfg.max_examples
-            ].tolist()
-        )
+        keep = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1))[: cfg.max_examples]
+        pool = sorted(pool[i] for i in keep.tolist())
 
     input_ids, attention_mask = tokenizer.encode_batch(raw.texts, max_length)
     everything = TokenizedData(input_ids, attention_mask, torch.tensor(raw.labels, dtype=torch.long))
