@@ -89,7 +89,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 console.print("[yellow]interrupted[/] before the first round finished; nothing was saved")
             return 130
         raise
-    plot_run(result.history, out / "accuracy.png", title=f"{spec.name}: {spec.strategy.name}")
+    plot_run(
+        result.history, out / "accuracy.png", f"{spec.name}: {spec.strategy.name}", result.summary["majority_rate"]
+    )
     console.print(final_table(result.summary, result.history))
     console.print(f"results in {out}/ (summary.json, rounds.jsonl, accuracy.png, PEFT adapter)")
     return 0

@@ -96,23 +96,30 @@ def final_table(summary: dict[str, Any], history: list[dict[str, Any]]) -> Table
     return table
 
 
-def plot_run(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Accuracy per round, with epsilon spent on a second axis when privacy is on."""
+def plot_run(history: list[dict[str, Any]], path: Path, title: str = "", majority: float | None = None) -> Path:
+    """Test accuracy per round (with the majority-class rate for reference) and, when privacy is
+    on, the epsilon spent so far on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot(rounds, [r["accuracy"] for r in history], marker="o", color="tab:blue", label="test accuracy")
+    lines = ax.plot(rounds, [r["accuracy"] for r in history], marker="o", color="tab:blue", label="test accuracy")
+    if majority is not None:
+        lines += [ax.axhline(majority, color="grey", linestyle=":", label=f"majority class ({majority:.3f})")]
+    low = min([r["accuracy"] for r in history] + ([majority] if majority is not None else []))
+    ax.set_ylim(bottom=max(0.0, low - 0.03))
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy", color="tab:blue")
+    ax.set_ylabel("test accuracy")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     eps = [r["epsilon_max"] for r in history]
     if any(e is not None for e in eps):
         ax2 = ax.twinx()
-        ax2.plot(
+        lines += ax2.plot(
             rounds,
             [e or 0.0 for e in eps],
             marker="s",
@@ -120,7 +127,9 @@ def plot_run(history: list[dict[str, Any]], path: Path, title: str = "") -> Path
             color="tab:red",
             label="epsilon spent (max over clients)",
         )
-        ax2.set_ylabel("epsilon spent (max over clients)", color="tab:red")
+        ax2.set_ylabel("epsilon spent")
+        ax2.set_ylim(bottom=0)
+    ax.legend(lines, [line.get_label() for line in lines], loc="lower right", fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)

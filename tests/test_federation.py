@@ -194,3 +194,18 @@ def test_client_sampling_is_seeded_and_valid():
     assert picks == [sample_clients(0, r, 10, 3) for r in range(1, 6)]
     assert all(len(set(p)) == 3 and all(0 <= c < 10 for c in p) for p in picks)
     assert len({tuple(p) for p in picks}) > 1
+
+
+def test_frozen_head_stays_at_its_shared_seeded_init(tmp_path):
+    spec = tiny_spec(model__train_head=False, strategy__name="fedsvd", federation__rounds=2)
+    fed = Federation.build(spec)
+    assert not any(n.startswith("head.") for n in fed.plan.uploads)
+    before = fed.model.state()
+    result = fed.run(tmp_path)
+    for name in ("head.weight", "head.bias"):
+        assert torch.equal(result.state.tensors[name], before.tensors[name])
+    # the same seed gives every client and the server the same head
+    assert torch.equal(Federation.build(spec).model.state().tensors["head.weight"], before.tensors["head.weight"])
+    assert any(
+        not torch.equal(result.state.tensors[n], before.tensors[n]) for n in result.state.tensors if ".lora_B." in n
+    )

@@ -1,0 +1,19 @@
+"""The README's default federation meets its bar: real MiniLM, real reviews, DP at epsilon 8.
+
+Slow (about 2.5 minutes on 2 CPU cores): run with `pytest -m slow`.
+"""
+
+import pytest
+
+from fedpeft.cli import _default_spec_path
+from fedpeft.config import load_spec
+from fedpeft.federation import Federation
+
+
+@pytest.mark.slow
+def test_quickstart_is_private_and_beats_majority_by_ten_points(tmp_path):
+    spec = load_spec(_default_spec_path())
+    assert spec.privacy.enabled and spec.privacy.epsilon == 8.0
+    summary = Federation.build(spec).run(tmp_path).summary
+    assert summary["epsilon"] <= spec.privacy.epsilon
+    assert summary["accuracy"] >= summary["majority_rate"] + 0.10, summary
