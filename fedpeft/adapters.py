@@ -14,12 +14,13 @@ from torch import nn
 
 from fedpeft.config import ModelConfig
 from fedpeft.models import MODELS, Tokenizer, build_model
-from fedpeft.state import HEAD, AdapterState, kind_of
+from fedpeft.state import BASE, HEAD, LORA_A, LORA_B, AdapterState, base_name, kind_of, lora_layers
 
 __all__ = ["AdaptedModel", "load_exported", "EXPORT_META"]
 
 ADAPTER_NAME = "default"
 EXPORT_META = "fedpeft_model.json"  # how to rebuild the base model of an exported adapter
+EXPORT_BASE = "fedpeft_base_delta.safetensors"  # base-weight changes (fedex, flora), if any
 
 
 def _normalise(peft_name: str) -> str | None:
@@ -61,6 +62,14 @@ class AdaptedModel:
                 self._params[name] = param
         if not any(kind_of(n) != HEAD for n in self._params):
             raise ValueError(f"no LoRA layer matched model.targets={list(self.targets)} in model {cfg.name!r}")
+        # frozen base weights of the adapted layers, kept to apply base-weight changes exactly
+        modules = dict(self.module.named_modules())
+        self._base: dict[str, nn.Parameter] = {}
+        self._w0: dict[str, torch.Tensor] = {}
+        for layer in lora_layers(list(self._params)):
+            weight = modules[f"base_model.model.{layer}"].base_layer.weight
+            self._base[layer], self._w0[layer] = weight, weight.detach().clone()
+        self._base_applied: set[str] = set()
         self.set_trainable(set())
 
     # ---- adapter state --------------------------------------------------------------------
@@ -72,13 +81,36 @@ class AdaptedModel:
         tensors = {n: p.detach().to("cpu", torch.float32).clone() for n, p in self._params.items()}
         return AdapterState(tensors, rank=self.cfg.rank, alpha=self.cfg.alpha, targets=tuple(self.targets))
 
-    def load(self, state: AdapterState) -> None:
+    def load(self, state: AdapterState, rank: int | None = None) -> None:
+        """Set every adapter tensor from `state`; BASE tensors set W0 + delta (absent: W0).
+        With `rank`, keep only the first `rank` components of each LoRA (heterogeneous ranks)."""
         missing = set(self._params) - set(state.tensors)
         if missing:
             raise KeyError(f"adapter state lacks {sorted(missing)[:3]}")
         with torch.no_grad():
             for name, param in self._params.items():
                 param.copy_(state.tensors[name])
+            for layer, weight in self._base.items():
+                delta = state.tensors.get(base_name(layer))
+                if delta is not None:
+                    weight.copy_(self._w0[layer] + delta)
+                    self._base_applied.add(layer)
+                elif layer in self._base_applied:
+                    weight.copy_(self._w0[layer])
+                    self._base_applied.discard(layer)
+        if rank is not None:
+            self.truncate_rank(rank)
+
+    @torch.no_grad()
+    def truncate_rank(self, rank: int) -> None:
+        """Zero every LoRA component past `rank` (rows of A, columns of B)."""
+        if not 1 <= rank <= self.cfg.rank:
+            raise ValueError(f"client rank must be in [1, {self.cfg.rank}] (got {rank})")
+        for name, param in self._params.items():
+            if kind_of(name) == LORA_A:
+                param[rank:].zero_()
+            elif kind_of(name) == LORA_B:
+                param[:, rank:].zero_()
 
     def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {n: self._params[n].detach().to("cpu", torch.float32).clone() for n in names}
@@ -103,11 +135,24 @@ class AdaptedModel:
 
     # ---- export ---------------------------------------------------------------------------
     def export(self, state: AdapterState, directory: str | Path) -> Path:
-        """Write `state` in the PEFT format (adapter_config.json + adapter_model.safetensors)."""
+        """Write `state` in the PEFT format (adapter_config.json + adapter_model.safetensors).
+
+        Strategies that change base weights (fedex, flora) also write EXPORT_BASE: the changes of
+        W0, which `load_exported` applies before loading the adapter."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.load(state)
+        with torch.no_grad():  # save the adapter over the original W0; base changes go separately
+            for layer in self._base_applied:
+                self._base[layer].copy_(self._w0[layer])
         self.module.save_pretrained(str(directory), save_embedding_layers=False)
+        (directory / "README.md").unlink(missing_ok=True)  # PEFT's generic model card
+        deltas = {n: t.contiguous() for n, t in state.tensors.items() if kind_of(n) == BASE}
+        if deltas:
+            from safetensors.torch import save_file
+
+            save_file(deltas, str(directory / EXPORT_BASE))
+        self.load(state)
         meta = {
             "model": self.cfg.name,
             "layers": self.cfg.layers,
@@ -130,5 +175,12 @@ def load_exported(directory: str | Path) -> tuple[nn.Module, Tokenizer]:
         raise FileNotFoundError(f"{directory} has no {EXPORT_META}; is it a fedpeft export?")
     meta = json.loads(meta_path.read_text())
     base, tokenizer = build_model(meta["model"], meta["num_labels"], meta["layers"], meta["seed"])
+    if (directory / EXPORT_BASE).is_file():
+        from safetensors.torch import load_file
+
+        modules = dict(base.named_modules())
+        with torch.no_grad():
+            for name, delta in load_file(str(directory / EXPORT_BASE)).items():
+                modules[name.removesuffix(".base_delta")].weight.add_(delta)
     model = PeftModel.from_pretrained(base, str(directory))
     return model.eval(), tokenizer

@@ -48,7 +48,10 @@ def _prepare_out(out: str | None, spec: Spec, resume: bool) -> Path:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedpeft.federation import check_names
+
     spec = resolve_spec(args.spec, args.set)
+    check_names(spec)
     out = _prepare_out(args.out, spec, args.resume)
     from rich.console import Console
 

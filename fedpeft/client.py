@@ -45,6 +45,7 @@ class LocalTraining:
     lr: float
     trains: frozenset[str]  # kinds that train: A, B, head
     uploads: tuple[str, ...]  # normalised names of the tensors sent back
+    keeps: tuple[str, ...] = ()  # names of the tensors the client keeps for its next round (FedSA's B)
 
 
 def poisson_batches(n: int, q: float, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -61,10 +62,13 @@ def train_client(
     client_id: int,
     seed: int,
     dp: DPSGD | None = None,
+    rank: int | None = None,
 ) -> ClientUpdate:
     """Train one client from the global adapter; return the tensors it uploads.
 
     `seed` fixes the batches, the DP noise and dropout, so a client's round is reproducible.
+    `rank` (heterogeneous ranks) keeps only the first `rank` LoRA components: the rest start at
+    zero and are projected back to zero after every step, which removes the DP noise there.
     `num_examples` (the aggregation weight) is the expected number of examples the client used,
     q * n * steps: it depends on n only when n < batch_size, not on the sampled batches.
     """
@@ -75,7 +79,7 @@ def train_client(
     generator = torch.Generator().manual_seed(seed)
     batches = poisson_batches(n, q, plan.steps, generator)
 
-    model.load(global_state)
+    model.load(global_state, rank=rank)
     model.set_trainable(set(plan.trains))
     params = model.trainable_parameters()
     optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=plan.lr)
@@ -109,6 +113,8 @@ def train_client(
                         if dp is not None:
                             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
                     optimizer.step()
+                    if rank is not None:
+                        model.truncate_rank(rank)
                     continue
                 input_ids, mask, labels = data.batch(index)
                 logits = module(input_ids=input_ids, attention_mask=mask)
@@ -121,6 +127,8 @@ def train_client(
                     loss.backward()
                     losses.append(float(loss.detach()) * expected_batch / len(index))
                 optimizer.step()
+                if rank is not None:
+                    model.truncate_rank(rank)
         finally:
             optimizer.zero_grad(set_to_none=True)
             if dp is not None:
@@ -137,6 +145,7 @@ def train_client(
         num_examples=max(1, round(expected_batch * plan.steps)),
         tensors=model.tensors(list(plan.uploads)),
         metrics=metrics,
+        rank=rank,
     )
 
 
@@ -150,6 +159,7 @@ def client_round(
     seed: int,
     budget: ClientBudget | None,
     clip: float,
+    rank: int | None = None,
 ) -> ClientUpdate:
     """A client's whole round: check its privacy budget, train, record the steps it took.
 
@@ -163,7 +173,7 @@ def client_round(
             f"(spent so far {budget.epsilon:.3f} over {budget.steps} steps)"
         )
     dp = DPSGD(budget.sigma, clip) if budget is not None else None
-    update = train_client(model, global_state, data, plan, client_id=client_id, seed=seed, dp=dp)
+    update = train_client(model, global_state, data, plan, client_id=client_id, seed=seed, dp=dp, rank=rank)
     if budget is not None:
         budget.record(int(update.metrics["steps"]))
         update.metrics["epsilon"] = budget.epsilon

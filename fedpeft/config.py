@@ -83,6 +83,13 @@ class ModelConfig:
     train_head: bool = field(
         default=True, metadata=_help("train the classifier head (else frozen at a shared seeded init)")
     )
+    client_ranks: tuple[int, ...] = field(
+        default=(),
+        metadata={
+            "help": "per-client LoRA ranks <= rank, cycled over clients (e.g. [2, 4, 8]); empty = all rank",
+            "item": int,
+        },
+    )
     layers: int = field(default=0, metadata=_help("keep only the first N encoder layers; 0 = all"))
     max_length: int = field(default=64, metadata=_help("tokens per example (longer are truncated)"))
 
@@ -91,7 +98,17 @@ class ModelConfig:
         _require(self.alpha > 0, f"model.alpha must be > 0 (got {self.alpha})")
         _require(0 <= self.dropout < 1, f"model.dropout must be in [0, 1) (got {self.dropout})")
         _require(self.layers >= 0, f"model.layers must be >= 0, 0 meaning all (got {self.layers})")
+        _require(
+            all(1 <= r <= self.rank for r in self.client_ranks),
+            f"model.client_ranks must each be between 1 and model.rank={self.rank} (got {list(self.client_ranks)}); "
+            "model.rank is the largest rank, the one every factor is padded to",
+        )
         _require(self.max_length >= 4, f"model.max_length must be >= 4 (got {self.max_length})")
+
+
+def client_rank(cfg: ModelConfig, client_id: int) -> int | None:
+    """The LoRA rank of a client, or None when every client has the model's rank."""
+    return cfg.client_ranks[client_id % len(cfg.client_ranks)] if cfg.client_ranks else None
 
 
 @dataclass(frozen=True)
@@ -222,7 +239,7 @@ class Spec:
             if section == "name":
                 continue
             for key, value in values.items():
-                flat[f"{section}.{key}"] = ",".join(value) if isinstance(value, list) else value
+                flat[f"{section}.{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
         return flat
 
     def with_flat(self, flat: Mapping[str, Any]) -> Spec:
@@ -242,7 +259,7 @@ class Spec:
         return Spec.from_dict(nested)
 
 
-def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
+def _coerce(section: str, key: str, value: Any, default: Any, item: type = str) -> Any:
     where = f"{section}.{key}"
     if isinstance(default, bool):
         if isinstance(value, str) and value.lower() in ("true", "false"):
@@ -268,8 +285,17 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     if isinstance(default, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where} must be a list of strings (got {value!r})")
+            if item is int:
+                try:
+                    value = [int(v) for v in value]
+                except ValueError:
+                    raise ConfigError(f"{where} must be a list of integers (got {value!r})") from None
+        if isinstance(value, int) and not isinstance(value, bool) and item is int:
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, item) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{where} must be a list of {item.__name__}s (got {value!r})")
         return tuple(value)
     if isinstance(default, str):
         if not isinstance(value, str):
@@ -291,7 +317,9 @@ def _build_section(section: str, klass: type, table: Mapping[str, Any]) -> Any:
             f"unknown key(s) {sorted(f'{section}.{k}' for k in unknown)}; "
             f"valid keys of [{section}]: {', '.join(fields)}"
         )
-    values = {k: _coerce(section, k, v, getattr(defaults, k)) for k, v in table.items()}
+    values = {
+        k: _coerce(section, k, v, getattr(defaults, k), fields[k].metadata.get("item", str)) for k, v in table.items()
+    }
     return klass(**values)
 
 

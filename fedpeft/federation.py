@@ -23,12 +23,12 @@ import torch
 
 from fedpeft.adapters import AdaptedModel
 from fedpeft.client import LocalTraining, evaluate
-from fedpeft.config import ConfigError, Spec
+from fedpeft.config import ConfigError, Spec, client_rank
 from fedpeft.data import DATASETS, FederatedData, prepare
 from fedpeft.executors import ClientFailure, Executor, SequentialExecutor
 from fedpeft.models import MODELS
 from fedpeft.privacy.accounting import plan_budgets
-from fedpeft.state import HEAD, AdapterState, ClientUpdate
+from fedpeft.state import BASE, HEAD, LORA_A, LORA_B, AdapterState, ClientUpdate, kind_of
 from strategies import STRATEGIES, Strategy, make_strategy
 
 __all__ = ["Federation", "RunResult", "seed_for", "sample_clients", "validate_update", "check_names"]
@@ -77,6 +77,19 @@ def validate_update(update: ClientUpdate, expected: list[str], reference: Adapte
         if not torch.isfinite(tensor).all():
             return f"{name}: non-finite values (NaN or inf)"
     return None
+
+
+@dataclass
+class _Progress:
+    """Everything a resumed run needs besides the spec and the clients' own state."""
+
+    state: AdapterState
+    server_state: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    epsilons: dict[int, float] = field(default_factory=dict)  # latest epsilon reported per client
+    base_bytes: list[float] = field(default_factory=list)  # factored base-weight change, per round
+    last_sync: dict[int, int] = field(default_factory=dict)  # client -> rounds of base changes it has
+    elapsed: float = 0.0
 
 
 @dataclass
@@ -130,20 +143,17 @@ class Federation:
             lr=spec.train.lr,
             trains=frozenset(trains),
             uploads=tuple(strategy.uploads(state, spec.model.train_head)),
+            keeps=tuple(n for n in state.tensors if kind_of(n) in strategy.personal),
         )
         budgets = None
         if spec.privacy.enabled:
             budgets = plan_budgets(
-                [len(c) for c in data.clients],
-                spec.train.batch_size,
-                fed.rounds,
-                spec.train.local_steps,
-                spec.privacy.epsilon,
-                spec.privacy.delta,
-                spec.privacy.accountant,
-            )
+                [len(c) for c in data.clients], spec.train.batch_size, fed.rounds, spec.train.local_steps,
+                spec.privacy.epsilon, spec.privacy.delta, spec.privacy.accountant,
+            )  # fmt: skip
         if executor is None:
-            executor = SequentialExecutor(model, data.clients, budgets, spec.privacy.clip)
+            ranks = [client_rank(spec.model, cid) for cid in range(fed.clients)]
+            executor = SequentialExecutor(model, data.clients, budgets, spec.privacy.clip, ranks)
         sigmas = [b.sigma for b in budgets] if budgets else None
         return cls(spec, model, data, strategy, executor, plan, sigmas)
 
@@ -154,21 +164,16 @@ class Federation:
         callbacks = callbacks or Callbacks()
         spec, fed = self.spec, self.spec.federation
         out.mkdir(parents=True, exist_ok=True)
-        state = self.model.state()
-        server_state = self.strategy.init_state(state)
-        history: list[dict[str, Any]] = []
-        epsilons: dict[int, float] = {}
-        start_round, elapsed = 1, 0.0
         if resume:
             ckpt = torch.load(out / CHECKPOINT, weights_only=False)
             _check_same_spec(Spec.from_dict(ckpt["spec"]), spec)
-            state, server_state, history = ckpt["state"], ckpt["server_state"], ckpt["history"]
-            epsilons, elapsed = ckpt["epsilons"], ckpt["elapsed"]
+            run = _Progress(**ckpt["progress"])
             self.executor.load_client_states(ckpt["client_states"])
-            start_round = ckpt["round"] + 1
+        else:
+            state, server_state = self.strategy.init(self.model.state(), fed.seed)
+            run = _Progress(state=state, server_state=server_state)
 
-        upload_names = list(self.plan.uploads)
-        for rnd in range(start_round, fed.rounds + 1):
+        for rnd in range(len(run.history) + 1, fed.rounds + 1):
             tic = time.perf_counter()
             # sample
             sampled = sample_clients(fed.seed, rnd, fed.clients, fed.clients_per_round)
@@ -177,74 +182,109 @@ class Federation:
             # train
             seeds = {cid: seed_for(fed.seed, rnd, cid + 1) for cid in sampled}
             on_client = functools.partial(callbacks.on_client_done, rnd) if callbacks.on_client_done else None
-            results = self.executor.run_round(rnd, sampled, state, self.plan, seeds, on_client)
+            results = self.executor.run_round(rnd, sampled, run.state, self.plan, seeds, on_client)
+            bytes_down = sum(self._download_bytes(run, cid) for cid in sampled)
             # validate
-            accepted: list[ClientUpdate] = []
-            dropped: dict[int, str] = {}
-            for result in results:
-                if isinstance(result, ClientFailure):
-                    dropped[result.client_id] = result.reason
-                    log.warning("round %d: %s", rnd, result.reason)
-                    continue
-                reason = validate_update(result, upload_names, state)
-                if reason is not None:
-                    dropped[result.client_id] = f"update rejected: {reason}"
-                    log.warning("round %d: client %d update rejected: %s", rnd, result.client_id, reason)
-                    continue
-                accepted.append(result)
-                if "epsilon" in result.metrics:  # account
-                    epsilons[result.client_id] = float(result.metrics["epsilon"])
+            accepted, dropped = self._validate(rnd, results, run.state)
             # aggregate
             strategy_metrics: dict[str, float] = {}
             aggregated = len(accepted) >= fed.min_clients
             if aggregated:
-                state, server_state, strategy_metrics = self.strategy.aggregate(state, accepted, rnd, server_state)
+                run.state, run.server_state, strategy_metrics = self.strategy.aggregate(
+                    run.state, accepted, rnd, run.server_state
+                )
+                run.base_bytes.append(strategy_metrics.pop("base_bytes", 0.0))
             else:
+                run.base_bytes.append(0.0)
                 log.warning(
                     "round %d: only %d valid update(s) < min_clients=%d; global adapter unchanged",
-                    rnd,
-                    len(accepted),
-                    fed.min_clients,
-                )
+                    rnd, len(accepted), fed.min_clients,
+                )  # fmt: skip
             # evaluate
-            metrics = evaluate(self.model, state, self.data.test, spec.train.eval_batch_size)
-            elapsed += time.perf_counter() - tic
+            metrics = self._evaluate(run.state)
+            # account
+            for update in accepted:
+                if "epsilon" in update.metrics:
+                    run.epsilons[update.client_id] = float(update.metrics["epsilon"])
+            run.elapsed += time.perf_counter() - tic
             record = {
                 "round": rnd,
-                "accuracy": metrics["accuracy"],
-                "loss": metrics["loss"],
-                "epsilon_max": max(epsilons.values()) if epsilons else (0.0 if self.sigmas else None),
+                **metrics,
+                "epsilon_max": max(run.epsilons.values()) if run.epsilons else (0.0 if self.sigmas else None),
                 "clients": [u.client_id for u in accepted],
                 "dropped": {str(k): v for k, v in dropped.items()},
                 "aggregated": aggregated,
                 "train_loss": _mean([u.metrics.get("train_loss", math.nan) for u in accepted]),
-                "bytes_up": sum(state.num_bytes(upload_names) for _ in accepted),
-                "bytes_down": state.num_bytes() * len(sampled),
+                "bytes_up": sum(self._upload_bytes(u, run.state) for u in accepted),
+                "bytes_down": bytes_down,
                 "seconds": time.perf_counter() - tic,
                 **{f"strategy.{k}": v for k, v in strategy_metrics.items()},
             }
-            history.append(record)
+            run.history.append(record)
             # checkpoint, then log: the log never runs ahead of what a resume restores
-            ckpt = {
-                "spec": spec.to_dict(),
-                "round": rnd,
-                "state": state,
-                "server_state": server_state,
-                "history": history,
-                "epsilons": epsilons,
-                "elapsed": elapsed,
-                "client_states": self.executor.client_states(),
-            }
+            ckpt = {"spec": spec.to_dict(), "progress": vars(run), "client_states": self.executor.client_states()}
             _atomic_write(out / CHECKPOINT, functools.partial(torch.save, ckpt))
-            lines = "".join(json.dumps(jsonable(r)) + "\n" for r in history)
+            lines = "".join(json.dumps(jsonable(r)) + "\n" for r in run.history)
             _atomic_write(out / ROUNDS, functools.partial(Path.write_text, data=lines))
             if callbacks.on_round_end:
                 callbacks.on_round_end(record)
 
-        summary = self._summary(history, epsilons, elapsed)
-        self.model.export(state, out)
+        summary = self._summary(run.history, run.epsilons, run.elapsed)
+        self.model.export(run.state, out)
         _atomic_write(out / SUMMARY, lambda p: p.write_text(json.dumps(jsonable(summary), indent=2) + "\n"))
-        return RunResult(summary, history, state)
+        return RunResult(summary, run.history, run.state)
+
+    def _validate(self, rnd: int, results: list, state: AdapterState) -> tuple[list[ClientUpdate], dict[int, str]]:
+        """Split results into sound updates and dropped clients (with the reason, logged)."""
+        accepted: list[ClientUpdate] = []
+        dropped: dict[int, str] = {}
+        for result in results:
+            if isinstance(result, ClientFailure):
+                dropped[result.client_id] = result.reason
+            elif (reason := validate_update(result, list(self.plan.uploads), state)) is not None:
+                dropped[result.client_id] = f"update rejected: {reason}"
+            else:
+                accepted.append(result)
+                continue
+            log.warning("round %d: client %d: %s", rnd, result.client_id, dropped[result.client_id])
+        return accepted, dropped
+
+    def _evaluate(self, state: AdapterState) -> dict[str, float]:
+        """The global model on the server's test split. For strategies whose clients keep part of
+        the adapter (FedSA), the mean over the personalised models of the clients that trained."""
+        batch = self.spec.train.eval_batch_size
+        personal = self.executor.personal_states() if self.strategy.personal else {}
+        if not personal:
+            return evaluate(self.model, state, self.data.test, batch)
+        scores = [
+            evaluate(self.model, state.with_tensors(t), self.data.test, batch) for _, t in sorted(personal.items())
+        ]
+        return {key: sum(s[key] for s in scores) / len(scores) for key in scores[0]}
+
+    def _rank_fraction(self, rank: int | None) -> float:
+        return 1.0 if rank is None else rank / self.spec.model.rank
+
+    def _upload_bytes(self, update: ClientUpdate, state: AdapterState) -> int:
+        """Bytes a client sent: LoRA factors at its own rank."""
+        total = 0
+        for name in update.tensors:
+            fraction = self._rank_fraction(update.rank) if ".lora_" in name else 1.0
+            total += int(state.num_bytes([name]) * fraction)
+        return total
+
+    def _download_bytes(self, run: _Progress, cid: int) -> int:
+        """Bytes a sampled client received: the adapter (at its rank, without what it keeps) plus
+        the factored base-weight changes of every round since it last took part."""
+        rank = client_rank(self.spec.model, cid)
+        total = 0
+        for name in run.state.tensors:
+            kind = kind_of(name)
+            if kind == BASE or name in self.plan.keeps:
+                continue
+            total += int(run.state.num_bytes([name]) * (self._rank_fraction(rank) if kind in (LORA_A, LORA_B) else 1.0))
+        total += int(sum(run.base_bytes[run.last_sync.get(cid, 0) :]))
+        run.last_sync[cid] = len(run.base_bytes)
+        return total
 
     def _summary(self, history: list[dict[str, Any]], epsilons: dict[int, float], elapsed: float) -> dict[str, Any]:
         spec = self.spec

@@ -11,21 +11,29 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-__all__ = ["AdapterState", "ClientUpdate", "LORA_A", "LORA_B", "HEAD", "lora_layers", "kind_of"]
+__all__ = ["AdapterState", "ClientUpdate", "LORA_A", "LORA_B", "HEAD", "BASE", "lora_layers", "kind_of", "base_name"]
 
 # What a parameter is, as strategies see it. Defined once; used in upload declarations.
 LORA_A = "A"
 LORA_B = "B"
 HEAD = "head"
+BASE = "base"  # cumulative change of a frozen base weight (FedEx-LoRA, FLoRA), dense d_out x d_in
 
 
 def kind_of(name: str) -> str:
-    """Kind of a normalised parameter name: A, B or head."""
+    """Kind of a normalised parameter name: A, B, head or base."""
     if name.endswith(".lora_A.weight"):
         return LORA_A
     if name.endswith(".lora_B.weight"):
         return LORA_B
+    if name.endswith(".base_delta"):
+        return BASE
     return HEAD
+
+
+def base_name(layer: str) -> str:
+    """Name of the base-weight change of an adapted layer."""
+    return f"{layer}.base_delta"
 
 
 def lora_layers(names: Iterator[str] | list[str]) -> list[str]:
@@ -48,6 +56,11 @@ class AdapterState:
     @property
     def layers(self) -> list[str]:
         return lora_layers(list(self.tensors))
+
+    @property
+    def scale(self) -> float:
+        """LoRA scale s = alpha / r: the layer computes W0 x + s B A x."""
+        return self.alpha / self.rank
 
     def A(self, layer: str) -> torch.Tensor:  # noqa: N802 - the paper's name
         return self.tensors[f"{layer}.lora_A.weight"]
@@ -79,3 +92,4 @@ class ClientUpdate:
     num_examples: int
     tensors: dict[str, torch.Tensor]
     metrics: dict[str, float] = field(default_factory=dict)
+    rank: int | None = None  # the client's own LoRA rank when ranks differ (factors are zero-padded)

@@ -21,6 +21,12 @@ __all__ = ["Strategy", "STRATEGIES", "weighted_mean", "make_strategy"]
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
 
+def kaiming_a(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """PEFT's default init of A: kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(d_in), 1/sqrt(d_in))."""
+    bound = 1.0 / shape[1] ** 0.5
+    return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).float()
+
+
 def weights(updates: list[ClientUpdate]) -> list[float]:
     """p_k = n_k / sum_j n_j over the clients of the round."""
     total = sum(u.num_examples for u in updates)
@@ -43,15 +49,17 @@ class Strategy(ABC):
     name: ClassVar[str]
     trains: ClassVar[frozenset[str]]  # LoRA factor kinds the clients train: subset of {A, B}
     sum_only: ClassVar[bool]  # server step needs only sum_k p_k * upload_k (secure aggregation ok)
+    personal: ClassVar[frozenset[str]] = frozenset()  # kinds each client keeps across rounds, never sent
 
     def uploads(self, state: AdapterState, train_head: bool) -> list[str]:
         """Names of the tensors a client sends back."""
-        kinds = set(self.trains) | ({HEAD} if train_head else set())
+        kinds = (set(self.trains) - set(self.personal)) | ({HEAD} if train_head else set())
         return [n for n in state.tensors if kind_of(n) in kinds]
 
-    def init_state(self, state: AdapterState) -> dict[str, Any]:
-        """The strategy's own state before round 1 (checkpointed with the run)."""
-        return {}
+    def init(self, state: AdapterState, seed: int) -> tuple[AdapterState, dict[str, Any]]:
+        """The global adapter and the strategy's own state before round 1 (both checkpointed).
+        Strategies that change the base weights add their BASE tensors here."""
+        return state, {"seed": seed}
 
     @abstractmethod
     def aggregate(

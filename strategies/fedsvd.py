@@ -11,24 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from fedpeft.state import LORA_B
 from strategies.base import STRATEGIES, Strategy, weighted_mean
-
-
-def refactor(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: N803
-    """Return (B_new, A_new) with B_new A_new = B A, rows of A_new orthonormal, B_new = U S.
-
-    B is d_out x r, A is r x d_in. Computed in float64, returned in the inputs' dtype.
-    """
-    dtype = B.dtype
-    q_b, r_b = torch.linalg.qr(B.double())  # B = Q_B R_B
-    q_a, r_a = torch.linalg.qr(A.double().T)  # A^T = Q_A R_A
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T)  # R_B R_A^T = u diag(s) vh
-    b_new = q_b @ (u * s)
-    a_new = (q_a @ vh.T).T
-    return b_new.to(dtype), a_new.to(dtype)
+from strategies.linalg import refactor
 
 
 @STRATEGIES.register("fedsvd")

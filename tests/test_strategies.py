@@ -6,7 +6,7 @@ import torch
 
 from fedpeft.state import AdapterState, ClientUpdate
 from strategies import STRATEGIES, make_strategy
-from strategies.fedsvd import refactor
+from strategies.linalg import refactor
 
 LAYERS = ("enc.l0.q", "enc.l0.v", "enc.l1.q")
 
@@ -31,7 +31,7 @@ def _updates(state, names, sizes=(30, 10, 60), seed=1):
 
 
 def test_unknown_strategy_and_option_list_valid_ones():
-    with pytest.raises(ValueError, match="valid: fedavg, fedsvd"):
+    with pytest.raises(ValueError, match="valid: fedavg, fedex, fedsa, fedsvd, ffa, flexlora, flora, hetlora, lora-fair"):
         make_strategy("fedprox")
     with pytest.raises(ValueError, match="valid: min_norm, refactor_period"):
         make_strategy("fedsvd", {"period": 2})

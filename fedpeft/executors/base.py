@@ -39,3 +39,6 @@ class Executor(Protocol):
 
     def load_client_states(self, states: dict) -> None:
         """Restore what `client_states` returned."""
+
+    def personal_states(self) -> dict:
+        """client id -> tensors it keeps locally (strategies with personal parts); may be empty."""

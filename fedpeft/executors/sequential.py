@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from fedpeft.adapters import AdaptedModel
 from fedpeft.client import ClientRefused, LocalTraining, client_round
 from fedpeft.data.base import TokenizedData
@@ -15,8 +17,9 @@ from fedpeft.state import AdapterState
 class SequentialExecutor:
     """Trains sampled clients one at a time, each from the global adapter, on the same model.
 
-    Clients' privacy ledgers live here (they are client state). Exceptions other than a budget
-    refusal propagate: in-process they are bugs, not client failures.
+    What clients keep between rounds lives here: privacy ledgers, the tensors a strategy keeps
+    on the client (FedSA's B), and each client's rank. Exceptions other than a budget refusal
+    propagate: in-process they are bugs, not client failures.
     """
 
     def __init__(
@@ -25,11 +28,14 @@ class SequentialExecutor:
         clients: list[TokenizedData],
         budgets: list[ClientBudget] | None,
         clip: float,
+        ranks: list[int | None] | None = None,
     ) -> None:
         self.model = model
         self.clients = clients
         self.budgets = budgets
         self.clip = clip
+        self.ranks = ranks or [None] * len(clients)
+        self.personal: dict[int, dict[str, torch.Tensor]] = {}
 
     def run_round(
         self,
@@ -43,28 +49,32 @@ class SequentialExecutor:
         results: list[ClientResult] = []
         for cid in client_ids:
             budget = self.budgets[cid] if self.budgets is not None else None
+            start = global_state.with_tensors(self.personal[cid]) if cid in self.personal else global_state
             try:
-                results.append(
-                    client_round(
-                        self.model,
-                        global_state,
-                        self.clients[cid],
-                        plan,
-                        client_id=cid,
-                        seed=seeds[cid],
-                        budget=budget,
-                        clip=self.clip,
-                    )
-                )
+                update = client_round(
+                    self.model, start, self.clients[cid], plan,
+                    client_id=cid, seed=seeds[cid], budget=budget, clip=self.clip, rank=self.ranks[cid],
+                )  # fmt: skip
+                if plan.keeps:
+                    self.personal[cid] = self.model.tensors(list(plan.keeps))
+                results.append(update)
             except ClientRefused as exc:
                 results.append(ClientFailure(cid, str(exc), refused=True))
             if on_client is not None:
                 on_client(cid)
         return results
 
+    def personal_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Tensors each client keeps on its side (FedSA's B), for evaluating personalised models."""
+        return self.personal
+
     def client_states(self) -> dict:
-        return {"budgets": [b.to_dict() for b in self.budgets] if self.budgets is not None else None}
+        return {
+            "budgets": [b.to_dict() for b in self.budgets] if self.budgets is not None else None,
+            "personal": self.personal,
+        }
 
     def load_client_states(self, states: dict) -> None:
         if states.get("budgets") is not None:
             self.budgets = [ClientBudget.from_dict(b) for b in states["budgets"]]
+        self.personal = dict(states.get("personal") or {})

@@ -1,0 +1,25 @@
+"""FFA-LoRA: A frozen at its shared seeded initialisation; clients train B; the server averages B.
+
+Sun, Li, Li, Ding, "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024. With A
+shared and frozen, B_avg A = sum_k p_k B_k A exactly, and DP noise has no cross-term
+(B + xB)(A + xA). Its A is never re-oriented; FedSVD adds that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedpeft.state import LORA_B
+from strategies.base import STRATEGIES, Strategy, weighted_mean
+
+
+@STRATEGIES.register("ffa")
+@dataclass(frozen=True)
+class FFALoRA(Strategy):
+    name = "ffa"
+    trains = frozenset({LORA_B})
+    sum_only = True
+
+    def aggregate(self, state, updates, round_num, server_state):
+        new = state.with_tensors({n: weighted_mean(updates, n) for n in updates[0].tensors})
+        return new, dict(server_state), {}

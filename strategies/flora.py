@@ -1,0 +1,46 @@
+"""FLoRA: stack the clients' LoRA factors, merge the exact sum into the base, start a fresh LoRA.
+
+Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous Low-Rank
+Adaptations", NeurIPS 2024. Stacking [p_1 B_1 .. p_K B_K] [A_1; ..; A_K] is sum_k p_k B_k A_k
+exactly (and allows heterogeneous ranks); it is merged, scaled by s = alpha / r, into every
+client's W0, and each round starts from a new LoRA (A fresh from PEFT's initialisation, seeded by
+round; B = 0). The merged delta travels factored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedpeft.state import LORA_A, LORA_B, base_name
+from strategies.base import STRATEGIES, Strategy, kaiming_a, weights
+from strategies.fedex import add_base_deltas
+from strategies.linalg import stack_factors
+
+
+@STRATEGIES.register("flora")
+@dataclass(frozen=True)
+class FLoRA(Strategy):
+    name = "flora"
+    trains = frozenset({LORA_A, LORA_B})
+    sum_only = False
+
+    def init(self, state, seed):
+        return add_base_deltas(state), {"seed": seed}
+
+    def aggregate(self, state, updates, round_num, server_state):
+        p = weights(updates)
+        generator = torch.Generator().manual_seed(int(server_state["seed"]) * 1_000_003 + round_num)
+        new_tensors, factored_bytes = {}, 0
+        for name in updates[0].tensors:  # trained head, if any: plain weighted mean
+            if ".lora_" not in name:
+                new_tensors[name] = sum(pk * u.tensors[name].double() for pk, u in zip(p, updates, strict=True)).float()
+        for layer in state.layers:
+            a_name, b_name = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
+            u, v = stack_factors([x.tensors[b_name] for x in updates], [x.tensors[a_name] for x in updates], p)
+            new_tensors[base_name(layer)] = (state.tensors[base_name(layer)].double() + state.scale * (u @ v)).float()
+            new_tensors[a_name] = kaiming_a(tuple(state.A(layer).shape), generator)
+            new_tensors[b_name] = torch.zeros_like(state.B(layer))
+            factored_bytes += (u.numel() + v.numel()) * 4
+        return state.with_tensors(new_tensors), dict(server_state), {"base_bytes": float(factored_bytes)}
