@@ -68,12 +68,13 @@ class AdapterState:
     def B(self, layer: str) -> torch.Tensor:  # noqa: N802
         return self.tensors[f"{layer}.lora_B.weight"]
 
-    def with_tensors(self, updates: Mapping[str, torch.Tensor]) -> AdapterState:
-        """A copy with some tensors replaced (keys must already exist)."""
+    def with_tensors(self, updates: Mapping[str, torch.Tensor], new: bool = False) -> AdapterState:
+        """A copy with some tensors replaced; keys must already exist unless `new` allows adding."""
         unknown = set(updates) - set(self.tensors)
-        if unknown:
+        if unknown and not new:
             raise KeyError(f"unknown adapter tensors: {sorted(unknown)[:3]}")
         merged = {k: updates.get(k, v) for k, v in self.tensors.items()}
+        merged.update({k: updates[k] for k in updates if k not in merged})
         return replace(self, tensors=merged)
 
     def clone(self) -> AdapterState:

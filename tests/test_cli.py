@@ -29,7 +29,10 @@ TINY = [
     [
         ("model.name=gpt9", "unknown model 'gpt9'; valid: minilm, tiny-bert"),
         ("data.name=imdb", "unknown dataset 'imdb'; valid: rotten-tomatoes, synthetic"),
-        ("strategy.name=fedprox", "unknown strategy 'fedprox'; valid: fedavg, fedex, fedsa, fedsvd, ffa, flexlora, flora, hetlora, lora-fair"),
+        (
+            "strategy.name=fedprox",
+            "unknown strategy 'fedprox'; valid: fedavg, fedex, fedsa, fedsvd, ffa, flexlora, flora, hetlora, lora-fair",
+        ),
         ("privacy.epsilon=0", "privacy.epsilon must be > 0"),
         ("federation.clients_per_round=99", "clients_per_round must be between 1 and"),
         ("model.rank=0", "model.rank must be >= 1"),

@@ -31,7 +31,9 @@ def _updates(state, names, sizes=(30, 10, 60), seed=1):
 
 
 def test_unknown_strategy_and_option_list_valid_ones():
-    with pytest.raises(ValueError, match="valid: fedavg, fedex, fedsa, fedsvd, ffa, flexlora, flora, hetlora, lora-fair"):
+    with pytest.raises(
+        ValueError, match="valid: fedavg, fedex, fedsa, fedsvd, ffa, flexlora, flora, hetlora, lora-fair"
+    ):
         make_strategy("fedprox")
     with pytest.raises(ValueError, match="valid: min_norm, refactor_period"):
         make_strategy("fedsvd", {"period": 2})
