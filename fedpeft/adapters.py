@@ -23,6 +23,16 @@ EXPORT_META = "fedpeft_model.json"  # how to rebuild the base model of an export
 EXPORT_BASE = "fedpeft_base_delta.safetensors"  # base-weight changes (fedex, flora), if any
 
 
+def resolve_device(name: str) -> torch.device:
+    """ "auto" is CUDA when available, else the CPU; a CUDA device that is not there is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"federation.device={name!r} but CUDA is not available; use auto or cpu")
+    return device
+
+
 def _normalise(peft_name: str) -> str | None:
     """PEFT parameter name -> normalised adapter name, or None for frozen base weights."""
     name = peft_name.removeprefix("base_model.model.")
@@ -36,9 +46,10 @@ def _normalise(peft_name: str) -> str | None:
 class AdaptedModel:
     """A classifier with LoRA adapters injected by PEFT; the head is a PEFT `modules_to_save`."""
 
-    def __init__(self, cfg: ModelConfig, num_labels: int, seed: int) -> None:
+    def __init__(self, cfg: ModelConfig, num_labels: int, seed: int, device: str = "cpu") -> None:
         from peft import LoraConfig, get_peft_model
 
+        self.device = resolve_device(device)
         self.cfg = cfg
         self.num_labels = num_labels
         self.seed = seed
@@ -54,7 +65,7 @@ class AdaptedModel:
         base.name_or_path = cfg.name  # PEFT records it as base_model_name_or_path
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)  # the shared initial A (PEFT: kaiming-uniform; B = 0)
-            self.module = get_peft_model(base, lora)
+            self.module = get_peft_model(base, lora).to(self.device)
         self._params: dict[str, nn.Parameter] = {}
         for peft_name, param in self.module.named_parameters():
             name = _normalise(peft_name)
@@ -93,7 +104,7 @@ class AdaptedModel:
             for layer, weight in self._base.items():
                 delta = state.tensors.get(base_name(layer))
                 if delta is not None:
-                    weight.copy_(self._w0[layer] + delta)
+                    weight.copy_(self._w0[layer] + delta.to(weight.device))
                     self._base_applied.add(layer)
                 elif layer in self._base_applied:
                     weight.copy_(self._w0[layer])
@@ -131,7 +142,7 @@ class AdaptedModel:
         return [p for p in self._params.values() if p.requires_grad]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.module(input_ids=input_ids, attention_mask=attention_mask)
+        return self.module(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
 
     # ---- export ---------------------------------------------------------------------------
     def export(self, state: AdapterState, directory: str | Path) -> Path:

@@ -56,7 +56,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from fedpeft.federation import CHECKPOINT, Federation
-    from fedpeft.report import ProgressDisplay, final_table, plot_run
+    from fedpeft.progress import ProgressDisplay, final_table
+    from fedpeft.report import plot_run
 
     console = Console(stderr=True)
     fed, privacy = spec.federation, spec.privacy
@@ -79,8 +80,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     console.print(line)
     created = not out.exists()
     try:
-        with ProgressDisplay(console, spec) as progress:
-            result = federation.run(out, resume=args.resume, callbacks=progress.callbacks())
+        with ProgressDisplay(console, fed.rounds * fed.clients_per_round) as progress:
+            result = federation.run(out, resume=args.resume, callbacks=progress.callbacks(spec))
     except BaseException as exc:
         saved = (out / CHECKPOINT).is_file()
         if created and not saved:
@@ -97,6 +98,28 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     console.print(final_table(result.summary, result.history))
     console.print(f"results in {out}/ (summary.json, rounds.jsonl, accuracy.png, PEFT adapter)")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedpeft.sweep import run_sweep
+
+    spec = resolve_spec(args.spec, args.set)
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{spec.name}"
+    try:
+        run_sweep(spec, out)
+    except KeyboardInterrupt:
+        print(f"interrupted; finished runs are kept: start the same command again to continue ({out})", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedpeft.report import write_report
+
+    paths = write_report(Path(args.dir), Path(args.out) if args.out else None)
+    print(paths["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -145,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", help="output directory (default runs/NAME-TIMESTAMP)")
     sim.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     sim.set_defaults(func=cmd_simulate)
+
+    swp = sub.add_parser("sweep", help="strategies x epsilons x seeds of a spec's [sweep] table, then the report")
+    swp.add_argument("spec", help="federation spec (TOML) with a [sweep] table")
+    swp.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key, e.g. sweep.seeds=[0,1]"
+    )
+    swp.add_argument("--out", help="output directory (default runs/sweep-NAME); a started sweep continues there")
+    swp.set_defaults(func=cmd_sweep)
+
+    rep = sub.add_parser("report", help="tables (CSV, Markdown) and plots of every finished run under DIR")
+    rep.add_argument("dir", help="a sweep's (or any) directory of runs")
+    rep.add_argument("--out", help="where to write the report (default: DIR)")
+    rep.set_defaults(func=cmd_report)
 
     priv = sub.add_parser("privacy", help="calibrate sigma for a target epsilon, or compute epsilon")
     priv.add_argument("--q", type=float, required=True, help="sampling rate (batch / examples)")

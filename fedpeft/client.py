@@ -95,7 +95,7 @@ def train_client(
             max_grad_norm=dp.clip,
             expected_batch_size=expected_batch,
             loss_reduction="mean",
-            generator=torch.Generator().manual_seed(seed + 1),
+            generator=torch.Generator(device=model.device).manual_seed(seed + 1),
         )
 
     losses = []
@@ -111,12 +111,12 @@ def train_client(
                     for p in params:
                         p.grad = torch.zeros_like(p)
                         if dp is not None:
-                            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                            p.grad_sample = p.new_zeros((0, *p.shape))
                     optimizer.step()
                     if rank is not None:
                         model.truncate_rank(rank)
                     continue
-                input_ids, mask, labels = data.batch(index)
+                input_ids, mask, labels = (t.to(model.device) for t in data.batch(index))
                 logits = module(input_ids=input_ids, attention_mask=mask)
                 if dp is not None:  # Opacus contract: mean over the batch it sees
                     loss = F.cross_entropy(logits, labels)
@@ -191,7 +191,7 @@ def evaluate(model: AdaptedModel, state: AdapterState, data: TokenizedData, batc
     correct, loss_sum = 0, 0.0
     for start in range(0, len(order), batch_size):
         input_ids, mask, labels = data.batch(order[start : start + batch_size])
-        logits = model.forward(input_ids, mask)
+        logits = model.forward(input_ids, mask).float().cpu()
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(-1) == labels).sum())
     n = max(len(data), 1)

@@ -25,6 +25,7 @@ __all__ = [
     "StrategyConfig",
     "PrivacyConfig",
     "TrainConfig",
+    "SweepConfig",
     "Spec",
     "load_spec",
     "parse_overrides",
@@ -54,6 +55,7 @@ class FederationConfig:
     )
     seed: int = field(default=0, metadata=_help("seed for everything: same spec + seed, same result"))
     executor: str = field(default="sequential", metadata=_help("who trains the clients: sequential"))
+    device: str = field(default="auto", metadata=_help("auto (cuda if available, else cpu) | cpu | cuda | cuda:N"))
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, f"federation.rounds must be >= 1 (got {self.rounds})")
@@ -69,6 +71,10 @@ class FederationConfig:
             f"(got {self.min_clients})",
         )
         _require(self.seed >= 0, f"federation.seed must be >= 0 (got {self.seed})")
+        _require(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            f"federation.device must be auto, cpu, cuda or cuda:N (got {self.device!r})",
+        )
 
 
 @dataclass(frozen=True)
@@ -184,6 +190,23 @@ class TrainConfig:
         _require(self.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
 
 
+@dataclass(frozen=True)
+class SweepConfig:
+    """The grid of `fedpeft sweep`: every strategy x epsilon x seed. Empty = the spec's own value."""
+
+    strategies: tuple[str, ...] = field(default=(), metadata=_help("strategy names to compare"))
+    epsilons: tuple[float, ...] = field(
+        default=(), metadata={"help": "target epsilons; inf = privacy off", "item": float}
+    )
+    seeds: tuple[int, ...] = field(default=(), metadata={"help": "seeds (federation.seed)", "item": int})
+
+    def __post_init__(self) -> None:
+        _require(all(e > 0 for e in self.epsilons), f"sweep.epsilons must be > 0 or inf (got {list(self.epsilons)})")
+        _require(all(s >= 0 for s in self.seeds), f"sweep.seeds must be >= 0 (got {list(self.seeds)})")
+        for name, values in (("strategies", self.strategies), ("epsilons", self.epsilons), ("seeds", self.seeds)):
+            _require(len(set(values)) == len(values), f"sweep.{name} has duplicates: {list(values)}")
+
+
 _SECTIONS: dict[str, type] = {
     "federation": FederationConfig,
     "model": ModelConfig,
@@ -191,6 +214,7 @@ _SECTIONS: dict[str, type] = {
     "strategy": StrategyConfig,
     "privacy": PrivacyConfig,
     "train": TrainConfig,
+    "sweep": SweepConfig,
 }
 
 
@@ -205,6 +229,7 @@ class Spec:
     strategy: StrategyConfig = StrategyConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     train: TrainConfig = TrainConfig()
+    sweep: SweepConfig = SweepConfig()
 
     # ---- nested dict form (TOML, summary.json) -------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -283,15 +308,20 @@ def _coerce(section: str, key: str, value: Any, default: Any, item: type = str) 
             raise ConfigError(f"{where} must be a number (got {value!r})")
         return float(value)
     if isinstance(default, tuple):
-        if isinstance(value, str):
+        if isinstance(value, str):  # flat form: "a,b,c"
             value = [v.strip() for v in value.split(",") if v.strip()]
-            if item is int:
+            if item in (int, float):
                 try:
-                    value = [int(v) for v in value]
+                    value = [item(v) for v in value]
                 except ValueError:
-                    raise ConfigError(f"{where} must be a list of integers (got {value!r})") from None
-        if isinstance(value, int) and not isinstance(value, bool) and item is int:
+                    raise ConfigError(f"{where} must be a list of {item.__name__}s (got {value!r})") from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and item in (int, float):
             value = [value]
+        if item is float and isinstance(value, (list, tuple)):  # 6 -> 6.0; "inf" (strict JSON) -> inf
+            try:
+                value = [float(v) if isinstance(v, (int, str)) and not isinstance(v, bool) else v for v in value]
+            except ValueError:
+                raise ConfigError(f"{where} must be a list of numbers (got {value!r})") from None
         if not isinstance(value, (list, tuple)) or not all(
             isinstance(v, item) and not isinstance(v, bool) for v in value
         ):

@@ -133,7 +133,7 @@ class Federation:
         strategy = make_strategy(spec.strategy.name, spec.strategy.kwargs)
         fed = spec.federation
         raw = DATASETS.get(spec.data.name)()
-        model = AdaptedModel(spec.model, num_labels=len(raw.label_names), seed=fed.seed)
+        model = AdaptedModel(spec.model, num_labels=len(raw.label_names), seed=fed.seed, device=fed.device)
         data = prepare(spec.data, fed.clients, model.tokenizer, spec.model.max_length, fed.seed, raw=raw)
         state = model.state()
         trains = set(strategy.trains) | ({HEAD} if spec.model.train_head else set())

@@ -1,108 +1,31 @@
-"""What a person sees: a live progress display, the final table, and the accuracy plot of a run."""
+"""Results from files: the accuracy plot of a run; tables and plots of a sweep (`fedpeft report`)."""
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
+__all__ = ["plot_run", "collect", "summarise", "write_report"]
 
-from fedpeft.config import Spec
-
-__all__ = ["ProgressDisplay", "final_table", "plot_run"]
+INF = float("inf")
 
 
-def _eps(value: Any) -> str:
-    return "off" if value is None else f"{value:.2f}"
+def _pyplot():  # noqa: ANN202
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-class ProgressDisplay:
-    """A bar over all client trainings of the run, and one line per finished round."""
-
-    def __init__(self, console: Console, spec: Spec) -> None:
-        self.console = console
-        self.spec = spec
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-        )
-        self.task = None
-
-    def __enter__(self) -> ProgressDisplay:
-        fed = self.spec.federation
-        self.progress.__enter__()
-        self.task = self.progress.add_task("round 1", total=fed.rounds * fed.clients_per_round, status="")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
-
-    def callbacks(self):  # noqa: ANN201
-        from fedpeft.federation import Callbacks
-
-        fed = self.spec.federation
-
-        def on_round_start(rnd: int, clients: list[int]) -> None:
-            # a resumed run starts with the finished rounds already counted
-            self.progress.update(
-                self.task, description=f"round {rnd}/{fed.rounds}", completed=(rnd - 1) * fed.clients_per_round
-            )
-
-        def on_client_done(rnd: int, cid: int) -> None:
-            self.progress.advance(self.task)
-
-        def on_round_end(record: dict[str, Any]) -> None:
-            self.progress.update(self.task, status=f"acc {record['accuracy']:.3f}  eps {_eps(record['epsilon_max'])}")
-            dropped = f"  dropped {sorted(int(k) for k in record['dropped'])}" if record["dropped"] else ""
-            self.console.print(
-                f"round {record['round']:>3}: accuracy {record['accuracy']:.4f}  loss {record['loss']:.4f}  "
-                f"epsilon_max {_eps(record['epsilon_max'])}  clients {record['clients']}{dropped}  "
-                f"{record['seconds']:.1f}s"
-            )
-
-        return Callbacks(on_round_start, on_client_done, on_round_end)
-
-
-def final_table(summary: dict[str, Any], history: list[dict[str, Any]]) -> Table:
-    table = Table(title=f"{summary['name']}: {summary['strategy']}, seed {summary['seed']}")
-    for column in ("round", "accuracy", "loss", "epsilon_max", "clients", "seconds"):
-        table.add_column(column, justify="right")
-    for r in history:
-        table.add_row(
-            str(r["round"]),
-            f"{r['accuracy']:.4f}",
-            f"{r['loss']:.4f}",
-            _eps(r["epsilon_max"]),
-            str(len(r["clients"])),
-            f"{r['seconds']:.1f}",
-        )
-    eps = (
-        "privacy off"
-        if summary["epsilon"] is None
-        else f"epsilon {summary['epsilon']:.3f} (target {summary['target_epsilon']:g}) at delta {summary['delta']:g}"
-    )
-    table.caption = (
-        f"final accuracy {summary['accuracy']:.4f} (majority class {summary['majority_rate']:.4f}); {eps}; "
-        f"{summary['seconds']:.0f}s"
-    )
-    return table
+    return plt
 
 
 def plot_run(history: list[dict[str, Any]], path: Path, title: str = "", majority: float | None = None) -> Path:
     """Test accuracy per round (with the majority-class rate for reference) and, when privacy is
     on, the epsilon spent so far on a second axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] for r in history]
@@ -135,3 +58,224 @@ def plot_run(history: list[dict[str, Any]], path: Path, title: str = "", majorit
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# ---- sweeps: from result files alone -------------------------------------------------------------
+def _target(summary: dict[str, Any]) -> float:
+    eps = summary.get("target_epsilon")
+    return INF if eps is None else float(eps)
+
+
+def eps_label(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def collect(directory: Path) -> list[dict[str, Any]]:
+    """Every finished run under `directory` (a summary.json, its rounds.jsonl beside it)."""
+    runs = []
+    for path in sorted(Path(directory).rglob("summary.json")):
+        summary = json.loads(path.read_text())
+        rounds_file = path.with_name("rounds.jsonl")
+        history = [json.loads(line) for line in rounds_file.read_text().splitlines()] if rounds_file.exists() else []
+        runs.append({**summary, "target": _target(summary), "history": history, "dir": str(path.parent)})
+    return runs
+
+
+def _ci95(values: list[float]) -> float:
+    """Half-width of the 95% confidence interval of the mean (Student t); nan for one value."""
+    if len(values) < 2:
+        return math.nan
+    from scipy.stats import t
+
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return float(t.ppf(0.975, len(values) - 1)) * sd / math.sqrt(len(values))
+
+
+def _order(runs: list[dict[str, Any]]) -> tuple[list[str], list[float]]:
+    strategies = list(dict.fromkeys(r["strategy"] for r in runs))
+    targets = sorted({r["target"] for r in runs}, key=lambda e: (math.isinf(e), -e if math.isinf(e) else e))
+    targets = [e for e in targets if math.isinf(e)] + sorted(e for e in targets if not math.isinf(e))[::-1]
+    return strategies, targets
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (strategy, target epsilon): mean and 95% CI of final accuracy over seeds,
+    epsilon actually spent, bytes communicated and wall time (means over seeds)."""
+    strategies, targets = _order(runs)
+    rows = []
+    for strategy in strategies:
+        for target in targets:
+            cell = [r for r in runs if r["strategy"] == strategy and r["target"] == target]
+            if not cell:
+                continue
+            acc = [r["accuracy"] for r in cell]
+            spent = [r["epsilon"] for r in cell if r.get("epsilon") is not None]
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "epsilon": eps_label(target),
+                    "seeds": len(cell),
+                    "accuracy_mean": sum(acc) / len(acc),
+                    "accuracy_ci95": _ci95(acc),
+                    "accuracy_min": min(acc),
+                    "accuracy_max": max(acc),
+                    "epsilon_spent": max(spent) if spent else None,
+                    "majority_rate": sum(r["majority_rate"] for r in cell) / len(cell),
+                    "mbytes_up": sum(r["bytes_up"] for r in cell) / len(cell) / 1e6,
+                    "mbytes_down": sum(r["bytes_down"] for r in cell) / len(cell) / 1e6,
+                    "seconds": sum(r["seconds"] for r in cell) / len(cell),
+                }
+            )
+    return rows
+
+
+def _pm(mean: float, ci: float) -> str:
+    return f"{100 * mean:.1f}" + ("" if math.isnan(ci) else f" ± {100 * ci:.1f}")
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """A paper-style table (accuracy per strategy and epsilon) and the detailed table."""
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    targets = list(
+        dict.fromkeys(
+            r["epsilon"]
+            for r in sorted(
+                rows, key=lambda r: (r["epsilon"] != "inf", -float(r["epsilon"]) if r["epsilon"] != "inf" else 0)
+            )
+        )
+    )
+    by = {(r["strategy"], r["epsilon"]): r for r in rows}
+    head = ["strategy"] + [("no DP" if e == "inf" else f"ε = {e}") for e in targets]
+    lines = [
+        "Final test accuracy (%), mean ± 95% CI over seeds:",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * len(targets),
+    ]
+    for s in strategies:
+        cells = [_pm(by[s, e]["accuracy_mean"], by[s, e]["accuracy_ci95"]) if (s, e) in by else "" for e in targets]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    majority = sum(r["majority_rate"] for r in rows) / len(rows)
+    lines += ["", f"Majority-class rate of the test splits: {100 * majority:.1f}%.", ""]
+    lines += [
+        "| strategy | ε target | seeds | accuracy (%) | min–max | ε spent (max) | MB up | MB down | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        spent = "–" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.2f}"
+        lines.append(
+            f"| {r['strategy']} | {r['epsilon']} | {r['seeds']} | {_pm(r['accuracy_mean'], r['accuracy_ci95'])} | "
+            f"{100 * r['accuracy_min']:.1f}–{100 * r['accuracy_max']:.1f} | {spent} | {r['mbytes_up']:.1f} | "
+            f"{r['mbytes_down']:.1f} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot_accuracy_vs_epsilon(runs, rows, path: Path) -> None:  # noqa: ANN001
+    plt = _pyplot()
+    strategies, targets = _order(runs)
+    finite = sorted(e for e in targets if not math.isinf(e))
+    xs = {e: i for i, e in enumerate(finite)}
+    if any(math.isinf(e) for e in targets):
+        xs[INF] = len(finite)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=130)
+    width = 0.08
+    for k, strategy in enumerate(strategies):
+        points = sorted(
+            (
+                (xs[float("inf") if r["epsilon"] == "inf" else float(r["epsilon"])], r)
+                for r in rows
+                if r["strategy"] == strategy
+            ),
+            key=lambda p: p[0],
+        )
+        x = [p + (k - (len(strategies) - 1) / 2) * width for p, _ in points]
+        y = [100 * r["accuracy_mean"] for _, r in points]
+        err = [0 if math.isnan(r["accuracy_ci95"]) else 100 * r["accuracy_ci95"] for _, r in points]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=strategy)
+    majority = sum(r["majority_rate"] for r in rows) / len(rows)
+    ax.axhline(100 * majority, color="grey", linestyle=":", label="majority class")
+    ax.set_xticks(sorted(xs.values()), [("no DP" if math.isinf(e) else f"ε = {e:g}") for e in sorted(xs, key=xs.get)])
+    ax.set_xlabel("privacy budget (per client, δ fixed)")
+    ax.set_ylabel("final test accuracy (%), mean ± 95% CI")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _curves(runs, key: str):  # noqa: ANN001, ANN202
+    """(strategy, target) -> (rounds, mean, ci) of `key` per round over seeds."""
+    out = {}
+    strategies, targets = _order(runs)
+    for strategy in strategies:
+        for target in targets:
+            cell = [r["history"] for r in runs if r["strategy"] == strategy and r["target"] == target and r["history"]]
+            if not cell or any(h[0].get(key) is None for h in cell):
+                continue
+            n = min(len(h) for h in cell)
+            rounds = [cell[0][i]["round"] for i in range(n)]
+            values = [[h[i][key] for h in cell] for i in range(n)]
+            out[strategy, target] = (rounds, [sum(v) / len(v) for v in values], [_ci95(v) for v in values])
+    return out
+
+
+def _plot_per_epsilon(runs, key: str, ylabel: str, path: Path, scale: float = 1.0, skip_inf: bool = False) -> None:  # noqa: ANN001
+    plt = _pyplot()
+    strategies, targets = _order(runs)
+    targets = [t for t in targets if not (skip_inf and math.isinf(t))]
+    if not targets:
+        return
+    curves = _curves(runs, key)
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), dpi=130, sharey=True, squeeze=False)
+    for ax, target in zip(axes[0], targets, strict=True):
+        for strategy in strategies:
+            if (strategy, target) not in curves:
+                continue
+            rounds, mean, ci = curves[strategy, target]
+            mean = [scale * m for m in mean]
+            ax.plot(rounds, mean, marker=".", label=strategy)
+            if not any(math.isnan(c) for c in ci):
+                ax.fill_between(
+                    rounds,
+                    [m - scale * c for m, c in zip(mean, ci, strict=True)],
+                    [m + scale * c for m, c in zip(mean, ci, strict=True)],
+                    alpha=0.15,
+                )
+        ax.set_title("no DP" if math.isinf(target) else f"ε = {target:g}")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(directory: Path, out: Path | None = None) -> dict[str, Path]:
+    """Tables (CSV, Markdown) and plots (PNG) of every finished run under `directory`."""
+    directory = Path(directory)
+    out = Path(out) if out is not None else directory
+    runs = collect(directory)
+    if not runs:
+        raise ValueError(f"no finished runs (summary.json) under {directory}")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summarise(runs)
+    paths = {"csv": out / "results.csv", "markdown": out / "results.md"}
+    with paths["csv"].open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    paths["markdown"].write_text(markdown(rows))
+    paths["accuracy_vs_epsilon"] = out / "accuracy_vs_epsilon.png"
+    _plot_accuracy_vs_epsilon(runs, rows, paths["accuracy_vs_epsilon"])
+    paths["accuracy_vs_round"] = out / "accuracy_vs_round.png"
+    _plot_per_epsilon(runs, "accuracy", "test accuracy (%), mean ± 95% CI", paths["accuracy_vs_round"], scale=100)
+    if any(not math.isinf(r["target"]) for r in runs):
+        paths["epsilon_vs_round"] = out / "epsilon_vs_round.png"
+        _plot_per_epsilon(
+            runs, "epsilon_max", "epsilon spent (max over clients)", paths["epsilon_vs_round"], skip_inf=True
+        )
+    return paths

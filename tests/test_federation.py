@@ -209,3 +209,9 @@ def test_frozen_head_stays_at_its_shared_seeded_init(tmp_path):
     assert any(
         not torch.equal(result.state.tensors[n], before.tensors[n]) for n in result.state.tensors if ".lora_B." in n
     )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_missing_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA is not available; use auto or cpu"):
+        Federation.build(tiny_spec(federation__device="cuda"))

@@ -1,0 +1,107 @@
+"""`fedpeft sweep`: strategies x epsilons x seeds in one process, resumable, then the report.
+
+Every cell is an ordinary run (the same files as `fedpeft simulate`) in
+DIR/<strategy>/eps-<epsilon>/seed-<seed>/. A finished cell (summary.json) is skipped, an
+interrupted one (checkpoint.pt) resumes, so a sweep started again loses nothing. The spec of the
+sweep is written to DIR/sweep.json; a second start with a different spec is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rich.console import Console
+
+from fedpeft.config import ConfigError, Spec, StrategyConfig
+from fedpeft.federation import CHECKPOINT, SUMMARY, Federation, check_names, jsonable
+from fedpeft.progress import ProgressDisplay
+from fedpeft.report import eps_label, write_report
+
+__all__ = ["Cell", "cells", "run_sweep"]
+
+SWEEP_SPEC = "sweep.json"
+
+
+@dataclass(frozen=True)
+class Cell:
+    spec: Spec
+    path: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.spec.strategy.name} ε={eps_label(self.spec.privacy.epsilon)} seed {self.spec.federation.seed}"
+
+
+def cells(spec: Spec, out: Path) -> list[Cell]:
+    """The grid, in the order it runs: seeds outermost, so a partial sweep has whole seeds."""
+    sweep = spec.sweep
+    strategies = sweep.strategies or (spec.strategy.name,)
+    epsilons = sweep.epsilons or (spec.privacy.epsilon,)
+    seeds = sweep.seeds or (spec.federation.seed,)
+    grid = []
+    for seed in seeds:
+        for epsilon in epsilons:
+            for strategy in strategies:
+                # [strategy] options belong to the spec's own strategy; other strategies run with defaults
+                options = spec.strategy.options if strategy == spec.strategy.name else ()
+                cell_spec = replace(
+                    spec.with_flat({"privacy.epsilon": epsilon, "federation.seed": seed}),
+                    strategy=StrategyConfig(name=strategy, options=options),
+                )
+                path = out / strategy / f"eps-{eps_label(epsilon)}" / f"seed-{seed}"
+                grid.append(Cell(cell_spec, path))
+    return grid
+
+
+def _check_sweep_spec(out: Path, spec: Spec) -> None:
+    path = out / SWEEP_SPEC
+    if path.exists():
+        saved = Spec.from_dict(json.loads(path.read_text()))
+        if saved != spec:
+            mine, theirs = spec.to_flat(), saved.to_flat()
+            diff = [
+                f"{k}: sweep has {theirs.get(k)!r}, now {mine.get(k)!r}" for k in mine if mine.get(k) != theirs.get(k)
+            ]
+            raise ConfigError(f"{out} holds a sweep of a different spec ({'; '.join(diff)}); choose another --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(jsonable(spec.to_dict()), indent=2) + "\n")
+
+
+def run_sweep(spec: Spec, out: Path, console: Console | None = None) -> dict[str, Path]:
+    """Run every unfinished cell of the grid, then write the report. Returns the report's paths."""
+    console = console or Console(stderr=True)
+    grid = cells(spec, out)
+    for cell in grid:
+        check_names(cell.spec)  # fail before any work
+    _check_sweep_spec(out, spec)
+    units = [c.spec.federation.rounds * c.spec.federation.clients_per_round for c in grid]
+    done = [(c.path / SUMMARY).exists() for c in grid]
+    console.print(f"[bold]sweep[/] {spec.name}: {len(grid)} runs ({sum(done)} already finished) into {out}/")
+    tic = time.perf_counter()
+    with ProgressDisplay(console, sum(units), rounds=False) as progress:
+        progress.progress.update(progress.task, completed=sum(u for u, d in zip(units, done, strict=True) if d))
+        for i, cell in enumerate(grid):
+            if done[i]:
+                continue
+            offset = sum(units[:i])
+            resume = (cell.path / CHECKPOINT).exists()
+            federation = Federation.build(cell.spec)
+            result = federation.run(
+                cell.path,
+                resume=resume,
+                callbacks=progress.callbacks(cell.spec, f"[{i + 1}/{len(grid)}] {cell.label}: ", offset),
+            )
+            s = result.summary
+            eps = "off" if s["epsilon"] is None else f"{s['epsilon']:.2f}"
+            console.print(
+                f"[{i + 1}/{len(grid)}] {cell.label}: accuracy {s['accuracy']:.4f}, epsilon {eps}, "
+                f"{s['seconds']:.0f}s" + (" (resumed)" if resume else "")
+            )
+    paths = write_report(out)
+    minutes = (time.perf_counter() - tic) / 60
+    console.print(f"sweep done in {minutes:.1f} min; report: {paths['markdown']}")
+    return paths

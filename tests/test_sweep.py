@@ -1,0 +1,105 @@
+"""`fedpeft sweep` and `fedpeft report`: the grid, resuming an interrupted sweep, the tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from fedpeft.cli import main
+from fedpeft.federation import Federation
+from fedpeft.report import _ci95, collect, summarise
+from fedpeft.sweep import cells, run_sweep
+from tests.conftest import tiny_spec
+
+
+def _sweep_spec(**kw):
+    return tiny_spec(
+        sweep__strategies=["fedavg", "fedsvd"], sweep__epsilons=[float("inf"), 4.0], sweep__seeds=[0, 1],
+        federation__rounds=2, train__local_steps=3, **kw,
+    )  # fmt: skip
+
+
+def test_grid_covers_every_combination(tmp_path):
+    grid = cells(_sweep_spec(strategy__name="fedsvd", strategy__refactor_period=2), tmp_path)
+    assert len(grid) == 8 and len({c.path for c in grid}) == 8
+    combos = {(c.spec.strategy.name, c.spec.privacy.epsilon, c.spec.federation.seed) for c in grid}
+    assert combos == {(s, e, seed) for s in ("fedavg", "fedsvd") for e in (math.inf, 4.0) for seed in (0, 1)}
+    assert all(
+        c.spec.strategy.kwargs == ({"refactor_period": 2} if c.spec.strategy.name == "fedsvd" else {}) for c in grid
+    )
+    assert (tmp_path / "fedsvd" / "eps-inf" / "seed-1") in {c.path for c in grid}
+
+
+def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, monkeypatch):
+    spec = _sweep_spec()
+    original = Federation.run
+    calls = []
+
+    def flaky(self, out, resume=False, callbacks=None):
+        calls.append(out)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed during the third cell
+        return original(self, out, resume=resume, callbacks=callbacks)
+
+    monkeypatch.setattr(Federation, "run", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, tmp_path)
+    finished = sorted(p.parent for p in tmp_path.rglob("summary.json"))
+    assert len(finished) == 2
+    stamps = {p: (p / "summary.json").stat().st_mtime_ns for p in finished}
+    monkeypatch.setattr(Federation, "run", original)
+    paths = run_sweep(spec, tmp_path)
+    assert len(list(tmp_path.rglob("summary.json"))) == 8
+    assert all((p / "summary.json").stat().st_mtime_ns == t for p, t in stamps.items())  # not re-run
+    for key in ("csv", "markdown", "accuracy_vs_epsilon", "accuracy_vs_round", "epsilon_vs_round"):
+        assert paths[key].is_file(), key
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert len(rows) == 4 and all(r["seeds"] == "2" for r in rows)
+    assert {(r["strategy"], r["epsilon"]) for r in rows} == {(s, e) for s in ("fedavg", "fedsvd") for e in ("inf", "4")}
+    assert "no DP" in paths["markdown"].read_text() and "ε = 4" in paths["markdown"].read_text()
+
+
+def test_a_different_spec_cannot_reuse_a_sweep_directory(tmp_path, capsys):
+    from fedpeft.sweep import _check_sweep_spec
+
+    _check_sweep_spec(tmp_path, _sweep_spec())
+    with pytest.raises(ValueError, match="train.lr: sweep has 0.3, now 0.1"):
+        _check_sweep_spec(tmp_path, _sweep_spec(train__lr=0.1))
+
+
+def test_confidence_interval_is_student_t():
+    assert _ci95([1.0, 2.0, 3.0]) == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert math.isnan(_ci95([0.7]))
+
+
+def test_report_from_files_alone(tmp_path, capsys):
+    for seed, acc in ((0, 0.70), (1, 0.74), (2, 0.72)):
+        run = tmp_path / f"s{seed}"
+        run.mkdir()
+        summary = {
+            "strategy": "ffa", "target_epsilon": 6.0, "epsilon": 5.98, "accuracy": acc, "majority_rate": 0.55,
+            "bytes_up": 2e6, "bytes_down": 4e6, "seconds": 60.0, "seed": seed,
+        }  # fmt: skip
+        (run / "summary.json").write_text(json.dumps(summary))
+        (run / "rounds.jsonl").write_text(
+            "".join(
+                json.dumps({"round": r, "accuracy": acc - 0.1 / r, "epsilon_max": 2.0 * r}) + "\n" for r in (1, 2, 3)
+            )
+        )
+    (row,) = summarise(collect(tmp_path))
+    assert row["accuracy_mean"] == pytest.approx(0.72) and row["accuracy_ci95"] == pytest.approx(
+        _ci95([0.70, 0.74, 0.72])
+    )
+    assert row["epsilon_spent"] == 5.98 and row["mbytes_up"] == pytest.approx(2.0)
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| ffa | 72.0 ± " in out
+    assert (tmp_path / "accuracy_vs_round.png").stat().st_size > 1000
+
+
+def test_report_of_an_empty_directory_is_an_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no finished runs" in capsys.readouterr().err
