@@ -54,7 +54,10 @@ class FederationConfig:
         default=1, metadata=_help("fewest valid updates a round needs to aggregate; else it is skipped")
     )
     seed: int = field(default=0, metadata=_help("seed for everything: same spec + seed, same result"))
-    executor: str = field(default="sequential", metadata=_help("who trains the clients: sequential"))
+    executor: str = field(
+        default="sequential", metadata=_help("who trains the clients: sequential (reference) | cohort (batched)")
+    )
+    cohort_chunk: int = field(default=0, metadata=_help("cohort executor: clients trained at once; 0 = all sampled"))
     device: str = field(default="auto", metadata=_help("auto (cuda if available, else cpu) | cpu | cuda | cuda:N"))
 
     def __post_init__(self) -> None:
@@ -71,6 +74,7 @@ class FederationConfig:
             f"(got {self.min_clients})",
         )
         _require(self.seed >= 0, f"federation.seed must be >= 0 (got {self.seed})")
+        _require(self.cohort_chunk >= 0, f"federation.cohort_chunk must be >= 0 (got {self.cohort_chunk})")
         _require(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             f"federation.device must be auto, cpu, cuda or cuda:N (got {self.device!r})",

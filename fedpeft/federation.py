@@ -38,7 +38,7 @@ log = logging.getLogger("fedpeft")
 CHECKPOINT = "checkpoint.pt"
 ROUNDS = "rounds.jsonl"
 SUMMARY = "summary.json"
-EXECUTORS = ("sequential",)
+EXECUTORS = ("sequential", "cohort")
 
 
 def seed_for(seed: int, *parts: int) -> int:
@@ -153,7 +153,15 @@ class Federation:
             )  # fmt: skip
         if executor is None:
             ranks = [client_rank(spec.model, cid) for cid in range(fed.clients)]
-            executor = SequentialExecutor(model, data.clients, budgets, spec.privacy.clip, ranks)
+            if fed.executor == "cohort":
+                from fedpeft.executors.cohort import CohortExecutor
+
+                executor = CohortExecutor(
+                    spec.model, data.num_labels, fed.seed, data.clients, budgets, spec.privacy.clip, ranks,
+                    device=model.device, chunk=fed.cohort_chunk,
+                )  # fmt: skip
+            else:
+                executor = SequentialExecutor(model, data.clients, budgets, spec.privacy.clip, ranks)
         sigmas = [b.sigma for b in budgets] if budgets else None
         return cls(spec, model, data, strategy, executor, plan, sigmas)
 

@@ -1,0 +1,144 @@
+"""Client updates per second and peak memory: the cohort executor against the sequential
+in-process reference, for K clients per round with small per-client batches.
+
+    .venv/bin/python scripts/bench_simulation.py [--out bench_simulation.json] [--device auto]
+
+Each (executor, K, batch) cell runs in a fresh subprocess (so its peak memory is its own): build
+the federation (MiniLM cut to --layers layers, rotten-tomatoes split iid across K clients, DP-SGD
+at epsilon 8, FedSVD's trainable set), train one untimed warm-up round, then time one round of K
+client updates of --steps local steps each. Speed-ups are ratios within this run. Flower's
+simulation runtime (one client per call) is not measured here yet: the Flower executor is a
+separate issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def one(executor: str, k: int, batch: int, steps: int, layers: int, device: str) -> dict:
+    import torch
+
+    from fedpeft.config import Spec
+    from fedpeft.federation import Federation, sample_clients, seed_for
+
+    spec = Spec().with_flat(
+        {
+            "federation.clients": k, "federation.clients_per_round": k, "federation.rounds": 2,
+            "federation.executor": executor, "federation.device": device,
+            "model.name": "minilm", "model.layers": layers, "data.partition": "iid", "data.test_size": 200,
+            "strategy.name": "fedsvd", "privacy.epsilon": 8.0, "train.local_steps": steps, "train.batch_size": batch,
+        }
+    )  # fmt: skip
+    fed = Federation.build(spec)
+    state = fed.model.state()
+    timings = []
+    for rnd in (1, 2):
+        clients = sample_clients(0, rnd, k, k)
+        seeds = {c: seed_for(0, rnd, c + 1) for c in clients}
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        tic = time.perf_counter()
+        results = fed.executor.run_round(rnd, clients, state, fed.plan, seeds)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - tic)
+        assert len(results) == k
+    out = {
+        "executor": executor, "clients": k, "batch": batch, "steps": steps, "seconds": timings[1],
+        "updates_per_s": k / timings[1],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": str(fed.model.device),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench_simulation.json")
+    parser.add_argument("--clients", default="8,32,128", help="K values")
+    parser.add_argument("--batches", default="4,16", help="per-client expected batch sizes")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=2, help="MiniLM layers kept (0 = all 6)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--one", nargs=3, metavar=("EXECUTOR", "K", "BATCH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        executor, k, batch = args.one
+        print(json.dumps(one(executor, int(k), int(batch), args.steps, args.layers, args.device)))
+        return
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        for k in [int(c) for c in args.clients.split(",")]:
+            pair = {}
+            for executor in ("sequential", "cohort"):
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    executor,
+                    str(k),
+                    str(batch),
+                    "--steps",
+                    str(args.steps),
+                    "--layers",
+                    str(args.layers),
+                    "--device",
+                    args.device,
+                ]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if proc.returncode != 0:
+                    print(proc.stderr[-2000:], file=sys.stderr)
+                    raise SystemExit(f"{executor} K={k} batch={batch} failed")
+                pair[executor] = json.loads(proc.stdout.strip().splitlines()[-1])
+                rows.append(pair[executor])
+            speedup = pair["cohort"]["updates_per_s"] / pair["sequential"]["updates_per_s"]
+            pair["cohort"]["speedup_vs_sequential"] = speedup
+            print(
+                f"K={k:>4} batch={batch:>3}: sequential {pair['sequential']['updates_per_s']:7.2f} upd/s "
+                f"({pair['sequential']['peak_rss_mb']:.0f} MB), cohort {pair['cohort']['updates_per_s']:7.2f} upd/s "
+                f"({pair['cohort']['peak_rss_mb']:.0f} MB): {speedup:.2f}x",
+                flush=True,
+            )
+    import torch
+
+    result = {
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": rows[0]["device"],
+        },
+        "settings": {
+            "model": "minilm",
+            "layers": args.layers,
+            "steps": args.steps,
+            "strategy": "fedsvd",
+            "epsilon": 8.0,
+        },
+        "rows": rows,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| K | batch | sequential upd/s | cohort upd/s | speed-up | peak RSS seq / cohort (MB) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for seq, coh in zip(rows[::2], rows[1::2], strict=True):
+        print(
+            f"| {seq['clients']} | {seq['batch']} | {seq['updates_per_s']:.2f} | {coh['updates_per_s']:.2f} | {coh['speedup_vs_sequential']:.2f}x | {seq['peak_rss_mb']:.0f} / {coh['peak_rss_mb']:.0f} |"
+        )
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
