@@ -21,7 +21,9 @@ from fedpeft.data.base import TokenizedData
 from fedpeft.privacy.accounting import ClientBudget, sample_rate
 from fedpeft.state import AdapterState, ClientUpdate
 
-__all__ = ["DPSGD", "LocalTraining", "ClientRefused", "client_round", "train_client", "evaluate"]
+__all__ = [
+    "DPSGD", "LocalTraining", "ClientRefused", "client_round", "check_budget", "record_spending", "train_client", "evaluate",
+]  # fmt: skip
 
 
 class ClientRefused(RuntimeError):
@@ -166,18 +168,28 @@ def client_round(
     Raises ClientRefused (and trains nothing) when `plan.steps` more steps would take the client
     past its target epsilon. With `budget` None, privacy is off.
     """
-    if budget is not None and not budget.allows(plan.steps):
-        raise ClientRefused(
-            f"client {client_id} refuses to train: {plan.steps} more steps would spend epsilon "
-            f"{budget.epsilon_after(plan.steps):.3f} > its budget {budget.target_epsilon:g} "
-            f"(spent so far {budget.epsilon:.3f} over {budget.steps} steps)"
-        )
+    check_budget(budget, plan.steps, client_id)
     dp = DPSGD(budget.sigma, clip) if budget is not None else None
     update = train_client(model, global_state, data, plan, client_id=client_id, seed=seed, dp=dp, rank=rank)
+    record_spending(budget, update)
+    return update
+
+
+def check_budget(budget: ClientBudget | None, steps: int, client_id: int) -> None:
+    """Raise ClientRefused when `steps` more DP-SGD steps would exceed the client's budget."""
+    if budget is not None and not budget.allows(steps):
+        raise ClientRefused(
+            f"client {client_id} refuses to train: {steps} more steps would spend epsilon "
+            f"{budget.epsilon_after(steps):.3f} > its budget {budget.target_epsilon:g} "
+            f"(spent so far {budget.epsilon:.3f} over {budget.steps} steps)"
+        )
+
+
+def record_spending(budget: ClientBudget | None, update: ClientUpdate) -> None:
+    """Add the steps the client took to its ledger; report its epsilon with the update."""
     if budget is not None:
         budget.record(int(update.metrics["steps"]))
         update.metrics["epsilon"] = budget.epsilon
-    return update
 
 
 @torch.no_grad()

@@ -6,7 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, Union
 
+import torch
+
 from fedpeft.client import LocalTraining
+from fedpeft.privacy.accounting import ClientBudget
 from fedpeft.state import AdapterState, ClientUpdate
 
 
@@ -42,3 +45,29 @@ class Executor(Protocol):
 
     def personal_states(self) -> dict:
         """client id -> tensors it keeps locally (strategies with personal parts); may be empty."""
+
+
+class ClientStateStore:
+    """What in-process executors keep for their clients between rounds: privacy ledgers and the
+    tensors a strategy keeps on the client (FedSA's B). Checkpointed through client_states()."""
+
+    budgets: list[ClientBudget] | None
+    personal: dict[int, dict[str, torch.Tensor]]
+
+    def start_state(self, cid: int, global_state: AdapterState) -> AdapterState:
+        """Where client `cid` starts: the global adapter with its own kept tensors in place."""
+        return global_state.with_tensors(self.personal[cid]) if cid in self.personal else global_state
+
+    def personal_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        return self.personal
+
+    def client_states(self) -> dict:
+        return {
+            "budgets": [b.to_dict() for b in self.budgets] if self.budgets is not None else None,
+            "personal": self.personal,
+        }
+
+    def load_client_states(self, states: dict) -> None:
+        if states.get("budgets") is not None:
+            self.budgets = [ClientBudget.from_dict(b) for b in states["budgets"]]
+        self.personal = dict(states.get("personal") or {})

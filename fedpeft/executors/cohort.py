@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedpeft.client import ClientRefused, LocalTraining, poisson_batches
+from fedpeft.client import ClientRefused, LocalTraining, check_budget, poisson_batches, record_spending
 from fedpeft.config import ModelConfig
 from fedpeft.data.base import TokenizedData
-from fedpeft.executors.base import ClientFailure, ClientResult
+from fedpeft.executors.base import ClientFailure, ClientResult, ClientStateStore
 from fedpeft.models import MODELS, build_model
 from fedpeft.privacy.accounting import ClientBudget, sample_rate
 from fedpeft.state import HEAD, LORA_A, LORA_B, AdapterState, ClientUpdate, base_name
@@ -87,7 +87,7 @@ class CohortHead(nn.Module):
         return (torch.einsum("knh,knoh->kno", p, self.w_e) + self.b_e).reshape(k * n, -1)
 
 
-class CohortExecutor:
+class CohortExecutor(ClientStateStore):
     """Trains a round's sampled clients together on one shared frozen model (CPU or CUDA).
 
     Holds the same client state as the sequential executor (privacy ledgers, personal tensors,
@@ -286,42 +286,21 @@ class CohortExecutor:
         results: dict[int, ClientResult] = {}
         ready = []
         for cid in client_ids:
-            budget = self.budgets[cid] if self.budgets is not None else None
-            if budget is not None and not budget.allows(plan.steps):
-                refusal = ClientRefused(
-                    f"client {cid} refuses to train: {plan.steps} more steps would spend epsilon "
-                    f"{budget.epsilon_after(plan.steps):.3f} > its budget {budget.target_epsilon:g}"
-                )
+            try:
+                check_budget(self.budgets[cid] if self.budgets is not None else None, plan.steps, cid)
+                ready.append(cid)
+            except ClientRefused as refusal:
                 results[cid] = ClientFailure(cid, str(refusal), refused=True)
                 if on_client is not None:
                     on_client(cid)
-            else:
-                ready.append(cid)
         size = self.chunk or len(ready) or 1
         for start in range(0, len(ready), size):
             cids = ready[start : start + size]
-            starts = [global_state.with_tensors(self.personal[c]) if c in self.personal else global_state for c in cids]
+            starts = [self.start_state(c, global_state) for c in cids]
             sigmas = [self.budgets[c].sigma for c in cids] if self.budgets is not None else None
             for update in self._train_chunk(cids, starts, plan, [seeds[c] for c in cids], sigmas):
-                if self.budgets is not None:
-                    budget = self.budgets[update.client_id]
-                    budget.record(plan.steps)
-                    update.metrics["epsilon"] = budget.epsilon
+                record_spending(self.budgets[update.client_id] if self.budgets is not None else None, update)
                 results[update.client_id] = update
                 if on_client is not None:
                     on_client(update.client_id)
         return [results[c] for c in client_ids]
-
-    def personal_states(self) -> dict[int, dict[str, torch.Tensor]]:
-        return self.personal
-
-    def client_states(self) -> dict:
-        return {
-            "budgets": [b.to_dict() for b in self.budgets] if self.budgets is not None else None,
-            "personal": self.personal,
-        }
-
-    def load_client_states(self, states: dict) -> None:
-        if states.get("budgets") is not None:
-            self.budgets = [ClientBudget.from_dict(b) for b in states["budgets"]]
-        self.personal = dict(states.get("personal") or {})

@@ -9,12 +9,12 @@ import torch
 from fedpeft.adapters import AdaptedModel
 from fedpeft.client import ClientRefused, LocalTraining, client_round
 from fedpeft.data.base import TokenizedData
-from fedpeft.executors.base import ClientFailure, ClientResult
+from fedpeft.executors.base import ClientFailure, ClientResult, ClientStateStore
 from fedpeft.privacy.accounting import ClientBudget
 from fedpeft.state import AdapterState
 
 
-class SequentialExecutor:
+class SequentialExecutor(ClientStateStore):
     """Trains sampled clients one at a time, each from the global adapter, on the same model.
 
     What clients keep between rounds lives here: privacy ledgers, the tensors a strategy keeps
@@ -49,10 +49,9 @@ class SequentialExecutor:
         results: list[ClientResult] = []
         for cid in client_ids:
             budget = self.budgets[cid] if self.budgets is not None else None
-            start = global_state.with_tensors(self.personal[cid]) if cid in self.personal else global_state
             try:
                 update = client_round(
-                    self.model, start, self.clients[cid], plan,
+                    self.model, self.start_state(cid, global_state), self.clients[cid], plan,
                     client_id=cid, seed=seeds[cid], budget=budget, clip=self.clip, rank=self.ranks[cid],
                 )  # fmt: skip
                 if plan.keeps:
@@ -63,18 +62,3 @@ class SequentialExecutor:
             if on_client is not None:
                 on_client(cid)
         return results
-
-    def personal_states(self) -> dict[int, dict[str, torch.Tensor]]:
-        """Tensors each client keeps on its side (FedSA's B), for evaluating personalised models."""
-        return self.personal
-
-    def client_states(self) -> dict:
-        return {
-            "budgets": [b.to_dict() for b in self.budgets] if self.budgets is not None else None,
-            "personal": self.personal,
-        }
-
-    def load_client_states(self, states: dict) -> None:
-        if states.get("budgets") is not None:
-            self.budgets = [ClientBudget.from_dict(b) for b in states["budgets"]]
-        self.personal = dict(states.get("personal") or {})
