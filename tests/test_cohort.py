@@ -138,3 +138,27 @@ def test_cohort_federation_matches_sequential_end_to_end(tmp_path):
     d = Federation.build(plain.with_flat({"federation.executor": "cohort"})).run(tmp_path / "cohort-plain")
     for name, t in c.state.tensors.items():
         torch.testing.assert_close(d.state.tensors[name], t, rtol=1e-4, atol=1e-5)
+
+
+def test_cohort_halves_when_out_of_memory(fed, monkeypatch):
+    federation, state = fed
+    plan = _plan(state, {LORA_B, HEAD})
+    _, reference = _pair(federation, None, 1.0)
+    _, coh = _pair(federation, None, 1.0)
+    seeds = {c: 3 + c for c in range(5)}
+    expected = reference.run_round(1, list(range(5)), state, plan, seeds)
+    real = CohortExecutor._train_chunk
+    sizes = []
+
+    def small_memory(self, cids, *args):
+        sizes.append(len(cids))
+        if len(cids) > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(self, cids, *args)
+
+    monkeypatch.setattr(CohortExecutor, "_train_chunk", small_memory)
+    got = coh.run_round(1, list(range(5)), state, plan, seeds)
+    assert sizes == [5, 2, 2, 1] and coh.chunk == 2
+    for e, g in zip(expected, got, strict=True):
+        for name in plan.uploads:
+            torch.testing.assert_close(g.tensors[name], e.tensors[name], rtol=1e-4, atol=1e-6)

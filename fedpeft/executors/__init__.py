@@ -3,4 +3,4 @@
 from fedpeft.executors.base import ClientFailure, ClientResult, ClientStateStore, Executor
 from fedpeft.executors.sequential import SequentialExecutor
 
-__all__ = ["ClientFailure", "ClientResult", "Executor", "SequentialExecutor"]
+__all__ = ["ClientFailure", "ClientResult", "ClientStateStore", "Executor", "SequentialExecutor"]

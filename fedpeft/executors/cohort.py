@@ -16,6 +16,7 @@ tolerance for every trainable set (A+B, B only, with a head), and the noise has 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -32,6 +33,8 @@ from fedpeft.privacy.accounting import ClientBudget, sample_rate
 from fedpeft.state import HEAD, LORA_A, LORA_B, AdapterState, ClientUpdate, base_name
 
 __all__ = ["CohortExecutor"]
+
+log = logging.getLogger("fedpeft")
 
 
 class CohortLoRALinear(nn.Module):
@@ -92,7 +95,8 @@ class CohortExecutor(ClientStateStore):
 
     Holds the same client state as the sequential executor (privacy ledgers, personal tensors,
     ranks) and returns the same ClientUpdates. `chunk` bounds how many clients train at once
-    (0: all of them, or as many as fit in free GPU memory).
+    (0: all sampled clients); a cohort that runs out of memory is halved until it fits, and the
+    smaller size is kept for later rounds.
     """
 
     def __init__(
@@ -294,13 +298,26 @@ class CohortExecutor(ClientStateStore):
                 if on_client is not None:
                     on_client(cid)
         size = self.chunk or len(ready) or 1
-        for start in range(0, len(ready), size):
+        start = 0
+        while start < len(ready):
             cids = ready[start : start + size]
             starts = [self.start_state(c, global_state) for c in cids]
             sigmas = [self.budgets[c].sigma for c in cids] if self.budgets is not None else None
-            for update in self._train_chunk(cids, starts, plan, [seeds[c] for c in cids], sigmas):
+            try:
+                updates = self._train_chunk(cids, starts, plan, [seeds[c] for c in cids], sigmas)
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+                size = max(1, size // 2)  # fit the cohort to free memory: halve and retry
+                self.chunk = size
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("cohort of %d clients did not fit in memory; training %d at a time", len(cids), size)
+                continue
+            for update in updates:
                 record_spending(self.budgets[update.client_id] if self.budgets is not None else None, update)
                 results[update.client_id] = update
                 if on_client is not None:
                     on_client(update.client_id)
+            start += len(cids)
         return [results[c] for c in client_ids]
