@@ -78,6 +78,10 @@ def collect(directory: Path) -> list[dict[str, Any]]:
         rounds_file = path.with_name("rounds.jsonl")
         history = [json.loads(line) for line in rounds_file.read_text().splitlines()] if rounds_file.exists() else []
         runs.append({**summary, "target": _target(summary), "history": history, "dir": str(path.parent)})
+    sweep_file = Path(directory) / "sweep.json"
+    if sweep_file.exists():  # a sweep's tables list strategies in the order its spec gives
+        order = json.loads(sweep_file.read_text()).get("sweep", {}).get("strategies") or []
+        runs.sort(key=lambda r: order.index(r["strategy"]) if r["strategy"] in order else len(order))
     return runs
 
 
@@ -93,9 +97,9 @@ def _ci95(values: list[float]) -> float:
 
 
 def _order(runs: list[dict[str, Any]]) -> tuple[list[str], list[float]]:
+    """Strategies in the order runs were collected; budgets: no DP first, then epsilon descending."""
     strategies = list(dict.fromkeys(r["strategy"] for r in runs))
-    targets = sorted({r["target"] for r in runs}, key=lambda e: (math.isinf(e), -e if math.isinf(e) else e))
-    targets = [e for e in targets if math.isinf(e)] + sorted(e for e in targets if not math.isinf(e))[::-1]
+    targets = sorted({r["target"] for r in runs}, reverse=True)  # inf sorts first
     return strategies, targets
 
 
@@ -197,6 +201,8 @@ def _plot_accuracy_vs_epsilon(runs, rows, path: Path) -> None:  # noqa: ANN001
     majority = sum(r["majority_rate"] for r in rows) / len(rows)
     ax.axhline(100 * majority, color="grey", linestyle=":", label="majority class")
     ax.set_xticks(sorted(xs.values()), [("no DP" if math.isinf(e) else f"ε = {e:g}") for e in sorted(xs, key=xs.get)])
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(0.0, low), min(100.0, high))  # a CI past 0 or 100 is cut at the axis
     ax.set_xlabel("privacy budget (per client, δ fixed)")
     ax.set_ylabel("final test accuracy (%), mean ± 95% CI")
     ax.grid(alpha=0.3)
@@ -206,8 +212,15 @@ def _plot_accuracy_vs_epsilon(runs, rows, path: Path) -> None:  # noqa: ANN001
     plt.close(fig)
 
 
+def _stderr(values: list[float]) -> float:
+    if len(values) < 2:
+        return math.nan
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
 def _curves(runs, key: str):  # noqa: ANN001, ANN202
-    """(strategy, target) -> (rounds, mean, ci) of `key` per round over seeds."""
+    """(strategy, target) -> (rounds, mean, standard error) of `key` per round over seeds."""
     out = {}
     strategies, targets = _order(runs)
     for strategy in strategies:
@@ -218,7 +231,7 @@ def _curves(runs, key: str):  # noqa: ANN001, ANN202
             n = min(len(h) for h in cell)
             rounds = [cell[0][i]["round"] for i in range(n)]
             values = [[h[i][key] for h in cell] for i in range(n)]
-            out[strategy, target] = (rounds, [sum(v) / len(v) for v in values], [_ci95(v) for v in values])
+            out[strategy, target] = (rounds, [sum(v) / len(v) for v in values], [_stderr(v) for v in values])
     return out
 
 
@@ -234,21 +247,24 @@ def _plot_per_epsilon(runs, key: str, ylabel: str, path: Path, scale: float = 1.
         for strategy in strategies:
             if (strategy, target) not in curves:
                 continue
-            rounds, mean, ci = curves[strategy, target]
+            rounds, mean, err = curves[strategy, target]
             mean = [scale * m for m in mean]
             ax.plot(rounds, mean, marker=".", label=strategy)
-            if not any(math.isnan(c) for c in ci):
+            if not any(math.isnan(e) for e in err):
                 ax.fill_between(
                     rounds,
-                    [m - scale * c for m, c in zip(mean, ci, strict=True)],
-                    [m + scale * c for m, c in zip(mean, ci, strict=True)],
-                    alpha=0.15,
+                    [m - scale * e for m, e in zip(mean, err, strict=True)],
+                    [m + scale * e for m, e in zip(mean, err, strict=True)],
+                    alpha=0.12,
                 )
         ax.set_title("no DP" if math.isinf(target) else f"ε = {target:g}")
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=8)
+    if key == "accuracy":  # a band past 0 or 100 is cut at the axis
+        low, high = axes[0][0].get_ylim()
+        axes[0][0].set_ylim(max(0.0, low), min(100.0, high))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -272,10 +288,10 @@ def write_report(directory: Path, out: Path | None = None) -> dict[str, Path]:
     paths["accuracy_vs_epsilon"] = out / "accuracy_vs_epsilon.png"
     _plot_accuracy_vs_epsilon(runs, rows, paths["accuracy_vs_epsilon"])
     paths["accuracy_vs_round"] = out / "accuracy_vs_round.png"
-    _plot_per_epsilon(runs, "accuracy", "test accuracy (%), mean ± 95% CI", paths["accuracy_vs_round"], scale=100)
+    _plot_per_epsilon(runs, "accuracy", "test accuracy (%), mean ± std. error", paths["accuracy_vs_round"], scale=100)
     if any(not math.isinf(r["target"]) for r in runs):
         paths["epsilon_vs_round"] = out / "epsilon_vs_round.png"
         _plot_per_epsilon(
-            runs, "epsilon_max", "epsilon spent (max over clients)", paths["epsilon_vs_round"], skip_inf=True
+            runs, "epsilon_max", "epsilon spent (max over clients), mean", paths["epsilon_vs_round"], skip_inf=True
         )
     return paths
