@@ -176,6 +176,38 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired(runs: list[dict[str, Any]], baseline: str) -> str:
+    """Markdown: each strategy minus `baseline`, paired by seed (same data split and client
+    sampling), per budget: mean difference in points with its 95% CI, and how many seeds favour it."""
+    strategies, targets = _order(runs)
+    acc = {(r["strategy"], r["target"], r["seed"]): r["accuracy"] for r in runs}
+    head = ["strategy"] + [("no DP" if math.isinf(t) else f"ε = {t:g}") for t in targets]
+    lines = [
+        f"Difference to {baseline} in points, paired by seed (mean ± 95% CI; seeds where it is ahead):",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * len(targets),
+    ]
+    for strategy in strategies:
+        if strategy == baseline:
+            continue
+        cells = []
+        for t in targets:
+            seeds = sorted(s for (name, tt, s) in acc if name == strategy and tt == t and (baseline, t, s) in acc)
+            d = [100 * (acc[strategy, t, s] - acc[baseline, t, s]) for s in seeds]
+            if not d:
+                cells.append("")
+                continue
+            ci = _ci95(d)
+            cells.append(
+                f"{sum(d) / len(d):+.1f}"
+                + ("" if math.isnan(ci) else f" ± {ci:.1f}")
+                + f" ({sum(x > 0 for x in d)}/{len(d)})"
+            )
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _plot_accuracy_vs_epsilon(runs, rows, path: Path) -> None:  # noqa: ANN001
     plt = _pyplot()
     strategies, targets = _order(runs)
@@ -257,6 +289,9 @@ def _plot_per_epsilon(runs, key: str, ylabel: str, path: Path, scale: float = 1.
                     [m + scale * e for m, e in zip(mean, err, strict=True)],
                     alpha=0.12,
                 )
+        if key == "epsilon_max":  # the budget every client's ledger must stay under
+            ax.axhline(target, color="grey", linestyle="--", label="target ε")
+            ax.set_ylim(bottom=0)
         ax.set_title("no DP" if math.isinf(target) else f"ε = {target:g}")
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
@@ -284,7 +319,12 @@ def write_report(directory: Path, out: Path | None = None) -> dict[str, Path]:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    paths["markdown"].write_text(markdown(rows))
+    text = markdown(rows)
+    strategies = [r["strategy"] for r in rows]
+    baseline = "fedavg" if "fedavg" in strategies else strategies[0]
+    if len(set(strategies)) > 1 and len({r["seed"] for r in runs if "seed" in r}) > 0:
+        text += "\n" + paired(runs, baseline)
+    paths["markdown"].write_text(text)
     paths["accuracy_vs_epsilon"] = out / "accuracy_vs_epsilon.png"
     _plot_accuracy_vs_epsilon(runs, rows, paths["accuracy_vs_epsilon"])
     paths["accuracy_vs_round"] = out / "accuracy_vs_round.png"

@@ -162,3 +162,21 @@ def test_cohort_halves_when_out_of_memory(fed, monkeypatch):
     for e, g in zip(expected, got, strict=True):
         for name in plan.uploads:
             torch.testing.assert_close(g.tensors[name], e.tensors[name], rtol=1e-4, atol=1e-6)
+
+
+def test_cohort_step_with_every_sample_empty_is_noise_only(fed):
+    from fedpeft.client import poisson_batches
+
+    federation, state = fed
+    plan = _plan(state, {LORA_B, HEAD}, steps=1, batch_size=1)
+    seeds = {}
+    for c in range(3):  # per client, a seed whose one Poisson sample (q = 1/n) is empty
+        n = len(federation.data.clients[c])
+        seeds[c] = next(s for s in range(500) if len(poisson_batches(n, 1 / n, 1, torch.Generator().manual_seed(s))[0]) == 0)
+    _, quiet = _pair(federation, 0.0, 1.0)
+    _, noisy = _pair(federation, 1.0, 1.0)
+    for update in quiet.run_round(1, [0, 1, 2], state, plan, seeds):
+        assert update.metrics["examples_seen"] == 0
+        assert all(torch.equal(update.tensors[n], state.tensors[n]) for n in plan.uploads)
+    for update in noisy.run_round(1, [0, 1, 2], state, plan, seeds):
+        assert all(not torch.equal(update.tensors[n], state.tensors[n]) for n in plan.uploads)

@@ -103,3 +103,15 @@ def test_report_from_files_alone(tmp_path, capsys):
 def test_report_of_an_empty_directory_is_an_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_paired_differences_are_per_seed():
+    from fedpeft.report import paired
+
+    runs = [
+        {"strategy": s, "target": 3.0, "seed": seed, "accuracy": acc}
+        for s, seed, acc in [("fedavg", 0, 0.60), ("fedavg", 1, 0.70), ("fedsvd", 0, 0.63), ("fedsvd", 1, 0.71)]
+    ]
+    text = paired(runs, "fedavg")
+    half = _ci95([3.0, 1.0])
+    assert f"| fedsvd | +2.0 ± {half:.1f} (2/2) |" in text

@@ -2,10 +2,10 @@
 
 One frozen base model is shared; every adapted linear layer holds the LoRA factors of all K
 clients stacked ([K, r, d_in] and [K, d_out, r]), and the head is stacked per client too. A step
-runs one forward/backward over every client's Poisson batch at once (batches padded to the largest
-one; padding rows carry zero loss weight and so exactly zero gradient). Gradients are taken with
-respect to per-example copies of the factors (an expand of the client's factor to each of its
-examples), so autograd returns every example's gradient directly: rank-r factors make these small.
+runs one forward/backward over every client's Poisson batch at once, packed into one batch with no
+padding rows (owner[i] = the client of example i). Gradients are taken with respect to per-example
+copies of the factors (each example gathers its client's factors), so autograd returns every
+example's gradient directly: rank-r factors make these small.
 DP-SGD then runs per client: clip each example's joint gradient norm to C, sum, add Gaussian noise
 sigma_k * C from the client's own generator, divide by the client's expected batch size, SGD step.
 Without DP it is the same step without clipping and noise, as on the reference path.
@@ -41,7 +41,7 @@ class CohortLoRALinear(nn.Module):
     """A frozen linear layer plus K clients' LoRA factors, applied per example.
 
     `a` [K, r, d_in] and `b` [K, d_out, r] are the clients' factors; before a forward the executor
-    sets `layout` = (K, n): the batch is K blocks of n examples, block k belonging to client k.
+    calls `expand(owner)`, owner[i] being the client of example i of the packed batch.
     """
 
     def __init__(self, base: nn.Linear, scale: float, dropout: float = 0.0) -> None:
@@ -52,25 +52,21 @@ class CohortLoRALinear(nn.Module):
         self.dropout = dropout
         self.a: torch.Tensor | None = None  # [K, r, d_in]
         self.b: torch.Tensor | None = None  # [K, d_out, r]
-        self.a_e: torch.Tensor | None = None  # per-example views, leaves of the graph: [K, n, r, d_in]
+        self.a_e: torch.Tensor | None = None  # per-example copies, leaves of the graph: [N, r, d_in]
         self.b_e: torch.Tensor | None = None
 
-    def expand(self, n: int, train_a: bool, train_b: bool) -> None:
-        k = self.a.shape[0]
-        self.a_e = self.a[:, None].expand(k, n, *self.a.shape[1:]).detach().requires_grad_(train_a)
-        self.b_e = self.b[:, None].expand(k, n, *self.b.shape[1:]).detach().requires_grad_(train_b)
+    def expand(self, owner: torch.Tensor, train_a: bool, train_b: bool) -> None:
+        """Per-example copies of the factors: example i uses client owner[i]'s A and B."""
+        self.a_e = self.a[owner].detach().requires_grad_(train_a)  # [N, r, d_in]
+        self.b_e = self.b[owner].detach().requires_grad_(train_b)  # [N, d_out, r]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        k, n = self.a_e.shape[:2]
-        xs = F.dropout(x, self.dropout, self.training).reshape(k, n, *x.shape[1:])  # [K, n, L, d_in]
-        h = torch.einsum("knld,knrd->knlr", xs, self.a_e)
-        delta = torch.einsum("knlr,knor->knlo", h, self.b_e) * self.scale
-        return out + delta.reshape(out.shape)
+        h = torch.einsum("nld,nrd->nlr", F.dropout(x, self.dropout, self.training), self.a_e)
+        return self.base(x) + torch.einsum("nlr,nor->nlo", h, self.b_e) * self.scale
 
 
 class CohortHead(nn.Module):
-    """K clients' linear heads, applied per example (same layout as CohortLoRALinear)."""
+    """K clients' linear heads, applied per example (same packing as CohortLoRALinear)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -79,15 +75,12 @@ class CohortHead(nn.Module):
         self.w_e: torch.Tensor | None = None
         self.b_e: torch.Tensor | None = None
 
-    def expand(self, n: int, train: bool) -> None:
-        k = self.weight.shape[0]
-        self.w_e = self.weight[:, None].expand(k, n, *self.weight.shape[1:]).detach().requires_grad_(train)
-        self.b_e = self.bias[:, None].expand(k, n, self.bias.shape[1]).detach().requires_grad_(train)
+    def expand(self, owner: torch.Tensor, train: bool) -> None:
+        self.w_e = self.weight[owner].detach().requires_grad_(train)  # [N, labels, hidden]
+        self.b_e = self.bias[owner].detach().requires_grad_(train)  # [N, labels]
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        k, n = self.w_e.shape[:2]
-        p = pooled.reshape(k, n, -1)
-        return (torch.einsum("knh,knoh->kno", p, self.w_e) + self.b_e).reshape(k * n, -1)
+        return torch.einsum("nh,noh->no", pooled, self.w_e) + self.b_e
 
 
 class CohortExecutor(ClientStateStore):
@@ -191,35 +184,28 @@ class CohortExecutor(ClientStateStore):
         self.model.train()  # dropout as on the reference path
         for step in range(plan.steps):
             index = [b[step] for b in batches]
-            n = max(1, max(len(i) for i in index))
-            width = max(
-                1,
-                max((int(d.attention_mask[i].sum(1).max()) if len(i) else 1) for d, i in zip(data, index, strict=True)),
-            )
-            ids = torch.zeros(k, n, width, dtype=torch.long)
-            mask = torch.zeros(k, n, width, dtype=torch.long)
-            labels = torch.zeros(k, n, dtype=torch.long)
-            weight = torch.zeros(k, n)  # 1 for real examples, 0 for padding rows
-            for j, (d, i) in enumerate(zip(data, index, strict=True)):
-                if len(i):
-                    ids[j, : len(i)] = d.input_ids[i, :width]
-                    mask[j, : len(i)] = d.attention_mask[i, :width]
-                    labels[j, : len(i)] = d.labels[i]
-                    weight[j, : len(i)] = 1.0
-            ids, mask, labels, weight = (t.to(self.device) for t in (ids, mask, labels, weight))
-            for module in self.layers.values():
-                module.expand(n, train_a, train_b)
-            self.head.expand(n, train_head)
-            logits = self.model(input_ids=ids.reshape(k * n, width), attention_mask=mask.reshape(k * n, width))
-            per_example = F.cross_entropy(logits, labels.reshape(-1), reduction="none").reshape(k, n) * weight
-            leaves = self._leaves(train_a, train_b, train_head)
-            grads = torch.autograd.grad(per_example.sum(), [leaf for _, leaf in leaves])
+            owner = torch.cat([torch.full((len(i),), j, dtype=torch.long) for j, i in enumerate(index)])
+            if len(owner):  # one packed batch of every client's examples, no padding rows
+                width = max(int(d.attention_mask[i].sum(1).max()) for d, i in zip(data, index, strict=True) if len(i))
+                ids = torch.cat([d.input_ids[i, :width] for d, i in zip(data, index, strict=True)])
+                mask = torch.cat([d.attention_mask[i, :width] for d, i in zip(data, index, strict=True)])
+                labels = torch.cat([d.labels[i] for d, i in zip(data, index, strict=True)])
+                ids, mask, labels, owner = (t.to(self.device) for t in (ids, mask, labels, owner))
+                for module in self.layers.values():
+                    module.expand(owner, train_a, train_b)
+                self.head.expand(owner, train_head)
+                per_example = F.cross_entropy(self.model(input_ids=ids, attention_mask=mask), labels, reduction="none")
+                leaves = self._leaves(train_a, train_b, train_head)
+                grads = torch.autograd.grad(per_example.sum(), [leaf for _, leaf in leaves])
+                sums = torch.zeros(k, device=self.device).index_add_(0, owner, per_example.detach())
+                for j, i in enumerate(index):
+                    if len(i):
+                        losses[j].append(float(sums[j]) / len(i))
+            else:  # every client drew an empty Poisson sample: a noise-only step
+                leaves = [(p, None) for p, _ in self._leaves(train_a, train_b, train_head, expanded=False)]
+                grads = [p.new_zeros((0, *p.shape[1:])) for p, _ in leaves]
             with torch.no_grad():
-                for j in range(k):
-                    real = int(weight[j].sum())
-                    if real:
-                        losses[j].append(float(per_example[j].sum()) / real)
-                self._step(leaves, grads, weight, expected, plan.lr, sigmas, noise_gens)
+                self._step(leaves, grads, owner.to(self.device), expected, plan.lr, sigmas, noise_gens)
                 self._truncate(ranks)
         seconds = (time.perf_counter() - tic) / k
         stacked = self._tensors()
@@ -245,37 +231,42 @@ class CohortExecutor(ClientStateStore):
             )
         return updates
 
-    def _leaves(self, train_a: bool, train_b: bool, train_head: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(stacked parameter [K, ...], its per-example leaf [K, n, ...]) for every trained tensor."""
+    def _leaves(
+        self, train_a: bool, train_b: bool, train_head: bool, expanded: bool = True
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(stacked parameter [K, ...], its per-example leaf [N, ...]) for every trained tensor."""
         leaves = []
         for module in self.layers.values():
             if train_a:
-                leaves.append((module.a, module.a_e))
+                leaves.append((module.a, module.a_e if expanded else None))
             if train_b:
-                leaves.append((module.b, module.b_e))
+                leaves.append((module.b, module.b_e if expanded else None))
         if train_head:
-            leaves += [(self.head.weight, self.head.w_e), (self.head.bias, self.head.b_e)]
+            leaves += [
+                (self.head.weight, self.head.w_e if expanded else None),
+                (self.head.bias, self.head.b_e if expanded else None),
+            ]
         return leaves
 
-    def _step(self, leaves, grads, weight, expected, lr, sigmas, noise_gens) -> None:  # noqa: ANN001
+    def _step(self, leaves, grads, owner, expected, lr, sigmas, noise_gens) -> None:  # noqa: ANN001
         """Per client: (clip each example to C, sum, add noise sigma*C) / expected batch; SGD."""
-        k, n = weight.shape
-        if sigmas is not None:
-            sq = torch.zeros(k, n, device=weight.device)
+        k = len(expected)
+        if sigmas is not None and len(owner):
+            sq = torch.zeros(len(owner), device=owner.device)
             for g in grads:
-                sq += g.reshape(k, n, -1).pow(2).sum(-1)
-            factor = (self.clip / (sq.sqrt() + 1e-6)).clamp(max=1.0) * weight  # Opacus's clip factor
+                sq += g.reshape(len(owner), -1).pow(2).sum(-1)
+            factor = (self.clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
         else:
-            factor = weight
+            factor = torch.ones(len(owner), device=owner.device)
         for (param, _), g in zip(leaves, grads, strict=True):
-            summed = torch.einsum("kn,kn...->k...", factor, g)
+            scaled = g * factor.reshape((-1,) + (1,) * (g.dim() - 1))
+            summed = torch.zeros_like(param).index_add_(0, owner, scaled)  # per-client sums
             if sigmas is not None:
                 for j in range(k):
                     summed[j] += torch.normal(
                         0.0, sigmas[j] * self.clip, size=summed[j].shape, device=summed.device, generator=noise_gens[j]
                     )
-            shape = (k,) + (1,) * (param.dim() - 1)
-            param -= lr * summed / expected.reshape(shape)
+            param -= lr * summed / expected.reshape((k,) + (1,) * (param.dim() - 1))
 
     # ---- the executor contract ---------------------------------------------------------------
     def run_round(
