@@ -357,6 +357,15 @@ def _build_section(section: str, klass: type, table: Mapping[str, Any]) -> Any:
     return klass(**values)
 
 
+def spec_diff(old: Spec, new: Spec, what: str = "run") -> str:
+    """The keys where two specs differ, as `key: run has X, now Y`; empty when equal."""
+    before, after = old.to_flat(), new.to_flat()
+    keys = sorted(set(before) | set(after))
+    return "; ".join(
+        f"{k}: {what} has {before.get(k)!r}, now {after.get(k)!r}" for k in keys if before.get(k) != after.get(k)
+    )
+
+
 def load_spec(path: str | Path) -> Spec:
     """Read a spec from a TOML file. Missing keys take the defaults of this module."""
     path = Path(path)

@@ -23,7 +23,7 @@ import torch
 
 from fedpeft.adapters import AdaptedModel
 from fedpeft.client import LocalTraining, evaluate
-from fedpeft.config import ConfigError, Spec, client_rank
+from fedpeft.config import ConfigError, Spec, client_rank, spec_diff
 from fedpeft.data import DATASETS, FederatedData, prepare
 from fedpeft.executors import ClientFailure, Executor, SequentialExecutor
 from fedpeft.models import MODELS
@@ -322,9 +322,7 @@ class Federation:
 
 def _check_same_spec(saved: Spec, spec: Spec) -> None:
     if saved != spec:
-        mine, theirs = spec.to_flat(), saved.to_flat()
-        diff = [f"{k}: run has {theirs.get(k)!r}, now {mine.get(k)!r}" for k in mine if mine.get(k) != theirs.get(k)]
-        raise ConfigError("cannot resume with a different spec; " + "; ".join(diff))
+        raise ConfigError("cannot resume with a different spec; " + spec_diff(saved, spec))
 
 
 def jsonable(obj: Any) -> Any:

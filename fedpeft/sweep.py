@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedpeft.config import ConfigError, Spec, StrategyConfig
+from fedpeft.config import ConfigError, Spec, StrategyConfig, spec_diff
 from fedpeft.federation import CHECKPOINT, SUMMARY, Federation, check_names, jsonable
 from fedpeft.progress import ProgressDisplay
 from fedpeft.report import eps_label, write_report
@@ -61,11 +61,9 @@ def _check_sweep_spec(out: Path, spec: Spec) -> None:
     if path.exists():
         saved = Spec.from_dict(json.loads(path.read_text()))
         if saved != spec:
-            mine, theirs = spec.to_flat(), saved.to_flat()
-            diff = [
-                f"{k}: sweep has {theirs.get(k)!r}, now {mine.get(k)!r}" for k in mine if mine.get(k) != theirs.get(k)
-            ]
-            raise ConfigError(f"{out} holds a sweep of a different spec ({'; '.join(diff)}); choose another --out")
+            raise ConfigError(
+                f"{out} holds a sweep of a different spec ({spec_diff(saved, spec, 'sweep')}); choose another --out"
+            )
     else:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(jsonable(spec.to_dict()), indent=2) + "\n")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fedpeft.state import LORA_A, LORA_B
-from strategies.base import STRATEGIES, Strategy, weights
+from strategies.base import STRATEGIES, Strategy, weighted_mean, weights
 from strategies.linalg import factored_svd, frob_norm_sq, stack_factors
 
 
@@ -35,7 +35,7 @@ class FlexLoRA(Strategy):
         new = {}
         for name in updates[0].tensors:
             if ".lora_" not in name:
-                new[name] = sum(pk * x.tensors[name].double() for pk, x in zip(p, updates, strict=True)).float()
+                new[name] = weighted_mean(updates, name)
         kept = []
         for layer in state.layers:
             a_name, b_name = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"

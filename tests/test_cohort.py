@@ -172,7 +172,9 @@ def test_cohort_step_with_every_sample_empty_is_noise_only(fed):
     seeds = {}
     for c in range(3):  # per client, a seed whose one Poisson sample (q = 1/n) is empty
         n = len(federation.data.clients[c])
-        seeds[c] = next(s for s in range(500) if len(poisson_batches(n, 1 / n, 1, torch.Generator().manual_seed(s))[0]) == 0)
+        seeds[c] = next(
+            s for s in range(500) if len(poisson_batches(n, 1 / n, 1, torch.Generator().manual_seed(s))[0]) == 0
+        )
     _, quiet = _pair(federation, 0.0, 1.0)
     _, noisy = _pair(federation, 1.0, 1.0)
     for update in quiet.run_round(1, [0, 1, 2], state, plan, seeds):
