@@ -269,27 +269,21 @@ class Federation:
         ]
         return {key: sum(s[key] for s in scores) / len(scores) for key in scores[0]}
 
-    def _rank_fraction(self, rank: int | None) -> float:
-        return 1.0 if rank is None else rank / self.spec.model.rank
+    def _bytes(self, state: AdapterState, name: str, rank: int | None) -> int:
+        """Bytes of one tensor as it travels to or from a client of `rank`: LoRA factors at that rank."""
+        fraction = rank / self.spec.model.rank if rank is not None and kind_of(name) in (LORA_A, LORA_B) else 1.0
+        return int(state.num_bytes([name]) * fraction)
 
     def _upload_bytes(self, update: ClientUpdate, state: AdapterState) -> int:
-        """Bytes a client sent: LoRA factors at its own rank."""
-        total = 0
-        for name in update.tensors:
-            fraction = self._rank_fraction(update.rank) if ".lora_" in name else 1.0
-            total += int(state.num_bytes([name]) * fraction)
-        return total
+        """Bytes a client sent."""
+        return sum(self._bytes(state, name, update.rank) for name in update.tensors)
 
     def _download_bytes(self, run: _Progress, cid: int) -> int:
         """Bytes a sampled client received: the adapter (at its rank, without what it keeps) plus
         the factored base-weight changes of every round since it last took part."""
         rank = client_rank(self.spec.model, cid)
-        total = 0
-        for name in run.state.tensors:
-            kind = kind_of(name)
-            if kind == BASE or name in self.plan.keeps:
-                continue
-            total += int(run.state.num_bytes([name]) * (self._rank_fraction(rank) if kind in (LORA_A, LORA_B) else 1.0))
+        sent = [n for n in run.state.tensors if kind_of(n) != BASE and n not in self.plan.keeps]
+        total = sum(self._bytes(run.state, name, rank) for name in sent)
         total += int(sum(run.base_bytes[run.last_sync.get(cid, 0) :]))
         run.last_sync[cid] = len(run.base_bytes)
         return total

@@ -43,6 +43,11 @@ def weighted_mean(updates: list[ClientUpdate], name: str) -> torch.Tensor:
     return out.float()
 
 
+def average_head(updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
+    """The weighted mean of every uploaded tensor that is not a LoRA factor (the trained head)."""
+    return {n: weighted_mean(updates, n) for n in updates[0].tensors if kind_of(n) == HEAD}
+
+
 class Strategy(ABC):
     """Base of server strategies. Subclasses are dataclasses whose fields are their options."""
 

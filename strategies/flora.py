@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fedpeft.state import LORA_A, LORA_B, base_name
-from strategies.base import STRATEGIES, Strategy, kaiming_a, weighted_mean, weights
+from strategies.base import STRATEGIES, Strategy, average_head, kaiming_a, weights
 from strategies.fedex import add_base_deltas
 from strategies.linalg import stack_factors
 
@@ -32,10 +32,7 @@ class FLoRA(Strategy):
     def aggregate(self, state, updates, round_num, server_state):
         p = weights(updates)
         generator = torch.Generator().manual_seed(int(server_state["seed"]) * 1_000_003 + round_num)
-        new_tensors, factored_bytes = {}, 0
-        for name in updates[0].tensors:  # trained head, if any: plain weighted mean
-            if ".lora_" not in name:
-                new_tensors[name] = weighted_mean(updates, name)
+        new_tensors, factored_bytes = average_head(updates), 0
         for layer in state.layers:
             a_name, b_name = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
             u, v = stack_factors([x.tensors[b_name] for x in updates], [x.tensors[a_name] for x in updates], p)

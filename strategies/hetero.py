@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fedpeft.state import LORA_A, LORA_B
-from strategies.base import STRATEGIES, Strategy, weighted_mean, weights
+from strategies.base import STRATEGIES, Strategy, average_head, weights
 from strategies.linalg import factored_svd, frob_norm_sq, stack_factors
 
 
@@ -32,10 +32,7 @@ class FlexLoRA(Strategy):
 
     def aggregate(self, state, updates, round_num, server_state):
         p = weights(updates)
-        new = {}
-        for name in updates[0].tensors:
-            if ".lora_" not in name:
-                new[name] = weighted_mean(updates, name)
+        new = average_head(updates)
         kept = []
         for layer in state.layers:
             a_name, b_name = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"

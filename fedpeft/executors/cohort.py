@@ -141,7 +141,7 @@ class CohortExecutor(ClientStateStore):
         self.head.weight = torch.stack([s.tensors["head.weight"] for s in starts]).to(dev)
         self.head.bias = torch.stack([s.tensors["head.bias"] for s in starts]).to(dev)
 
-    def _tensors(self) -> dict[str, list[torch.Tensor]]:
+    def _tensors(self) -> dict[str, torch.Tensor]:
         """name -> the stacked [K, ...] tensor (views into the cohort layers)."""
         out: dict[str, torch.Tensor] = {}
         for layer, module in self.layers.items():
