@@ -141,14 +141,8 @@ def _pm(mean: float, ci: float) -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
     """A paper-style table (accuracy per strategy and epsilon) and the detailed table."""
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
-    targets = list(
-        dict.fromkeys(
-            r["epsilon"]
-            for r in sorted(
-                rows, key=lambda r: (r["epsilon"] != "inf", -float(r["epsilon"]) if r["epsilon"] != "inf" else 0)
-            )
-        )
-    )
+    # no DP first, then epsilon descending (float("inf") parses the "inf" label)
+    targets = list(dict.fromkeys(r["epsilon"] for r in sorted(rows, key=lambda r: -float(r["epsilon"]))))
     by = {(r["strategy"], r["epsilon"]): r for r in rows}
     head = ["strategy"] + [("no DP" if e == "inf" else f"ε = {e}") for e in targets]
     lines = [
