@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("spec", nargs="?", help="federation spec (TOML); default simulations/quickstart.toml")
     sim.add_argument(
         "--set",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
         help="override a spec key, e.g. federation.rounds=3 or privacy.epsilon=inf",
@@ -172,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     swp = sub.add_parser("sweep", help="strategies x epsilons x seeds of a spec's [sweep] table, then the report")
     swp.add_argument("spec", help="federation spec (TOML) with a [sweep] table")
     swp.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key, e.g. sweep.seeds=[0,1]"
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec key, e.g. sweep.seeds=[0,1]",
     )
     swp.add_argument("--out", help="output directory (default runs/sweep-NAME); a started sweep continues there")
     swp.set_defaults(func=cmd_sweep)

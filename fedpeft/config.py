@@ -59,8 +59,16 @@ class FederationConfig:
     )
     cohort_chunk: int = field(default=0, metadata=_help("cohort executor: clients trained at once; 0 = all sampled"))
     device: str = field(default="auto", metadata=_help("auto (cuda if available, else cpu) | cpu | cuda | cuda:N"))
+    timeout: float = field(
+        default=math.inf,
+        metadata=_help(
+            "Flower: seconds the server waits for a round's updates; late nodes count as failed. "
+            "inf waits for every node (one that goes offline still answers, with an error)"
+        ),
+    )
 
     def __post_init__(self) -> None:
+        _require(self.timeout > 0, f"federation.timeout must be > 0 seconds (got {self.timeout})")
         _require(self.rounds >= 1, f"federation.rounds must be >= 1 (got {self.rounds})")
         _require(self.clients >= 1, f"federation.clients must be >= 1 (got {self.clients})")
         _require(
@@ -394,3 +402,20 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = raw
         out[key.strip()] = value
     return out
+
+
+# Keys of Flower's run-config that belong to the app, not to the spec.
+APP_KEYS = ("spec", "out")
+
+
+def spec_from_run_config(run_config: Mapping[str, Any], default: Spec) -> Spec:
+    """The spec of a Flower run. Flower's run-config is the flat form of `default` (pyproject's
+    [tool.flwr.app.config] carries it) plus the app keys `spec` and `out`. With `spec` = a TOML
+    file, that file is the base and only the keys set away from the default override it; with no
+    `spec`, every key applies, exactly like `fedpeft simulate --set`."""
+    flat = {k: v for k, v in run_config.items() if k not in APP_KEYS}
+    path = str(run_config.get("spec") or "")
+    if not path:
+        return default.with_flat(flat)
+    defaults = default.to_flat()
+    return load_spec(path).with_flat({k: v for k, v in flat.items() if defaults.get(k) != v})

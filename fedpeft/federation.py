@@ -27,11 +27,20 @@ from fedpeft.config import ConfigError, Spec, client_rank, spec_diff
 from fedpeft.data import DATASETS, FederatedData, prepare
 from fedpeft.executors import ClientFailure, Executor, SequentialExecutor
 from fedpeft.models import MODELS
-from fedpeft.privacy.accounting import plan_budgets
+from fedpeft.privacy.accounting import ClientBudget, calibrate_budget
 from fedpeft.state import BASE, HEAD, LORA_A, LORA_B, AdapterState, ClientUpdate, kind_of
 from strategies import STRATEGIES, Strategy, make_strategy
 
-__all__ = ["Federation", "RunResult", "seed_for", "sample_clients", "validate_update", "check_names"]
+__all__ = [
+    "Federation",
+    "RunResult",
+    "check_names",
+    "client_budget",
+    "make_plan",
+    "sample_clients",
+    "seed_for",
+    "validate_update",
+]
 
 log = logging.getLogger("fedpeft")
 
@@ -49,6 +58,30 @@ def seed_for(seed: int, *parts: int) -> int:
 def sample_clients(seed: int, round_num: int, num_clients: int, per_round: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed_for(seed, round_num, 0))
     return sorted(torch.randperm(num_clients, generator=generator)[:per_round].tolist())
+
+
+def make_plan(spec: Spec, strategy: Strategy, state: AdapterState) -> LocalTraining:
+    """What every client does in a round: the strategy's trainable and uploaded tensors, the
+    tensors it keeps locally, and the spec's local SGD."""
+    trains = set(strategy.trains) | ({HEAD} if spec.model.train_head else set())
+    return LocalTraining(
+        steps=spec.train.local_steps,
+        batch_size=spec.train.batch_size,
+        lr=spec.train.lr,
+        trains=frozenset(trains),
+        uploads=tuple(strategy.uploads(state, spec.model.train_head)),
+        keeps=tuple(n for n in state.tensors if kind_of(n) in strategy.personal),
+    )
+
+
+def client_budget(spec: Spec, client_id: int, num_examples: int) -> ClientBudget:
+    """A client's DP-SGD budget, calibrated for the worst case: it trains in every round. A
+    client computes its own from the spec and its data size alone (Flower nodes do)."""
+    priv = spec.privacy
+    return calibrate_budget(
+        client_id, num_examples, spec.train.batch_size, spec.federation.rounds, spec.train.local_steps,
+        priv.epsilon, priv.delta, priv.accountant,
+    )  # fmt: skip
 
 
 def check_names(spec: Spec) -> None:
@@ -135,22 +168,10 @@ class Federation:
         raw = DATASETS.get(spec.data.name)()
         model = AdaptedModel(spec.model, num_labels=len(raw.label_names), seed=fed.seed, device=fed.device)
         data = prepare(spec.data, fed.clients, model.tokenizer, spec.model.max_length, fed.seed, raw=raw)
-        state = model.state()
-        trains = set(strategy.trains) | ({HEAD} if spec.model.train_head else set())
-        plan = LocalTraining(
-            steps=spec.train.local_steps,
-            batch_size=spec.train.batch_size,
-            lr=spec.train.lr,
-            trains=frozenset(trains),
-            uploads=tuple(strategy.uploads(state, spec.model.train_head)),
-            keeps=tuple(n for n in state.tensors if kind_of(n) in strategy.personal),
-        )
+        plan = make_plan(spec, strategy, model.state())
         budgets = None
         if spec.privacy.enabled:
-            budgets = plan_budgets(
-                [len(c) for c in data.clients], spec.train.batch_size, fed.rounds, spec.train.local_steps,
-                spec.privacy.epsilon, spec.privacy.delta, spec.privacy.accountant,
-            )  # fmt: skip
+            budgets = [client_budget(spec, cid, len(c)) for cid, c in enumerate(data.clients)]
         if executor is None:
             ranks = [client_rank(spec.model, cid) for cid in range(fed.clients)]
             if fed.executor == "cohort":
@@ -261,12 +282,16 @@ class Federation:
         """The global model on the server's test split. For strategies whose clients keep part of
         the adapter (FedSA), the mean over the personalised models of the clients that trained."""
         batch = self.spec.train.eval_batch_size
-        personal = self.executor.personal_states() if self.strategy.personal else {}
-        if not personal:
+        scores: list[dict[str, float]] = []
+        if self.strategy.personal and hasattr(self.executor, "evaluate_personal"):  # kept on remote nodes
+            scores = self.executor.evaluate_personal(state, self.plan)
+        elif self.strategy.personal:
+            personal = self.executor.personal_states()
+            scores = [
+                evaluate(self.model, state.with_tensors(t), self.data.test, batch) for _, t in sorted(personal.items())
+            ]
+        if not scores:
             return evaluate(self.model, state, self.data.test, batch)
-        scores = [
-            evaluate(self.model, state.with_tensors(t), self.data.test, batch) for _, t in sorted(personal.items())
-        ]
         return {key: sum(s[key] for s in scores) / len(scores) for key in scores[0]}
 
     def _bytes(self, state: AdapterState, name: str, rank: int | None) -> int:

@@ -12,7 +12,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-__all__ = ["epsilon", "calibrate_sigma", "ClientBudget", "plan_budgets", "sample_rate"]
+__all__ = ["epsilon", "calibrate_budget", "calibrate_sigma", "ClientBudget", "plan_budgets", "sample_rate"]
 
 Entry = tuple[float, float, int]  # (noise multiplier sigma, sample rate q, steps)
 
@@ -116,6 +116,23 @@ class ClientBudget:
         return cls(**{**data, "history": [tuple(e) for e in data["history"]]})
 
 
+def calibrate_budget(
+    client_id: int,
+    num_examples: int,
+    batch_size: int,
+    rounds: int,
+    local_steps: int,
+    target_epsilon: float,
+    delta: float,
+    accountant: str,
+) -> ClientBudget:
+    """One client's budget, its sigma calibrated for the worst case: it trains `local_steps` in
+    every round. Needs nothing but the client's own data size, so a client can compute it alone."""
+    q = sample_rate(batch_size, num_examples)
+    sigma = calibrate_sigma(target_epsilon, delta, q, rounds * local_steps, accountant)
+    return ClientBudget(client_id, sigma, q, target_epsilon, delta, accountant)
+
+
 def plan_budgets(
     client_sizes: list[int],
     batch_size: int,
@@ -125,10 +142,8 @@ def plan_budgets(
     delta: float,
     accountant: str,
 ) -> list[ClientBudget]:
-    """Calibrate each client's sigma for the worst case: it trains `local_steps` in every round."""
-    budgets = []
-    for cid, n in enumerate(client_sizes):
-        q = sample_rate(batch_size, n)
-        sigma = calibrate_sigma(target_epsilon, delta, q, rounds * local_steps, accountant)
-        budgets.append(ClientBudget(cid, sigma, q, target_epsilon, delta, accountant))
-    return budgets
+    """Every client's budget (see calibrate_budget)."""
+    return [
+        calibrate_budget(cid, n, batch_size, rounds, local_steps, target_epsilon, delta, accountant)
+        for cid, n in enumerate(client_sizes)
+    ]

@@ -1,0 +1,233 @@
+"""The Flower wiring: ServerApp's executor + ClientApp against the in-process reference path.
+
+A LocalGrid delivers the server's messages to the real ClientApp in this process, one Flower
+Context per node (what a SuperNode keeps between messages), so these tests exercise the same
+message encoding, node state and failure handling as a deployment, in seconds. The slow tests in
+test_flower_runtime.py run the same app through Flower's own runtimes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tomllib
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedpeft import client_app
+from fedpeft.config import ConfigError, spec_from_run_config
+from fedpeft.executors.flower import FlowerExecutor
+from fedpeft.federation import Callbacks, Federation
+from fedpeft.server_app import default_spec
+from tests.conftest import tiny_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class LocalGrid(Grid):
+    """Nodes 100+k hold partition k. Asked to train, `crash` nodes answer with an error and `silent`
+    ones never answer (both answer the server's first question, which partition they hold)."""
+
+    def __init__(self, n: int, state_dir: Path | None = None, run_id: int = 7, node_config: dict | None = None):
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 1, 1
+        self.run_id, self.state_dir = run_id, state_dir
+        self.contexts = {100 + k: self._context(100 + k, k, n, node_config) for k in range(n)}
+        self.crash: set[int] = set()
+        self.silent: set[int] = set()
+        self.calls: list[tuple[int, str]] = []
+
+    def _context(self, nid: int, k: int, n: int, extra: dict | None = None) -> Context:
+        config = {"partition-id": k, "num-partitions": n, **(extra or {})}
+        if self.state_dir is not None:
+            config["state-dir"] = str(self.state_dir)
+        return Context(run_id=self.run_id, node_id=nid, node_config=config, state=RecordDict(), run_config={})
+
+    def restart(self, nid: int) -> None:
+        """The node process restarts: its Flower context (in memory) is gone, its disk is not."""
+        old = self.contexts[nid]
+        self.contexts[nid] = Context(self.run_id, nid, old.node_config, RecordDict(), {})
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        replies = []
+        for message in messages:
+            nid = message.metadata.dst_node_id
+            self.calls.append((nid, message.metadata.message_type))
+            training = message.metadata.message_type == "train"
+            if training and nid in self.silent:
+                continue
+            if training and nid in self.crash:
+                replies.append(Message(Error(code=1, reason="node crashed"), reply_to=message))
+                continue
+            try:
+                replies.append(client_app.app(message, self.contexts[nid]))
+            except Exception as exc:  # what a SuperNode does with a ClientApp exception
+                replies.append(Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=message))
+        return replies
+
+    def get_node_ids(self):  # noqa: ANN201
+        return list(self.contexts)
+
+    def set_run(self, run):  # noqa: ANN001, ANN201
+        pass
+
+    @property
+    def run(self):  # noqa: ANN201
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        raise NotImplementedError
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+        raise NotImplementedError
+
+
+def _run_flower(spec, out: Path, grid: LocalGrid):  # noqa: ANN001, ANN202
+    return Federation.build(spec, executor=FlowerExecutor(grid, spec, connect_timeout=0)).run(out)
+
+
+def _assert_same_state(a, b, atol: float = 1e-6) -> None:  # noqa: ANN001
+    assert set(a.tensors) == set(b.tensors)
+    for name in a.tensors:
+        torch.testing.assert_close(a.tensors[name], b.tensors[name], atol=atol, rtol=0, msg=name)
+
+
+# -- run-config <-> spec -------------------------------------------------------------------------
+def _flatten(table: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def test_pyproject_run_config_is_the_quickstart_spec():
+    config = _flatten(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    expected = {k: v for k, v in default_spec().to_flat().items() if not k.startswith("sweep.")}
+    assert config == {"spec": "", "out": "", **expected}
+    assert spec_from_run_config(config, default_spec()) == default_spec()
+
+
+def test_run_config_overrides_map_onto_spec_keys(tmp_path):
+    config = {**default_spec().to_flat(), "spec": "", "out": ""}
+    spec = spec_from_run_config({**config, "federation.rounds": 3, "privacy.epsilon": float("inf")}, default_spec())
+    assert spec.federation.rounds == 3 and not spec.privacy.enabled
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\n[federation]\nrounds = 9\nclients = 6\n[strategy]\nname = "ffa"\n')
+    spec = spec_from_run_config({**config, "spec": str(path), "train.lr": 0.1}, default_spec())
+    # the file is the base; only keys set away from the default override it
+    assert (spec.name, spec.federation.rounds, spec.federation.clients) == ("mine", 9, 6)
+    assert (spec.strategy.name, spec.train.lr) == ("ffa", 0.1)
+    with pytest.raises(ConfigError, match="federation.rounds must be >= 1"):
+        spec_from_run_config({**config, "federation.rounds": 0}, default_spec())
+
+
+# -- the Flower path equals the in-process reference ---------------------------------------------
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"strategy__name": "fedsvd", "privacy__epsilon": 6.0},
+        {"strategy__name": "fedsa", "model__train_head": False},
+        {"strategy__name": "fedex"},
+        {"strategy__name": "hetlora", "model__client_ranks": (2, 4)},
+    ],
+    ids=["fedavg", "fedsvd-dp", "fedsa", "fedex", "hetlora"],
+)
+def test_flower_executor_equals_in_process(tmp_path, overrides):
+    spec = tiny_spec(federation__rounds=2, federation__clients=3, federation__clients_per_round=2, **overrides)
+    reference = Federation.build(spec).run(tmp_path / "in-process")
+    flower = _run_flower(spec, tmp_path / "flower", LocalGrid(3))
+    _assert_same_state(flower.state, reference.state)
+    for mine, ref in zip(flower.history, reference.history, strict=True):
+        assert mine["clients"] == ref["clients"]
+        assert mine["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-6)
+        assert mine["bytes_up"] == ref["bytes_up"] and mine["bytes_down"] == ref["bytes_down"]
+    if spec.privacy.enabled:  # every node reports its own epsilon; equal to the reference ledgers
+        assert flower.summary["epsilon_per_client"] == pytest.approx(reference.summary["epsilon_per_client"])
+        assert 0 < flower.summary["epsilon"] <= 6.0
+
+
+def test_pyproject_components_are_importable():
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    for ref in table.values():
+        module, _, attr = ref.partition(":")
+        assert getattr(__import__(module, fromlist=[attr]), attr) is not None
+
+
+# -- node state -----------------------------------------------------------------------------------
+def test_node_keeps_its_ledger_across_a_restart_only_on_disk(tmp_path):
+    spec = tiny_spec(federation__rounds=2, federation__clients=2, federation__clients_per_round=2, privacy__epsilon=4.0)
+    reference = Federation.build(spec).run(tmp_path / "ref")
+
+    grid = LocalGrid(2, state_dir=tmp_path / "node-state")
+    fed = Federation.build(spec, executor=FlowerExecutor(grid, spec, connect_timeout=0))
+    restarted = []
+
+    def restart_after_round_1(record: dict) -> None:
+        if record["round"] == 1:
+            ledger = json.loads((tmp_path / "node-state" / "run-7" / "client-0.json").read_text())["budget"]
+            assert ledger["history"] and ledger["client_id"] == 0
+            grid.restart(100)
+            grid.restart(101)
+            restarted.append(True)
+
+    result = fed.run(tmp_path / "run", callbacks=Callbacks(on_round_end=restart_after_round_1))
+    assert restarted
+    # the restarted nodes continued their ledgers from disk: the same epsilon as never restarting
+    assert result.summary["epsilon_per_client"] == pytest.approx(reference.summary["epsilon_per_client"])
+
+
+def test_a_spent_node_refuses_even_after_a_restart(tmp_path):
+    spec = tiny_spec(federation__rounds=2, federation__clients=2, federation__clients_per_round=2, privacy__epsilon=4.0)
+    grid = LocalGrid(2, state_dir=tmp_path / "node-state")
+    _run_flower(spec, tmp_path / "first", grid)
+    grid.restart(100)
+    grid.restart(101)
+    # the same run on the same nodes again: each client's budget is spent, so every node refuses
+    again = _run_flower(spec, tmp_path / "again", grid)
+    assert all(r["clients"] == [] for r in again.history)
+    assert all("refuses to train" in reason for r in again.history for reason in r["dropped"].values())
+
+
+# -- failures -------------------------------------------------------------------------------------
+def test_crashed_and_silent_nodes_do_not_end_the_federation(tmp_path, caplog):
+    spec = tiny_spec(federation__rounds=2, federation__clients=4, federation__clients_per_round=4)
+    grid = LocalGrid(4)
+    grid.crash.add(101)
+    grid.silent.add(103)
+    result = _run_flower(spec, tmp_path / "run", grid)
+    assert result.summary["rounds"] == 2
+    for record in result.history:
+        assert record["clients"] == [0, 2] and record["aggregated"]
+        assert "node 101 failed: node crashed" in record["dropped"]["1"]
+        assert "node 103 sent no reply" in record["dropped"]["3"]
+    assert "client 1: node 101 failed" in caplog.text
+
+
+def test_too_few_updates_skip_aggregation(tmp_path):
+    spec = tiny_spec(
+        federation__rounds=1, federation__clients=3, federation__clients_per_round=3, federation__min_clients=2
+    )
+    grid = LocalGrid(3)
+    grid.crash |= {100, 101}
+    result = _run_flower(spec, tmp_path / "run", grid)
+    assert not result.history[0]["aggregated"] and result.history[0]["clients"] == [2]
+
+
+def test_misconfigured_nodes_are_reported_and_skipped(tmp_path, caplog):
+    spec = tiny_spec(federation__rounds=1, federation__clients=3, federation__clients_per_round=3)
+    grid = LocalGrid(3)
+    grid.contexts[102] = Context(7, 102, {"partition-id": 0, "num-partitions": 5}, RecordDict(), {})  # wrong N
+    result = _run_flower(spec, tmp_path / "run", grid)
+    assert result.history[0]["clients"] == [0, 1]
+    assert "no connected node holds partition 2" in result.history[0]["dropped"]["2"]
+    assert "holds partition 0 of 5, but the federation has 3 clients" in caplog.text
