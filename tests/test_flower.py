@@ -55,12 +55,15 @@ class LocalGrid(Grid):
         replies = []
         for message in messages:
             nid = message.metadata.dst_node_id
+            message.metadata.__dict__["_message_id"] = message.object_id  # what Flower's grids do on push
             self.calls.append((nid, message.metadata.message_type))
             training = message.metadata.message_type == "train"
             if training and nid in self.silent:
                 continue
-            if training and nid in self.crash:
-                replies.append(Message(Error(code=1, reason="node crashed"), reply_to=message))
+            if training and nid in self.crash:  # the SuperLink answers for a dead node, as itself
+                reply = Message(Error(code=1, reason="node crashed"), reply_to=message)
+                reply.metadata.__dict__["_src_node_id"] = 1
+                replies.append(reply)
                 continue
             try:
                 replies.append(client_app.app(message, self.contexts[nid]))

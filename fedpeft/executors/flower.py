@@ -101,8 +101,10 @@ class FlowerExecutor:
     def _query(self, node_ids: list[int]) -> None:
         messages = [Message(RecordDict(), nid, MessageType.QUERY) for nid in node_ids]
         self._asked.update(node_ids)  # asked once: a node that does not answer is not waited for again
-        for reply in self.grid.send_and_receive(messages, timeout=min(self.timeout, 60.0)):
-            nid = reply.metadata.src_node_id
+        replies = list(self.grid.send_and_receive(messages, timeout=min(self.timeout, 60.0)))
+        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        for reply in replies:
+            nid = by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
                 log.warning("node %d did not say which partition it holds: %s", nid, reply.error.reason)
                 continue
@@ -143,10 +145,15 @@ class FlowerExecutor:
             content = RecordDict({"adapter": adapter, "config": config})
             messages.append(Message(content, nid, MessageType.TRAIN, group_id=str(round_num)))
             owner[nid] = cid
-        for reply in self._send(messages):
-            nid = reply.metadata.src_node_id
-            cid = owner[nid]
-            results[cid] = self._result(cid, nid, reply)
+        replies = list(self._send(messages))
+        # an error the SuperLink makes for an unreachable node comes from the SuperLink, not the
+        # node: match replies to messages by id (the grid sets the ids when it pushes)
+        by_id = {m.metadata.message_id: owner[m.metadata.dst_node_id] for m in messages}
+        for reply in replies:
+            cid = by_id.get(reply.metadata.reply_to_message_id, owner.get(reply.metadata.src_node_id))
+            if cid is None or cid in results:
+                continue
+            results[cid] = self._result(cid, self.nodes.get(cid, -1), reply)
             if on_client is not None:
                 on_client(cid)
         for nid, cid in owner.items():

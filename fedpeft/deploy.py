@@ -1,0 +1,278 @@
+"""Flower deployment helpers: TLS certificates, node keys, and a SuperLink + N SuperNodes on one host.
+
+On real machines each piece runs on its own host (README, "Run on real machines"); `LocalDeployment`
+starts them all on loopback, as separate processes, for a demo and for tests. Nothing here is
+insecure by default: the SuperLink serves TLS with a certificate from a CA made by `make_certs`,
+and every SuperNode authenticates with its own key, registered with the SuperLink before it joins.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Certificates", "make_certs", "LocalDeployment", "free_port", "run_config_arg", "stop_processes_mentioning"]
+
+
+@dataclass(frozen=True)
+class Certificates:
+    ca: Path  # the CA certificate SuperNodes and the flwr CLI trust (--root-certificates)
+    server_cert: Path
+    server_key: Path
+    node_keys: tuple[Path, ...]  # private keys (OpenSSH, ECDSA P-384); public halves beside them (.pub)
+
+
+def make_certs(
+    directory: str | Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"), nodes: int = 0
+) -> Certificates:
+    """A local CA, a SuperLink certificate for `hosts` signed by it, and `nodes` SuperNode key pairs.
+
+    Keys are written with mode 600. For production, use certificates from your own CA; the layout
+    (ca.crt, server.pem, server.key) is what `flower-superlink --ssl-*` and `--root-certificates` take.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def write_key(path: Path, key: ec.EllipticCurvePrivateKey, fmt: serialization.PrivateFormat) -> None:
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
+        path.chmod(0o600)
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedpeft local CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )  # key_cert_sign, crl_sign
+        .sign(ca_key, hashes.SHA256())
+    )
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (out / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    write_key(out / "ca.key", ca_key, serialization.PrivateFormat.TraditionalOpenSSL)
+    (out / "server.pem").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    write_key(out / "server.key", server_key, serialization.PrivateFormat.TraditionalOpenSSL)
+    node_keys = []
+    for k in range(nodes):
+        key = ec.generate_private_key(ec.SECP384R1())
+        path = out / f"node-{k}"
+        write_key(path, key, serialization.PrivateFormat.OpenSSH)
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        path.with_suffix(".pub").write_bytes(public + f" fedpeft-node-{k}\n".encode())
+        node_keys.append(path)
+    return Certificates(out / "ca.crt", out / "server.pem", out / "server.key", tuple(node_keys))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_config_arg(flat: dict) -> str:
+    """A flat spec as one `flwr run --run-config` argument (TOML values)."""
+    import math
+
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, float) and math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    return " ".join(f"{k}={value(v)}" for k, v in flat.items())
+
+
+def stop_processes_mentioning(text: str) -> int:
+    """SIGTERM every process of this user whose command line contains `text` (Linux /proc); used to
+    stop the local SuperLink `flwr run` starts in the background, identified by its FLWR_HOME."""
+    stopped = 0
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and int(entry.name) != os.getpid():
+            try:
+                os.kill(int(entry.name), signal.SIGTERM)
+                stopped += 1
+            except OSError:
+                pass
+    return stopped
+
+
+def _bin(name: str) -> str:
+    """A Flower executable from this interpreter's environment (works without an activated venv)."""
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+
+@dataclass
+class LocalDeployment:
+    """A TLS SuperLink and `nodes` authenticated SuperNodes on loopback, each its own process.
+
+    Node k gets `--node-config "partition-id=k num-partitions=N state-dir=<dir>/node-k"`: its own
+    data partition and a disk for its privacy ledger. `flwr` commands run with FLWR_HOME=<dir>/flwr,
+    whose config.toml names this SuperLink as the connection `fedpeft-local`.
+    """
+
+    directory: Path
+    nodes: int
+    port: int = 0
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    certs: Certificates | None = None
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory).resolve()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        self.env = {
+            **os.environ,
+            # Flower's processes start further Flower executables (flower-superexec, flwr-serverapp,
+            # flwr-clientapp) by name: this environment's bin directory must come first on PATH
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            "FLWR_HOME": str(self.directory / "flwr"),
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        }
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _log(self, name: str):  # noqa: ANN202
+        return open(self.directory / f"{name}.log", "ab")  # noqa: SIM115
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        with self._log(name) as log:
+            proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes[name] = proc
+        return proc
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Certificates, the SuperLink, node registration, then the SuperNodes."""
+        self.certs = make_certs(self.directory / "certs", nodes=self.nodes)
+        flwr_home = self.directory / "flwr"
+        flwr_home.mkdir(exist_ok=True)
+        (flwr_home / "config.toml").write_text(
+            '[superlink]\ndefault = "fedpeft-local"\n\n[superlink.fedpeft-local]\n'
+            f'address = "{self.address}"\nroot-certificates = "{self.certs.ca}"\n'
+        )
+        self._spawn(
+            "superlink",
+            [
+                _bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+                "--ssl-ca-certfile", str(self.certs.ca), "--ssl-certfile", str(self.certs.server_cert),
+                "--ssl-keyfile", str(self.certs.server_key), "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation", "--database", str(self.directory / "superlink.db"),
+            ],
+        )  # fmt: skip
+        self._wait_for_superlink(timeout)
+        for k in range(self.nodes):
+            self.flwr(["supernode", "register", str(self.certs.node_keys[k].with_suffix(".pub")), "fedpeft-local"])
+        for k in range(self.nodes):
+            self.start_node(k)
+
+    def start_node(self, k: int) -> subprocess.Popen:
+        assert self.certs is not None, "start() first"
+        state = self.directory / f"node-{k}"
+        return self._spawn(
+            f"node-{k}",
+            [
+                _bin("flower-supernode"), "--superlink", self.address, "--root-certificates", str(self.certs.ca),
+                "--auth-supernode-private-key", str(self.certs.node_keys[k]), "--port", str(free_port()),
+                "--node-config", f'partition-id={k} num-partitions={self.nodes} state-dir="{state}"',
+            ],
+        )  # fmt: skip
+
+    def kill_node(self, k: int) -> None:
+        """The node dies without a goodbye (SIGKILL to its whole process group)."""
+        proc = self.processes.pop(f"node-{k}")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def _wait_for_superlink(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.processes["superlink"].poll() is not None:
+                raise RuntimeError(f"SuperLink exited; see {self.directory / 'superlink.log'}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise TimeoutError(f"SuperLink not up after {timeout:g} s; see {self.directory / 'superlink.log'}")
+
+    def flwr(self, args: list[str], timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [_bin("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(f"flwr {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def run_command(self, app: str | Path, run_config: str) -> list[str]:
+        return [_bin("flwr"), "run", str(app), "fedpeft-local", "--stream", "--run-config", run_config]
+
+    def run(self, app: str | Path, run_config: str, timeout: float = 600.0) -> subprocess.CompletedProcess:
+        """`flwr run APP fedpeft-local --stream --run-config ...`; returns when the run has finished."""
+        return self.flwr(self.run_command(app, run_config)[1:], timeout=timeout)
+
+    def stop(self) -> None:
+        for name, proc in reversed(list(self.processes.items())):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.processes.clear()
+
+    def __enter__(self) -> LocalDeployment:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,135 @@
+"""The Flower app through Flower's own runtimes (slow: real processes).
+
+- `flwr run .` in Flower's simulation runtime (Ray), as a user types it.
+- A TLS SuperLink and 3 authenticated SuperNodes as separate processes on loopback: the final
+  adapter equals the in-process run; with privacy on each node reports its epsilon; a node killed
+  mid-run does not end the federation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpeft.adapters import load_exported
+from fedpeft.deploy import LocalDeployment, free_port, run_config_arg, stop_processes_mentioning
+from fedpeft.federation import Federation
+from tests.conftest import tiny_spec
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spec(**overrides):  # noqa: ANN003, ANN202
+    return tiny_spec(
+        **{"federation__rounds": 2, "federation__clients": 3, "federation__clients_per_round": 3, **overrides}
+    )
+
+
+def _flat(spec, out: Path) -> str:  # noqa: ANN001
+    flat = {k: v for k, v in spec.to_flat().items() if not k.startswith("sweep.")}
+    return run_config_arg({**flat, "out": str(out)})
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter_model.safetensors")
+
+
+def _assert_same_adapter(out: Path, reference: Path) -> None:
+    mine, ref = _adapter(out), _adapter(reference)
+    assert set(mine) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(mine[name], ref[name], atol=1e-5, rtol=0, msg=name)
+
+
+def _reference(spec, out: Path):  # noqa: ANN001, ANN202
+    return Federation.build(spec).run(out)
+
+
+def test_flwr_run_simulation_equals_in_process(tmp_path):
+    spec = _spec()
+    reference = _reference(spec, tmp_path / "in-process")
+    home = tmp_path / "flwr-home"
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "FLWR_HOME": str(home),  # a local SuperLink of this test's own, on its own ports
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+    out = tmp_path / "flwr-sim"
+    cmd = ["flwr", "run", ".", "--stream", "--federation-config", "num-supernodes=3", "--run-config", _flat(spec, out)]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    finally:
+        stop_processes_mentioning(str(home))
+    assert (out / "summary.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    _assert_same_adapter(out, tmp_path / "in-process")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy"] == pytest.approx(reference.summary["accuracy"], abs=1e-6)
+    assert "round 2: accuracy" in proc.stdout + proc.stderr  # progress streamed to the user
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):  # noqa: ANN201
+    with LocalDeployment(tmp_path_factory.mktemp("deployment"), nodes=3) as dep:
+        yield dep
+
+
+def test_deployment_equals_in_process(deployment, tmp_path):
+    spec = _spec()
+    _reference(spec, tmp_path / "in-process")
+    out = tmp_path / "deployed"
+    proc = deployment.run(ROOT, _flat(spec, out), timeout=400)
+    assert (out / "summary.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    _assert_same_adapter(out, tmp_path / "in-process")
+    model = load_exported(out)  # the exported adapter loads as a model too
+    assert model is not None
+
+
+def test_deployment_private_with_a_node_killed_mid_run(deployment, tmp_path):
+    spec = _spec(federation__rounds=3, privacy__epsilon=4.0)
+    reference = _reference(spec, tmp_path / "in-process")
+    out = tmp_path / "deployed"
+    proc = subprocess.Popen(
+        deployment.run_command(ROOT, _flat(spec, out)), env=deployment.env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "rounds.jsonl").is_file() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert (out / "rounds.jsonl").is_file(), "round 1 never finished"
+        deployment.kill_node(2)
+        output, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (out / "summary.json").is_file(), output[-4000:]
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert rounds[0]["clients"] == [0, 1, 2]
+    for r in rounds[1:]:  # the federation went on without the dead node, and said so
+        assert r["clients"] == [0, 1] and r["aggregated"]
+        assert "2" in r["dropped"]
+    assert "missing client 2" in output
+    # with privacy on, every node reported its own epsilon; round 1 matches the in-process ledgers
+    assert rounds[0]["epsilon_max"] == pytest.approx(reference.history[0]["epsilon_max"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["epsilon_per_client"]) == {"0", "1", "2"}
+    assert all(0 < e <= 4.0 for e in summary["epsilon_per_client"].values())
+    assert summary["epsilon_per_client"]["2"] < summary["epsilon_per_client"]["0"]  # it trained once
+    ledgers = sorted(deployment.directory.glob("node-*/run-*/client-*.json"))
+    assert len(ledgers) >= 3  # on each node's disk, where a restarted node finds it
