@@ -260,7 +260,7 @@ class LocalDeployment:
         return self.flwr(self.run_command(app, run_config)[1:], timeout=timeout)
 
     def stop(self) -> None:
-        for name, proc in reversed(list(self.processes.items())):
+        for proc in reversed(list(self.processes.values())):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in self.processes.values():
