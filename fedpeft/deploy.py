@@ -20,7 +20,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Certificates", "make_certs", "LocalDeployment", "free_port", "run_config_arg", "stop_processes_mentioning"]
+__all__ = [
+    "Certificates",
+    "make_certs",
+    "LocalDeployment",
+    "flwr_simulation",
+    "free_port",
+    "run_config_arg",
+    "stop_processes_mentioning",
+]
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,39 @@ def stop_processes_mentioning(text: str) -> int:
     return stopped
 
 
+def _flower_env(flwr_home: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        # Flower's processes start further Flower executables (flower-superexec, flwr-serverapp,
+        # flwr-clientapp) by name: this environment's bin directory must come first on PATH
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # app dependencies are this environment's; never `uv sync` a second torch per run
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
+
+
+def flwr_simulation(
+    app: str | Path, run_config: str, nodes: int, flwr_home: str | Path, timeout: float = 3600.0
+) -> subprocess.CompletedProcess:
+    """`flwr run APP --stream` in Flower's simulation runtime with `nodes` SuperNodes, through a local
+    SuperLink of its own (FLWR_HOME=flwr_home, free ports), stopped afterwards."""
+    home = Path(flwr_home).resolve()
+    env = {
+        **_flower_env(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
+    cmd = [_bin("flwr"), "run", str(app), "--stream", "--federation-config", f"num-supernodes={nodes}"]
+    try:
+        return subprocess.run(
+            [*cmd, "--run-config", run_config], env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    finally:
+        stop_processes_mentioning(str(home))
+
+
 def _bin(name: str) -> str:
     """A Flower executable from this interpreter's environment (works without an activated venv)."""
     candidate = Path(sys.executable).with_name(name)
@@ -168,15 +209,7 @@ class LocalDeployment:
         self.directory = Path(self.directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
-        self.env = {
-            **os.environ,
-            # Flower's processes start further Flower executables (flower-superexec, flwr-serverapp,
-            # flwr-clientapp) by name: this environment's bin directory must come first on PATH
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-            "FLWR_HOME": str(self.directory / "flwr"),
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        }
+        self.env = _flower_env(self.directory / "flwr")
 
     @property
     def address(self) -> str:
@@ -244,9 +277,12 @@ class LocalDeployment:
             time.sleep(0.3)
         raise TimeoutError(f"SuperLink not up after {timeout:g} s; see {self.directory / 'superlink.log'}")
 
-    def flwr(self, args: list[str], timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:
+    def flwr(
+        self, args: list[str], timeout: float = 120.0, check: bool = True, capture: bool = True
+    ) -> subprocess.CompletedProcess:
+        """Run a `flwr` command against this deployment (capture=False: its output goes to ours)."""
         result = subprocess.run(
-            [_bin("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+            [_bin("flwr"), *args], env=self.env, capture_output=capture, text=True, timeout=timeout, check=False
         )
         if check and result.returncode != 0:
             raise RuntimeError(f"flwr {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -255,9 +291,11 @@ class LocalDeployment:
     def run_command(self, app: str | Path, run_config: str) -> list[str]:
         return [_bin("flwr"), "run", str(app), "fedpeft-local", "--stream", "--run-config", run_config]
 
-    def run(self, app: str | Path, run_config: str, timeout: float = 600.0) -> subprocess.CompletedProcess:
+    def run(
+        self, app: str | Path, run_config: str, timeout: float = 600.0, capture: bool = True
+    ) -> subprocess.CompletedProcess:
         """`flwr run APP fedpeft-local --stream --run-config ...`; returns when the run has finished."""
-        return self.flwr(self.run_command(app, run_config)[1:], timeout=timeout)
+        return self.flwr(self.run_command(app, run_config)[1:], timeout=timeout, capture=capture)
 
     def stop(self) -> None:
         for proc in reversed(list(self.processes.values())):

@@ -9,9 +9,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 import torch
 
 from fedpeft.adapters import load_exported
-from fedpeft.deploy import LocalDeployment, free_port, run_config_arg, stop_processes_mentioning
+from fedpeft.deploy import LocalDeployment, flwr_simulation, run_config_arg
 from fedpeft.federation import Federation
 from tests.conftest import tiny_spec
 
@@ -59,22 +57,8 @@ def _reference(spec, out: Path):  # noqa: ANN001, ANN202
 def test_flwr_run_simulation_equals_in_process(tmp_path):
     spec = _spec()
     reference = _reference(spec, tmp_path / "in-process")
-    home = tmp_path / "flwr-home"
-    env = {
-        **os.environ,
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-        "FLWR_HOME": str(home),  # a local SuperLink of this test's own, on its own ports
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-    }
     out = tmp_path / "flwr-sim"
-    cmd = ["flwr", "run", ".", "--stream", "--federation-config", "num-supernodes=3", "--run-config", _flat(spec, out)]
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    finally:
-        stop_processes_mentioning(str(home))
+    proc = flwr_simulation(ROOT, _flat(spec, out), nodes=3, flwr_home=tmp_path / "flwr-home", timeout=400)
     assert (out / "summary.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     _assert_same_adapter(out, tmp_path / "in-process")
     summary = json.loads((out / "summary.json").read_text())
