@@ -211,7 +211,9 @@ class Federation:
             # train
             seeds = {cid: seed_for(fed.seed, rnd, cid + 1) for cid in sampled}
             on_client = functools.partial(callbacks.on_client_done, rnd) if callbacks.on_client_done else None
+            train_tic = time.perf_counter()
             results = self.executor.run_round(rnd, sampled, run.state, self.plan, seeds, on_client)
+            train_seconds = time.perf_counter() - train_tic
             bytes_down = sum(self._download_bytes(run, cid) for cid in sampled)
             # validate
             accepted, dropped = self._validate(rnd, results, run.state)
@@ -247,6 +249,7 @@ class Federation:
                 "bytes_up": sum(self._upload_bytes(u, run.state) for u in accepted),
                 "bytes_down": bytes_down,
                 "seconds": time.perf_counter() - tic,
+                "train_seconds": train_seconds,  # the executor's part: sending, client training, receiving
                 **{f"strategy.{k}": v for k, v in strategy_metrics.items()},
             }
             run.history.append(record)

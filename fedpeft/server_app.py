@@ -61,6 +61,10 @@ def main(grid: Grid, context: Context) -> None:
     if (out / CHECKPOINT).exists():
         raise FileExistsError(f"{out} already holds a run; choose another out")
     log.info("run %d: %s with %s, writing to %s", context.run_id, spec.name, spec.strategy.name, out)
+    if spec.federation.executor != "sequential":
+        log.warning(
+            "federation.executor=%s is not used under Flower: each node trains its own client", spec.federation.executor
+        )
     federation = Federation.build(spec, executor=FlowerExecutor(grid, spec))
     result = federation.run(out, callbacks=Callbacks(on_round_end=_log_round))
     summary = result.summary

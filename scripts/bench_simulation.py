@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def one(executor: str, k: int, batch: int, steps: int, layers: int, device: str) -> dict:
@@ -34,11 +35,13 @@ def one(executor: str, k: int, batch: int, steps: int, layers: int, device: str)
     spec = Spec().with_flat(
         {
             "federation.clients": k, "federation.clients_per_round": k, "federation.rounds": 2,
-            "federation.executor": executor, "federation.device": device,
+            "federation.executor": "sequential" if executor == "flower" else executor, "federation.device": device,
             "model.name": "minilm", "model.layers": layers, "data.partition": "iid", "data.test_size": 200,
             "strategy.name": "fedsvd", "privacy.epsilon": 8.0, "train.local_steps": steps, "train.batch_size": batch,
         }
     )  # fmt: skip
+    if executor == "flower":
+        return one_flower(spec, k, batch, steps)
     fed = Federation.build(spec)
     state = fed.model.state()
     timings = []
@@ -63,6 +66,26 @@ def one(executor: str, k: int, batch: int, steps: int, layers: int, device: str)
     if torch.cuda.is_available():
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def one_flower(spec, k: int, batch: int, steps: int) -> dict:  # noqa: ANN001
+    """The same two rounds through `flwr run .` in Flower's simulation runtime (Ray), K virtual
+    nodes, one ClientApp call per client; the time of round 2's training from rounds.jsonl."""
+    import tempfile
+
+    from fedpeft.deploy import flwr_simulation, run_config_arg
+
+    work = Path(tempfile.mkdtemp(prefix="bench-flower-"))
+    flat = {key: v for key, v in spec.to_flat().items() if not key.startswith("sweep.")}
+    proc = flwr_simulation(ROOT, run_config_arg({**flat, "out": str(work / "run")}), k, work / "flwr-home")
+    if not (work / "run" / "summary.json").is_file():
+        raise RuntimeError(f"flwr run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    rounds = [json.loads(line) for line in (work / "run" / "rounds.jsonl").read_text().splitlines()]
+    seconds = rounds[1]["train_seconds"]
+    return {
+        "executor": "flower", "clients": k, "batch": batch, "steps": steps, "seconds": seconds,
+        "updates_per_s": k / seconds, "peak_rss_mb": None, "device": "cpu",
+    }  # fmt: skip
 
 
 def main() -> None:
