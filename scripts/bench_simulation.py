@@ -6,9 +6,10 @@ in-process reference, for K clients per round with small per-client batches.
 Each (executor, K, batch) cell runs in a fresh subprocess (so its peak memory is its own): build
 the federation (MiniLM cut to --layers layers, rotten-tomatoes split iid across K clients, DP-SGD
 at epsilon 8, FedSVD's trainable set), train one untimed warm-up round, then time one round of K
-client updates of --steps local steps each. Speed-ups are ratios within this run. Flower's
-simulation runtime (one client per call) is not measured here yet: the Flower executor is a
-separate issue.
+client updates of --steps local steps each. The Flower column runs the same two rounds through
+`flwr run .` in Flower's simulation runtime (Ray; K virtual nodes, one ClientApp call per client)
+and takes round 2's training time from rounds.jsonl (its peak memory, spread over Ray's processes,
+is not measured). Speed-ups are ratios to sequential within this run.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--layers", type=int, default=2, help="MiniLM layers kept (0 = all 6)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-flower", action="store_true", help="skip the Flower simulation column")
     parser.add_argument("--one", nargs=3, metavar=("EXECUTOR", "K", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -103,36 +105,27 @@ def main() -> None:
         print(json.dumps(one(executor, int(k), int(batch), args.steps, args.layers, args.device)))
         return
     rows = []
+    executors = ("sequential", "cohort", "flower") if not args.no_flower else ("sequential", "cohort")
     for batch in [int(b) for b in args.batches.split(",")]:
         for k in [int(c) for c in args.clients.split(",")]:
-            pair = {}
-            for executor in ("sequential", "cohort"):
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--one",
-                    executor,
-                    str(k),
-                    str(batch),
-                    "--steps",
-                    str(args.steps),
-                    "--layers",
-                    str(args.layers),
-                    "--device",
-                    args.device,
-                ]
+            cell = {}
+            for executor in executors:
+                cmd = [sys.executable, __file__, "--one", executor, str(k), str(batch), "--steps", str(args.steps)]
+                cmd += ["--layers", str(args.layers), "--device", args.device]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if proc.returncode != 0:
                     print(proc.stderr[-2000:], file=sys.stderr)
                     raise SystemExit(f"{executor} K={k} batch={batch} failed")
-                pair[executor] = json.loads(proc.stdout.strip().splitlines()[-1])
-                rows.append(pair[executor])
-            speedup = pair["cohort"]["updates_per_s"] / pair["sequential"]["updates_per_s"]
-            pair["cohort"]["speedup_vs_sequential"] = speedup
+                cell[executor] = json.loads(proc.stdout.strip().splitlines()[-1])
+                rows.append(cell[executor])
+            base = cell["sequential"]["updates_per_s"]
+            for executor in executors:
+                cell[executor]["vs_sequential"] = cell[executor]["updates_per_s"] / base
             print(
-                f"K={k:>4} batch={batch:>3}: sequential {pair['sequential']['updates_per_s']:7.2f} upd/s "
-                f"({pair['sequential']['peak_rss_mb']:.0f} MB), cohort {pair['cohort']['updates_per_s']:7.2f} upd/s "
-                f"({pair['cohort']['peak_rss_mb']:.0f} MB): {speedup:.2f}x",
+                f"K={k:>4} batch={batch:>3}: "
+                + ", ".join(
+                    f"{e} {cell[e]['updates_per_s']:7.2f} upd/s ({cell[e]['vs_sequential']:.2f}x)" for e in executors
+                ),
                 flush=True,
             )
     import torch
@@ -154,12 +147,24 @@ def main() -> None:
         "rows": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("\n| K | batch | sequential upd/s | cohort upd/s | speed-up | peak RSS seq / cohort (MB) |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for seq, coh in zip(rows[::2], rows[1::2], strict=True):
-        print(
-            f"| {seq['clients']} | {seq['batch']} | {seq['updates_per_s']:.2f} | {coh['updates_per_s']:.2f} | {coh['speedup_vs_sequential']:.2f}x | {seq['peak_rss_mb']:.0f} / {coh['peak_rss_mb']:.0f} |"
+    print(
+        "\n| K | batch | "
+        + " | ".join(f"{e} upd/s" for e in executors)
+        + " | cohort / sequential | "
+        + ("flower / sequential | " if "flower" in executors else "")
+        + "peak RSS seq / cohort (MB) |"
+    )
+    print("|---:|---:|" + "---:|" * (len(executors) * 2))
+    for i in range(0, len(rows), len(executors)):
+        cell = {r["executor"]: r for r in rows[i : i + len(executors)]}
+        seq, coh = cell["sequential"], cell["cohort"]
+        line = f"| {seq['clients']} | {seq['batch']} | " + " | ".join(
+            f"{cell[e]['updates_per_s']:.2f}" for e in executors
         )
+        line += f" | {coh['vs_sequential']:.2f}x | "
+        if "flower" in executors:
+            line += f"{cell['flower']['vs_sequential']:.2f}x | "
+        print(line + f"{seq['peak_rss_mb']:.0f} / {coh['peak_rss_mb']:.0f} |")
     print(f"\nwrote {args.out}")
 
 
