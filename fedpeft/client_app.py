@@ -1,16 +1,19 @@
-"""Flower ClientApp: a node trains its own client with the reference client code (fedpeft.client).
+"""Flower ClientApp: a node trains its client(s) with the same executors as `fedpeft simulate`.
 
 The node learns everything from the server's message (the spec travels with it) and from its own
 node config:
 
-  partition-id    which client of the federation this node is (Flower's simulation sets it)
-  num-partitions  must equal federation.clients
-  state-dir       optional: a directory where the node keeps its privacy ledger and personal
-                  tensors on disk, so a restarted SuperNode does not forget what it has spent
+  partition-id    this node's index k (Flower's simulation sets it)
+  num-partitions  the number of nodes N (Flower's simulation sets it); node k holds the clients
+                  c with c % N == k: with N = federation.clients, client k alone; with fewer nodes
+                  (one per GPU), a cohort of clients trained together (federation.executor = "cohort")
+                  or one after another ("sequential")
+  state-dir       optional: a directory where the node keeps its clients' privacy ledgers and
+                  personal tensors on disk, so a restarted SuperNode does not forget what they spent
 
-Between rounds the node keeps its ledger and the tensors its strategy keeps locally (FedSA's B) in
-Flower's node state (context.state), and on disk too when `state-dir` is set. The ledger is written
-before the update leaves the node: a reply that is lost never under-counts privacy spent.
+Between rounds the node keeps each client's ledger and the tensors its strategy keeps locally
+(FedSA's B) in Flower's node state (context.state), and on disk too when `state-dir` is set. Ledgers
+are written before the updates leave the node: a reply that is lost never under-counts privacy spent.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft.adapters import AdaptedModel
-from fedpeft.client import ClientRefused, LocalTraining, client_round, evaluate
-from fedpeft.config import ConfigError, Spec, client_rank
+from fedpeft.client import LocalTraining, evaluate
+from fedpeft.config import ConfigError, Spec
 from fedpeft.data import DATASETS, TokenizedData, prepare
-from fedpeft.executors.flower import NUM_PARTITIONS, PARTITION_ID, from_record, to_record
-from fedpeft.federation import client_budget, make_plan
+from fedpeft.executors import ClientFailure, Executor
+from fedpeft.executors.flower import NUM_PARTITIONS, PARTITION_ID, from_record, node_clients, to_record
+from fedpeft.federation import client_budget, make_executor, make_plan
 from fedpeft.privacy.accounting import ClientBudget
 from fedpeft.state import AdapterState
 from strategies import make_strategy
@@ -38,14 +42,14 @@ __all__ = ["app"]
 
 app = ClientApp()
 
-LEDGER = "fedpeft.ledger"  # ConfigRecord in context.state: {"budget": JSON}
-PERSONAL = "fedpeft.personal"  # ArrayRecord in context.state
+LEDGER = "fedpeft.ledger.{}"  # per client: ConfigRecord in context.state, {"budget": JSON}
+PERSONAL = "fedpeft.personal.{}"  # per client: ArrayRecord in context.state
 
 
 @dataclass
 class _Worker:
-    """What a node builds once per spec: the model, its own data, the test split, the plan, and
-    the adapter a client starts from before any round (for tensors the server never sends)."""
+    """What a node builds once per spec: the model, the clients' data, the test split, the plan,
+    an executor, and the adapter a client starts from (for tensors the server never sends)."""
 
     spec: Spec
     model: AdaptedModel
@@ -53,6 +57,7 @@ class _Worker:
     test: TokenizedData
     plan: LocalTraining
     template: AdapterState
+    executor: Executor
 
 
 _cache: dict[str, _Worker] = {}
@@ -69,21 +74,24 @@ def _worker(spec_json: str) -> _Worker:
         strategy = make_strategy(spec.strategy.name, spec.strategy.kwargs)
         template, _ = strategy.init(model.state(), fed.seed)
         plan = make_plan(spec, strategy, template)
-        _cache[spec_json] = _Worker(spec, model, data.clients, data.test, plan, template)
+        budgets = [None] * fed.clients if spec.privacy.enabled else None
+        executor = make_executor(spec, model, data.clients, data.num_labels, budgets)
+        _cache[spec_json] = _Worker(spec, model, data.clients, data.test, plan, template, executor)
     return _cache[spec_json]
 
 
-def _partition(context: Context, spec: Spec) -> int:
+def _partition(context: Context, spec: Spec) -> list[int]:
     config = context.node_config
     if PARTITION_ID not in config:
         raise ConfigError(f"this node has no {PARTITION_ID} in its node config (--node-config '{PARTITION_ID}=K ...')")
-    cid = int(config[PARTITION_ID])
-    parts = int(config.get(NUM_PARTITIONS, spec.federation.clients))
-    if parts != spec.federation.clients or not 0 <= cid < parts:
+    k = int(config[PARTITION_ID])
+    n = int(config.get(NUM_PARTITIONS, spec.federation.clients))
+    if not 0 <= k < n <= spec.federation.clients:
         raise ConfigError(
-            f"node holds partition {cid} of {parts}, but the federation has {spec.federation.clients} clients"
+            f"node is partition {k} of {n}, but the federation has {spec.federation.clients} clients "
+            "(need 0 <= partition-id < num-partitions <= federation.clients)"
         )
-    return cid
+    return node_clients(k, n, spec.federation.clients)
 
 
 class _NodeState:
@@ -102,22 +110,22 @@ class _NodeState:
     def budget(self) -> dict | None:
         if self.dir is not None and self._file(".json").is_file():  # disk outlives a node restart
             return json.loads(self._file(".json").read_text())["budget"]
-        if LEDGER in self.context.state:
-            return json.loads(str(self.context.state[LEDGER]["budget"]))
+        if LEDGER.format(self.cid) in self.context.state:
+            return json.loads(str(self.context.state[LEDGER.format(self.cid)]["budget"]))
         return None
 
     def personal(self) -> dict[str, torch.Tensor]:
         if self.dir is not None and self._file("-personal.pt").is_file():
             return torch.load(self._file("-personal.pt"), weights_only=True)
-        if PERSONAL in self.context.state:
-            return from_record(self.context.state[PERSONAL])
+        if PERSONAL.format(self.cid) in self.context.state:
+            return from_record(self.context.state[PERSONAL.format(self.cid)])
         return {}
 
     def save(self, budget: ClientBudget | None, personal: dict[str, torch.Tensor]) -> None:
         if budget is not None:
-            self.context.state[LEDGER] = ConfigRecord({"budget": json.dumps(budget.to_dict())})
+            self.context.state[LEDGER.format(self.cid)] = ConfigRecord({"budget": json.dumps(budget.to_dict())})
         if personal:
-            self.context.state[PERSONAL] = to_record(personal)
+            self.context.state[PERSONAL.format(self.cid)] = to_record(personal)
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -133,13 +141,13 @@ def _atomic(path: Path, write) -> None:  # noqa: ANN001
     os.replace(tmp, path)
 
 
-def _start_state(worker: _Worker, message: Message, personal: dict[str, torch.Tensor]) -> AdapterState:
-    return worker.template.with_tensors(from_record(message.content["adapter"])).with_tensors(personal)
+def _global(worker: _Worker, message: Message) -> AdapterState:
+    return worker.template.with_tensors(from_record(message.content["adapter"]))
 
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    """Which client this node is."""
+    """Which partition this node is."""
     config = context.node_config
     if PARTITION_ID not in config:
         raise ConfigError(f"this node has no {PARTITION_ID} in its node config (--node-config '{PARTITION_ID}=K ...')")
@@ -149,54 +157,59 @@ def query(message: Message, context: Context) -> Message:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """One round of this node's client: check its budget, train, record, reply with the upload."""
+    """One round of this node's sampled clients: load their ledgers and kept tensors, train them
+    with the spec's executor (each checks its budget first), save, reply with every upload."""
     config = message.content["config"]
     worker = _worker(str(config["spec"]))
-    spec = worker.spec
-    cid = _partition(context, spec)
-    if int(config["client"]) != cid:
-        raise ConfigError(f"message for client {config['client']} reached the node of client {cid}")
-    store = _NodeState(context, cid)
-    saved = store.budget()
-    budget = None
-    if spec.privacy.enabled:
-        budget = ClientBudget.from_dict(saved) if saved else client_budget(spec, cid, len(worker.clients[cid]))
-    personal = store.personal()
-    try:
-        update = client_round(
-            worker.model, _start_state(worker, message, personal), worker.clients[cid], worker.plan,
-            client_id=cid, seed=int(config["seed"]), budget=budget, clip=spec.privacy.clip,
-            rank=client_rank(spec.model, cid),
-        )  # fmt: skip
-    except ClientRefused as exc:
-        status = ConfigRecord({"refused": str(exc)})
-        return Message(RecordDict({"status": status}), reply_to=message)
-    kept = worker.model.tensors(list(worker.plan.keeps)) if worker.plan.keeps else {}
-    store.save(budget, kept)  # before the update leaves the node
-    metrics = {k: float(v) for k, v in update.metrics.items()}
-    metrics["num_examples"] = update.num_examples
-    if update.rank is not None:
-        metrics["rank"] = update.rank
-    content = RecordDict(
-        {
-            "update": to_record(dict(update.tensors)),
-            "metrics": MetricRecord(metrics),
-            "status": ConfigRecord({"refused": ""}),
-        }
-    )
+    spec, executor = worker.spec, worker.executor
+    cids = [int(c) for c in config["clients"]]
+    seeds = dict(zip(cids, (int(s) for s in config["seeds"]), strict=True))
+    mine = set(_partition(context, spec))
+    if not set(cids) <= mine:
+        raise ConfigError(f"message for clients {sorted(set(cids) - mine)} reached a node holding {sorted(mine)}")
+    stores = {cid: _NodeState(context, cid) for cid in cids}
+    for cid, store in stores.items():  # this node's view of its clients, as it left them
+        if executor.budgets is not None:
+            saved = store.budget()
+            executor.budgets[cid] = (
+                ClientBudget.from_dict(saved) if saved else client_budget(spec, cid, len(worker.clients[cid]))
+            )
+        executor.personal.pop(cid, None)
+        if personal := store.personal():
+            executor.personal[cid] = personal
+    results = executor.run_round(int(config["round"]), cids, _global(worker, message), worker.plan, seeds)
+    content = RecordDict()
+    refused = {}
+    for result in results:
+        cid = result.client_id
+        stores[cid].save(
+            executor.budgets[cid] if executor.budgets is not None else None, executor.personal.get(cid, {})
+        )
+        if isinstance(result, ClientFailure):
+            refused[str(cid)] = result.reason
+            continue
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        metrics["num_examples"] = result.num_examples
+        if result.rank is not None:
+            metrics["rank"] = result.rank
+        content[f"update.{cid}"] = to_record(dict(result.tensors))
+        content[f"metrics.{cid}"] = MetricRecord(metrics)
+    content["status"] = ConfigRecord({"refused": json.dumps(refused)})
     return Message(content, reply_to=message)
 
 
 @app.evaluate()
 def evaluate_personal(message: Message, context: Context) -> Message:
-    """The global adapter with this client's kept tensors, on the federation's test split. A node
-    whose client has not trained yet has no personal model and answers with no metrics."""
+    """The global adapter with each of this node's clients' kept tensors, on the federation's test
+    split; a client that has not trained yet has no personal model and is left out."""
     worker = _worker(str(message.content["config"]["spec"]))
-    cid = _partition(context, worker.spec)
-    personal = _NodeState(context, cid).personal()
-    if not personal:
-        return Message(RecordDict(), reply_to=message)
-    scores = evaluate(
-        worker.model, _start_state(worker, message, personal), worker.test, worker.spec.train.eval_batch_size
-    )
-    return Message(RecordDict({"metrics": MetricRecord(scores)}), reply_to=message)
+    state = _global(worker, message)
+    content = RecordDict()
+    for cid in _partition(context, worker.spec):
+        personal = _NodeState(context, cid).personal()
+        if personal:
+            scores = evaluate(
+                worker.model, state.with_tensors(personal), worker.test, worker.spec.train.eval_batch_size
+            )
+            content[f"metrics.{cid}"] = MetricRecord(scores)
+    return Message(content, reply_to=message)

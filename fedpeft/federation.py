@@ -84,6 +84,22 @@ def client_budget(spec: Spec, client_id: int, num_examples: int) -> ClientBudget
     )  # fmt: skip
 
 
+def make_executor(
+    spec: Spec, model: AdaptedModel, clients: list, num_labels: int, budgets: list[ClientBudget | None] | None
+) -> Executor:
+    """The in-process executor the spec asks for (`federation.executor`), over `clients`' data."""
+    fed = spec.federation
+    ranks = [client_rank(spec.model, cid) for cid in range(fed.clients)]
+    if fed.executor == "cohort":
+        from fedpeft.executors.cohort import CohortExecutor
+
+        return CohortExecutor(
+            spec.model, num_labels, fed.seed, clients, budgets, spec.privacy.clip, ranks,
+            device=model.device, chunk=fed.cohort_chunk,
+        )  # fmt: skip
+    return SequentialExecutor(model, clients, budgets, spec.privacy.clip, ranks)
+
+
 def check_names(spec: Spec) -> None:
     """Unknown registry names fail before any work, each listing the valid ones."""
     MODELS.get(spec.model.name)
@@ -173,16 +189,7 @@ class Federation:
         if spec.privacy.enabled:
             budgets = [client_budget(spec, cid, len(c)) for cid, c in enumerate(data.clients)]
         if executor is None:
-            ranks = [client_rank(spec.model, cid) for cid in range(fed.clients)]
-            if fed.executor == "cohort":
-                from fedpeft.executors.cohort import CohortExecutor
-
-                executor = CohortExecutor(
-                    spec.model, data.num_labels, fed.seed, data.clients, budgets, spec.privacy.clip, ranks,
-                    device=model.device, chunk=fed.cohort_chunk,
-                )  # fmt: skip
-            else:
-                executor = SequentialExecutor(model, data.clients, budgets, spec.privacy.clip, ranks)
+            executor = make_executor(spec, model, data.clients, data.num_labels, budgets)
         sigmas = [b.sigma for b in budgets] if budgets else None
         return cls(spec, model, data, strategy, executor, plan, sigmas)
 

@@ -159,6 +159,23 @@ def test_flower_executor_equals_in_process(tmp_path, overrides):
         assert 0 < flower.summary["epsilon"] <= 6.0
 
 
+@pytest.mark.parametrize("executor", ["sequential", "cohort"])
+def test_fewer_nodes_than_clients_each_trains_its_share(tmp_path, executor):
+    """Two nodes (one per GPU, say) for five clients: node k holds clients k, k+2, k+4 and trains a
+    round's share with the spec's executor; the result equals the in-process reference."""
+    spec = tiny_spec(
+        federation__rounds=2, federation__clients=5, federation__clients_per_round=4, federation__executor=executor,
+        model__dropout=0.0,
+    )  # fmt: skip
+    reference = Federation.build(spec.with_flat({"federation.executor": "sequential"})).run(tmp_path / "ref")
+    grid = LocalGrid(2)
+    flower = _run_flower(spec, tmp_path / "flower", grid)
+    _assert_same_state(flower.state, reference.state, atol=1e-5)
+    assert [r["clients"] for r in flower.history] == [r["clients"] for r in reference.history]
+    trains = [nid for nid, kind in grid.calls if kind == "train"]
+    assert len(trains) == 4  # one message per node per round, not one per client
+
+
 def test_pyproject_components_are_importable():
     table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
     for ref in table.values():
@@ -232,5 +249,16 @@ def test_misconfigured_nodes_are_reported_and_skipped(tmp_path, caplog):
     grid.contexts[102] = Context(7, 102, {"partition-id": 0, "num-partitions": 5}, RecordDict(), {})  # wrong N
     result = _run_flower(spec, tmp_path / "run", grid)
     assert result.history[0]["clients"] == [0, 1]
-    assert "no connected node holds partition 2" in result.history[0]["dropped"]["2"]
-    assert "holds partition 0 of 5, but the federation has 3 clients" in caplog.text
+    assert "no connected node holds client 2" in result.history[0]["dropped"]["2"]
+    assert "is partition 0 of 5, but the federation has 3 clients" in caplog.text
+
+
+def test_cohort_nodes_keep_each_clients_ledger(tmp_path):
+    spec = tiny_spec(
+        federation__rounds=3, federation__clients=5, federation__clients_per_round=3, federation__executor="cohort",
+        privacy__epsilon=5.0,
+    )  # fmt: skip
+    reference = Federation.build(spec).run(tmp_path / "ref")  # in-process cohort: the same ledgers
+    flower = _run_flower(spec, tmp_path / "flower", LocalGrid(2, state_dir=tmp_path / "nodes"))
+    assert flower.summary["epsilon_per_client"] == pytest.approx(reference.summary["epsilon_per_client"])
+    assert len(list((tmp_path / "nodes").glob("run-7/client-*.json"))) == len(flower.summary["epsilon_per_client"])

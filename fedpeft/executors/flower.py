@@ -1,18 +1,21 @@
-"""The Flower grid executor: the sampled clients train on Flower nodes (SuperNodes), one message each.
+"""The Flower grid executor: the sampled clients train on Flower nodes (SuperNodes).
 
-Client `k` is the node whose node config says `partition-id = k` (Flower's simulation sets it; a
-real SuperNode is started with `--node-config "partition-id=k num-partitions=N"`). The server asks
-every new node which partition it holds (a `query` message) and keeps the map; a node that
-disappears and comes back under a new id is found again on the next round.
+Node k of N (node config `partition-id = k`, `num-partitions = N`; Flower's simulation sets both, a
+real SuperNode gets `--node-config "partition-id=k num-partitions=N"`) holds the clients c with
+c % N == k. With one node per client (N = federation.clients) node k is client k; with fewer nodes
+(one per GPU), each node trains its share of a round's clients together, with the spec's executor
+(the cohort executor batches them). A client always lives on the same node, so its privacy ledger
+does too. The server asks every new node which partition it is (a `query` message) and keeps the
+map; a node that disappears and comes back under a new id is found again on the next round.
 
 What a client keeps between rounds (its privacy ledger, FedSA's local B) lives on its node, not
 here: the server never sees a client's ledger, only the epsilon it reports with each update.
 
 Wire format (shared with `fedpeft.client_app`), a RecordDict per message:
-  server -> node  "train":    adapter (ArrayRecord), config (ConfigRecord: round, seed, client, spec JSON)
-  node -> server  "train":    update (ArrayRecord), metrics (MetricRecord), status (ConfigRecord:
-                              refused = "" or the client's reason)
-  server -> node  "evaluate": adapter, config (spec)  -> metrics (the client's personalised model)
+  server -> node  "train":    adapter (ArrayRecord), config (ConfigRecord: round, clients, seeds, spec JSON)
+  node -> server  "train":    update.<c> (ArrayRecord) and metrics.<c> (MetricRecord) per client
+                              that trained; status (ConfigRecord: refused = JSON {client: reason})
+  server -> node  "evaluate": adapter, config (spec)  -> metrics.<c> per personalised client
   server -> node  "query":    {}                      -> config (partition-id, num-partitions)
 """
 
@@ -33,13 +36,18 @@ from fedpeft.config import Spec
 from fedpeft.executors.base import ClientFailure, ClientResult
 from fedpeft.state import AdapterState, ClientUpdate
 
-__all__ = ["FlowerExecutor", "to_record", "from_record", "spec_to_json", "spec_from_json"]
+__all__ = ["FlowerExecutor", "node_clients", "to_record", "from_record", "spec_to_json", "spec_from_json"]
 
 log = logging.getLogger("fedpeft")
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 DISCOVERY_POLL = 1.0  # seconds between looks for nodes that have not connected yet
+
+
+def node_clients(partition_id: int, num_partitions: int, num_clients: int) -> list[int]:
+    """The clients node `partition_id` of `num_partitions` holds: every c with c % N == k."""
+    return list(range(partition_id, num_clients, num_partitions))
 
 
 def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -109,16 +117,15 @@ class FlowerExecutor:
                 log.warning("node %d did not say which partition it holds: %s", nid, reply.error.reason)
                 continue
             config = reply.content["config"]
-            cid, parts = int(config[PARTITION_ID]), int(config[NUM_PARTITIONS])
-            if parts != self.spec.federation.clients or not 0 <= cid < parts:
+            k, parts, clients = int(config[PARTITION_ID]), int(config[NUM_PARTITIONS]), self.spec.federation.clients
+            if not 0 <= k < parts <= clients:
                 log.warning(
-                    "node %d holds partition %d of %d, but the federation has %d clients; ignored",
-                    nid, cid, parts, self.spec.federation.clients,
-                )  # fmt: skip
-            elif cid in self.nodes and self.nodes[cid] != nid:
-                log.warning("nodes %d and %d both hold partition %d; using %d", self.nodes[cid], nid, cid, nid)
-                self.nodes[cid] = nid
-            else:
+                    "node %d is partition %d of %d, but the federation has %d clients; ignored", nid, k, parts, clients
+                )
+                continue
+            for cid in node_clients(k, parts, clients):
+                if cid in self.nodes and self.nodes[cid] != nid:
+                    log.warning("nodes %d and %d both hold client %d; using %d", self.nodes[cid], nid, cid, nid)
                 self.nodes[cid] = nid
 
     # -- one round --------------------------------------------------------------------------
@@ -132,34 +139,37 @@ class FlowerExecutor:
         on_client: Callable[[int], None] | None = None,
     ) -> list[ClientResult]:
         self._discover()
-        sent = {name: t for name, t in global_state.tensors.items() if name not in plan.keeps}
-        adapter = to_record(sent)
+        adapter = to_record({name: t for name, t in global_state.tensors.items() if name not in plan.keeps})
         results: dict[int, ClientResult] = {}
-        messages, owner = [], {}
+        groups: dict[int, list[int]] = {}  # node -> its sampled clients
         for cid in client_ids:
-            nid = self.nodes.get(cid)
-            if nid is None:
-                results[cid] = ClientFailure(cid, f"no connected node holds partition {cid}")
-                continue
-            config = ConfigRecord({"round": round_num, "seed": seeds[cid], "client": cid, "spec": self.spec_json})
+            if (nid := self.nodes.get(cid)) is None:
+                results[cid] = ClientFailure(cid, f"no connected node holds client {cid}")
+            else:
+                groups.setdefault(nid, []).append(cid)
+        messages = []
+        for nid, cids in groups.items():
+            config = ConfigRecord(
+                {"round": round_num, "clients": cids, "seeds": [seeds[c] for c in cids], "spec": self.spec_json}
+            )
             content = RecordDict({"adapter": adapter, "config": config})
             messages.append(Message(content, nid, MessageType.TRAIN, group_id=str(round_num)))
-            owner[nid] = cid
         replies = list(self._send(messages))
         # an error the SuperLink makes for an unreachable node comes from the SuperLink, not the
         # node: match replies to messages by id (the grid sets the ids when it pushes)
-        by_id = {m.metadata.message_id: owner[m.metadata.dst_node_id] for m in messages}
+        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         for reply in replies:
-            cid = by_id.get(reply.metadata.reply_to_message_id, owner.get(reply.metadata.src_node_id))
-            if cid is None or cid in results:
-                continue
-            results[cid] = self._result(cid, self.nodes.get(cid, -1), reply)
-            if on_client is not None:
-                on_client(cid)
-        for nid, cid in owner.items():
-            if cid not in results:
-                waited = "forever" if math.isinf(self.timeout) else f"{self.timeout:g} s"
-                results[cid] = ClientFailure(cid, f"node {nid} sent no reply (waited {waited})")
+            nid = by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            for cid in groups.get(nid, []):
+                if cid not in results:
+                    results[cid] = self._result(cid, nid, reply)
+                    if on_client is not None:
+                        on_client(cid)
+        waited = "forever" if math.isinf(self.timeout) else f"{self.timeout:g} s"
+        for nid, cids in groups.items():
+            for cid in cids:
+                if cid not in results:
+                    results[cid] = ClientFailure(cid, f"node {nid} sent no reply (waited {waited})")
         return [results[cid] for cid in client_ids]
 
     def _send(self, messages: list[Message]) -> Iterable[Message]:
@@ -172,13 +182,15 @@ class FlowerExecutor:
         if reply.has_error():
             return ClientFailure(cid, f"node {nid} failed: {reply.error.reason}")
         content = reply.content
-        refused = str(content["status"].get("refused", ""))
-        if refused:
-            return ClientFailure(cid, refused, refused=True)
-        metrics = {k: v for k, v in content["metrics"].items()}
+        refused = json.loads(str(content["status"]["refused"])) if "status" in content else {}
+        if str(cid) in refused:
+            return ClientFailure(cid, refused[str(cid)], refused=True)
+        if f"update.{cid}" not in content:
+            return ClientFailure(cid, f"node {nid} sent no update for client {cid}")
+        metrics = {k: v for k, v in content[f"metrics.{cid}"].items()}
         num_examples = int(metrics.pop("num_examples"))
         rank = int(metrics.pop("rank")) if "rank" in metrics else None
-        return ClientUpdate(cid, num_examples, from_record(content["update"]), metrics, rank)
+        return ClientUpdate(cid, num_examples, from_record(content[f"update.{cid}"]), metrics, rank)
 
     # -- evaluation of personalised models (FedSA): on the nodes, which hold the personal parts --
     def evaluate_personal(self, state: AdapterState, plan: LocalTraining) -> list[dict[str, float]]:
@@ -189,14 +201,16 @@ class FlowerExecutor:
         config = ConfigRecord({"spec": self.spec_json})
         messages = [
             Message(RecordDict({"adapter": adapter, "config": config}), nid, MessageType.EVALUATE)
-            for nid in self.nodes.values()
+            for nid in sorted(set(self.nodes.values()))
         ]
         scores = []
         for reply in self._send(messages):
             if reply.has_error():
                 log.warning("node %d could not evaluate: %s", reply.metadata.src_node_id, reply.error.reason)
-            elif "metrics" in reply.content:
-                scores.append({k: float(v) for k, v in reply.content["metrics"].items()})
+                continue
+            for name, record in reply.content.metric_records.items():
+                if name.startswith("metrics."):
+                    scores.append({k: float(v) for k, v in record.items()})
         return scores
 
     # -- the executor contract: client state lives on the nodes -----------------------------
