@@ -105,7 +105,7 @@ def main() -> None:
     for name, row in result["runs"].items():
         print(
             f"| {name} | {row['round_1']:.2f} | {row['later_rounds_mean']:.2f} | "
-            f"{row['later_rounds_vs_in_process']:.0f}x | {row['total_seconds']:.1f} |"
+            f"{row['later_rounds_vs_in_process']:.1f}x | {row['total_seconds']:.1f} |"
         )
     print(f"\nwrote {args.out}")
 
