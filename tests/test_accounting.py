@@ -2,7 +2,7 @@
 
 import pytest
 
-from fedpeft.privacy.accounting import ClientBudget, calibrate_sigma, epsilon, plan_budgets
+from fedpeft.privacy.accounting import ClientBudget, calibrate_budget, calibrate_sigma, epsilon
 
 
 @pytest.mark.parametrize("name", ["rdp", "prv"])
@@ -41,8 +41,8 @@ def test_calibrated_sigma_meets_target_tightly(name):
 
 
 def test_plan_is_worst_case_and_refuses_past_budget():
-    (budget,) = plan_budgets(
-        [500], batch_size=25, rounds=3, local_steps=10, target_epsilon=2.0, delta=1e-5, accountant="rdp"
+    budget = calibrate_budget(
+        0, 500, batch_size=25, rounds=3, local_steps=10, target_epsilon=2.0, delta=1e-5, accountant="rdp"
     )
     assert budget.q == pytest.approx(0.05)
     for _ in range(3):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedpeft.federation import Callbacks, Federation, sample_clients, validate_update
-from fedpeft.privacy.accounting import plan_budgets
+from fedpeft.privacy.accounting import calibrate_budget
 from fedpeft.state import ClientUpdate
 from tests.conftest import tiny_spec
 
@@ -149,8 +149,7 @@ def test_client_over_budget_refuses_and_round_goes_on(tmp_path):
     )
     fed = Federation.build(spec)
     # client 2's budget was planned for a single round: it must refuse rounds 2 and 3
-    (short,) = plan_budgets([len(fed.data.clients[2])], 16, 1, 5, 3.0, 1e-5, "prv")
-    short.client_id = 2
+    short = calibrate_budget(2, len(fed.data.clients[2]), 16, 1, 5, 3.0, 1e-5, "prv")
     fed.executor.budgets[2] = short
     result = fed.run(tmp_path)
     first, *later = result.history

@@ -12,7 +12,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-__all__ = ["epsilon", "calibrate_budget", "calibrate_sigma", "ClientBudget", "plan_budgets", "sample_rate"]
+__all__ = ["epsilon", "calibrate_budget", "calibrate_sigma", "ClientBudget", "sample_rate"]
 
 Entry = tuple[float, float, int]  # (noise multiplier sigma, sample rate q, steps)
 
@@ -131,19 +131,3 @@ def calibrate_budget(
     q = sample_rate(batch_size, num_examples)
     sigma = calibrate_sigma(target_epsilon, delta, q, rounds * local_steps, accountant)
     return ClientBudget(client_id, sigma, q, target_epsilon, delta, accountant)
-
-
-def plan_budgets(
-    client_sizes: list[int],
-    batch_size: int,
-    rounds: int,
-    local_steps: int,
-    target_epsilon: float,
-    delta: float,
-    accountant: str,
-) -> list[ClientBudget]:
-    """Every client's budget (see calibrate_budget)."""
-    return [
-        calibrate_budget(cid, n, batch_size, rounds, local_steps, target_epsilon, delta, accountant)
-        for cid, n in enumerate(client_sizes)
-    ]
