@@ -190,6 +190,7 @@ def record_spending(budget: ClientBudget | None, update: ClientUpdate) -> None:
     if budget is not None:
         budget.record(int(update.metrics["steps"]))
         update.metrics["epsilon"] = budget.epsilon
+        update.metrics["sigma"] = budget.sigma
 
 
 @torch.no_grad()

@@ -10,6 +10,9 @@ node config:
                   or one after another ("sequential")
   state-dir       optional: a directory where the node keeps its clients' privacy ledgers and
                   personal tensors on disk, so a restarted SuperNode does not forget what they spent
+  data-file       optional, for a node that holds one client: the client's own examples (JSON
+                  lines or CSV with text and label; see fedpeft.data.load_file) instead of its
+                  partition of the spec's bundled dataset. Its sigma is calibrated on its own size.
 
 Between rounds the node keeps each client's ledger and the tensors its strategy keeps locally
 (FedSA's B) in Flower's node state (context.state), and on disk too when `state-dir` is set. Ledgers
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,7 +33,7 @@ from flwr.clientapp import ClientApp
 from fedpeft.adapters import AdaptedModel
 from fedpeft.client import LocalTraining, evaluate
 from fedpeft.config import ConfigError, Spec
-from fedpeft.data import DATASETS, TokenizedData, prepare
+from fedpeft.data import DATASETS, TokenizedData, load_file, prepare, tokenize
 from fedpeft.executors import ClientFailure, Executor
 from fedpeft.executors.flower import NUM_PARTITIONS, PARTITION_ID, from_record, node_clients, to_record
 from fedpeft.federation import client_budget, make_executor, make_plan
@@ -58,6 +61,14 @@ class _Worker:
     plan: LocalTraining
     template: AdapterState
     executor: Executor
+    label_names: tuple[str, ...]
+    files: dict[str, TokenizedData] = field(default_factory=dict)  # data-file -> its examples
+
+    def data_file(self, path: str) -> TokenizedData:
+        if path not in self.files:
+            raw = load_file(path, self.label_names)
+            self.files[path] = tokenize(raw, self.model.tokenizer, self.spec.model.max_length)
+        return self.files[path]
 
 
 _cache: dict[str, _Worker] = {}
@@ -76,7 +87,9 @@ def _worker(spec_json: str) -> _Worker:
         plan = make_plan(spec, strategy, template)
         budgets = [None] * fed.clients if spec.privacy.enabled else None
         executor = make_executor(spec, model, data.clients, data.num_labels, budgets)
-        _cache[spec_json] = _Worker(spec, model, data.clients, data.test, plan, template, executor)
+        _cache[spec_json] = _Worker(
+            spec, model, list(data.clients), data.test, plan, template, executor, data.label_names
+        )
     return _cache[spec_json]
 
 
@@ -167,17 +180,27 @@ def train(message: Message, context: Context) -> Message:
     mine = set(_partition(context, spec))
     if not set(cids) <= mine:
         raise ConfigError(f"message for clients {sorted(set(cids) - mine)} reached a node holding {sorted(mine)}")
+    # each client's data: its partition of the bundled dataset, or the node's own file
+    data = {cid: worker.clients[cid] for cid in cids}
+    if "data-file" in context.node_config:
+        if len(mine) != 1:
+            raise ConfigError("data-file needs a node that holds one client (num-partitions = federation.clients)")
+        data = {cid: worker.data_file(str(context.node_config["data-file"])) for cid in cids}
     stores = {cid: _NodeState(context, cid) for cid in cids}
     for cid, store in stores.items():  # this node's view of its clients, as it left them
         if executor.budgets is not None:
             saved = store.budget()
-            executor.budgets[cid] = (
-                ClientBudget.from_dict(saved) if saved else client_budget(spec, cid, len(worker.clients[cid]))
-            )
+            fresh = client_budget(spec, cid, len(data[cid])) if not saved else None
+            executor.budgets[cid] = ClientBudget.from_dict(saved) if saved else fresh
         executor.personal.pop(cid, None)
         if personal := store.personal():
             executor.personal[cid] = personal
-    results = executor.run_round(int(config["round"]), cids, _global(worker, message), worker.plan, seeds)
+        executor.clients[cid] = data[cid]
+    try:
+        results = executor.run_round(int(config["round"]), cids, _global(worker, message), worker.plan, seeds)
+    finally:
+        for cid in cids:  # the executor's list holds the bundled partitions again
+            executor.clients[cid] = worker.clients[cid]
     content = RecordDict()
     refused = {}
     for result in results:

@@ -244,6 +244,8 @@ class Federation:
             for update in accepted:
                 if "epsilon" in update.metrics:
                     run.epsilons[update.client_id] = float(update.metrics["epsilon"])
+                if "sigma" in update.metrics and self.sigmas is not None:  # a node's own (its own data size)
+                    self.sigmas[update.client_id] = float(update.metrics["sigma"])
             run.elapsed += time.perf_counter() - tic
             record = {
                 "round": rnd,

@@ -21,7 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedpeft import client_app
 from fedpeft.config import ConfigError, spec_from_run_config
 from fedpeft.executors.flower import FlowerExecutor
-from fedpeft.federation import Callbacks, Federation
+from fedpeft.federation import Callbacks, Federation, client_budget
 from fedpeft.server_app import default_spec
 from tests.conftest import tiny_spec
 
@@ -262,3 +262,36 @@ def test_cohort_nodes_keep_each_clients_ledger(tmp_path):
     flower = _run_flower(spec, tmp_path / "flower", LocalGrid(2, state_dir=tmp_path / "nodes"))
     assert flower.summary["epsilon_per_client"] == pytest.approx(reference.summary["epsilon_per_client"])
     assert len(list((tmp_path / "nodes").glob("run-7/client-*.json"))) == len(flower.summary["epsilon_per_client"])
+
+
+def test_a_node_trains_on_its_own_data_file(tmp_path):
+    rows = [{"text": f"good great fine {i}", "label": "positive" if i % 2 else 0} for i in range(40)]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = tiny_spec(federation__rounds=2, federation__clients=3, federation__clients_per_round=3, privacy__epsilon=5.0)
+    grid = LocalGrid(3)
+    grid.contexts[101].node_config["data-file"] = str(path)
+    result = _run_flower(spec, tmp_path / "run", grid)
+    reference = Federation.build(spec)
+    sizes = [len(c) for c in reference.data.clients]
+    assert result.history[-1]["clients"] == [0, 1, 2]
+    # client 1 calibrated its sigma on its own 40 examples, and the summary shows the node's sigma
+    own = client_budget(spec, 1, 40).sigma
+    assert result.summary["sigma_per_client"][1] == pytest.approx(own)
+    assert result.summary["sigma_per_client"][0] == pytest.approx(client_budget(spec, 0, sizes[0]).sigma)
+    assert own != pytest.approx(client_budget(spec, 1, sizes[1]).sigma)
+
+
+def test_data_file_errors_are_clear(tmp_path):
+    from fedpeft.data import load_file
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nhello,maybe\n")
+    with pytest.raises(ValueError, match="label 'maybe' is none of"):
+        load_file(bad, ("negative", "positive"))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_file(tmp_path / "missing.jsonl", ("negative", "positive"))
+    good = tmp_path / "good.csv"
+    good.write_text("label,text\npositive,nice\n0,bad\n")
+    data = load_file(good, ("negative", "positive"))
+    assert data.labels == [1, 0] and data.texts == ["nice", "bad"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -13,11 +16,46 @@ from fedpeft.data.partition import partition
 from fedpeft.models import Tokenizer
 from fedpeft.registry import Registry
 
-__all__ = ["DATASETS", "FederatedData", "TextDataset", "TokenizedData", "prepare"]
+__all__ = ["DATASETS", "FederatedData", "TextDataset", "TokenizedData", "load_file", "prepare", "tokenize"]
 
 DATASETS: Registry[Callable[[], TextDataset]] = Registry("dataset")
 DATASETS.register("rotten-tomatoes")(rotten_tomatoes.load)
 DATASETS.register("synthetic")(synthetic.load)
+
+
+def tokenize(raw: TextDataset, tokenizer: Tokenizer, max_length: int) -> TokenizedData:
+    input_ids, attention_mask = tokenizer.encode_batch(raw.texts, max_length)
+    return TokenizedData(input_ids, attention_mask, torch.tensor(raw.labels, dtype=torch.long))
+
+
+def load_file(path: str | Path, label_names: tuple[str, ...]) -> TextDataset:
+    """A node's own examples from a file: JSON lines ({"text": ..., "label": ...}) or CSV with a
+    header naming `text` and `label` columns. A label is one of `label_names` or its index."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {str(path)!r} does not exist")
+    if path.suffix == ".csv":
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    texts, labels = [], []
+    for number, row in enumerate(rows, start=1):
+        if "text" not in row or "label" not in row:
+            raise ValueError(f"{path}: row {number} needs 'text' and 'label' (got {sorted(row)})")
+        label = row["label"]
+        if str(label) in label_names:
+            labels.append(label_names.index(str(label)))
+        elif str(label).lstrip("-").isdigit() and 0 <= int(label) < len(label_names):
+            labels.append(int(label))
+        else:
+            raise ValueError(
+                f"{path}: row {number}: label {label!r} is none of {list(label_names)} (or 0..{len(label_names) - 1})"
+            )
+        texts.append(str(row["text"]))
+    if not texts:
+        raise ValueError(f"{path}: no examples")
+    return TextDataset(texts, labels, [path.stem] * len(texts), label_names)
 
 
 def prepare(
@@ -41,8 +79,7 @@ def prepare(
         keep = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1))[: cfg.max_examples]
         pool = sorted(pool[i] for i in keep.tolist())
 
-    input_ids, attention_mask = tokenizer.encode_batch(raw.texts, max_length)
-    everything = TokenizedData(input_ids, attention_mask, torch.tensor(raw.labels, dtype=torch.long))
+    everything = tokenize(raw, tokenizer, max_length)
     parts = partition(
         [raw.labels[i] for i in pool],
         [raw.groups[i] for i in pool],
