@@ -22,7 +22,6 @@ are written before the updates leave the node: a reply that is lost never under-
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,13 +32,12 @@ from flwr.clientapp import ClientApp
 from fedpeft.adapters import AdaptedModel
 from fedpeft.client import LocalTraining, evaluate
 from fedpeft.config import ConfigError, Spec
-from fedpeft.data import DATASETS, TokenizedData, load_file, prepare, tokenize
+from fedpeft.data import TokenizedData, load_file, tokenize
 from fedpeft.executors import ClientFailure, Executor
-from fedpeft.executors.flower import NUM_PARTITIONS, PARTITION_ID, from_record, node_clients, to_record
-from fedpeft.federation import client_budget, make_executor, make_plan
+from fedpeft.executors.flower import NUM_PARTITIONS, PARTITION_ID, from_record, node_clients, spec_from_json, to_record
+from fedpeft.federation import atomic_write, build_parts, client_budget, make_executor
 from fedpeft.privacy.accounting import ClientBudget
 from fedpeft.state import AdapterState
-from strategies import make_strategy
 
 __all__ = ["app"]
 
@@ -77,28 +75,29 @@ _cache: dict[str, _Worker] = {}
 def _worker(spec_json: str) -> _Worker:
     if spec_json not in _cache:
         _cache.clear()  # one federation at a time per process
-        spec = Spec.from_dict(json.loads(spec_json))
-        fed = spec.federation
-        raw = DATASETS.get(spec.data.name)()
-        model = AdaptedModel(spec.model, num_labels=len(raw.label_names), seed=fed.seed, device=fed.device)
-        data = prepare(spec.data, fed.clients, model.tokenizer, spec.model.max_length, fed.seed, raw=raw)
-        strategy = make_strategy(spec.strategy.name, spec.strategy.kwargs)
-        template, _ = strategy.init(model.state(), fed.seed)
-        plan = make_plan(spec, strategy, template)
-        budgets = [None] * fed.clients if spec.privacy.enabled else None
+        spec = spec_from_json(spec_json)
+        strategy, model, data, plan = build_parts(spec)
+        template, _ = strategy.init(model.state(), spec.federation.seed)
+        budgets = [None] * spec.federation.clients if spec.privacy.enabled else None
         executor = make_executor(spec, model, data.clients, data.num_labels, budgets)
+        # the worker's own list of partitions: train() lends a node's data file to the executor's
+        # list for one round and restores it from this one
         _cache[spec_json] = _Worker(
             spec, model, list(data.clients), data.test, plan, template, executor, data.label_names
         )
     return _cache[spec_json]
 
 
-def _partition(context: Context, spec: Spec) -> list[int]:
-    config = context.node_config
-    if PARTITION_ID not in config:
+def _partition_id(context: Context) -> int:
+    if PARTITION_ID not in context.node_config:
         raise ConfigError(f"this node has no {PARTITION_ID} in its node config (--node-config '{PARTITION_ID}=K ...')")
-    k = int(config[PARTITION_ID])
-    n = int(config.get(NUM_PARTITIONS, spec.federation.clients))
+    return int(context.node_config[PARTITION_ID])
+
+
+def _partition(context: Context, spec: Spec) -> list[int]:
+    """The clients this node holds."""
+    k = _partition_id(context)
+    n = int(context.node_config.get(NUM_PARTITIONS, spec.federation.clients))
     if not 0 <= k < n <= spec.federation.clients:
         raise ConfigError(
             f"node is partition {k} of {n}, but the federation has {spec.federation.clients} clients "
@@ -143,15 +142,11 @@ class _NodeState:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         if budget is not None:
-            _atomic(self._file(".json"), lambda p: p.write_text(json.dumps({"budget": budget.to_dict()}, indent=1)))
+            atomic_write(
+                self._file(".json"), lambda p: p.write_text(json.dumps({"budget": budget.to_dict()}, indent=1))
+            )
         if personal:
-            _atomic(self._file("-personal.pt"), lambda p: torch.save(personal, p))
-
-
-def _atomic(path: Path, write) -> None:  # noqa: ANN001
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+            atomic_write(self._file("-personal.pt"), lambda p: torch.save(personal, p))
 
 
 def _global(worker: _Worker, message: Message) -> AdapterState:
@@ -161,10 +156,8 @@ def _global(worker: _Worker, message: Message) -> AdapterState:
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """Which partition this node is."""
-    config = context.node_config
-    if PARTITION_ID not in config:
-        raise ConfigError(f"this node has no {PARTITION_ID} in its node config (--node-config '{PARTITION_ID}=K ...')")
-    reply = ConfigRecord({PARTITION_ID: int(config[PARTITION_ID]), NUM_PARTITIONS: int(config.get(NUM_PARTITIONS, -1))})
+    parts = int(context.node_config.get(NUM_PARTITIONS, -1))
+    reply = ConfigRecord({PARTITION_ID: _partition_id(context), NUM_PARTITIONS: parts})
     return Message(RecordDict({"config": reply}), reply_to=message)
 
 

@@ -84,6 +84,18 @@ def client_budget(spec: Spec, client_id: int, num_examples: int) -> ClientBudget
     )  # fmt: skip
 
 
+def build_parts(spec: Spec) -> tuple[Strategy, AdaptedModel, FederatedData, LocalTraining]:
+    """What both the server and a Flower node build from a spec: the strategy, the model with its
+    adapter, the data (test split and every client's partition) and the clients' plan."""
+    check_names(spec)
+    strategy = make_strategy(spec.strategy.name, spec.strategy.kwargs)
+    fed = spec.federation
+    raw = DATASETS.get(spec.data.name)()
+    model = AdaptedModel(spec.model, num_labels=len(raw.label_names), seed=fed.seed, device=fed.device)
+    data = prepare(spec.data, fed.clients, model.tokenizer, spec.model.max_length, fed.seed, raw=raw)
+    return strategy, model, data, make_plan(spec, strategy, model.state())
+
+
 def make_executor(
     spec: Spec, model: AdaptedModel, clients: list, num_labels: int, budgets: list[ClientBudget | None] | None
 ) -> Executor:
@@ -157,7 +169,7 @@ class Callbacks:
     on_round_end: Callable[[dict[str, Any]], None] | None = None
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -178,13 +190,7 @@ class Federation:
     @classmethod
     def build(cls, spec: Spec, executor: Executor | None = None) -> Federation:
         """Validate names and options, load the model and data, calibrate sigma per client."""
-        check_names(spec)
-        strategy = make_strategy(spec.strategy.name, spec.strategy.kwargs)
-        fed = spec.federation
-        raw = DATASETS.get(spec.data.name)()
-        model = AdaptedModel(spec.model, num_labels=len(raw.label_names), seed=fed.seed, device=fed.device)
-        data = prepare(spec.data, fed.clients, model.tokenizer, spec.model.max_length, fed.seed, raw=raw)
-        plan = make_plan(spec, strategy, model.state())
+        strategy, model, data, plan = build_parts(spec)
         budgets = None
         if spec.privacy.enabled:
             budgets = [client_budget(spec, cid, len(c)) for cid, c in enumerate(data.clients)]
@@ -264,15 +270,15 @@ class Federation:
             run.history.append(record)
             # checkpoint, then log: the log never runs ahead of what a resume restores
             ckpt = {"spec": spec.to_dict(), "progress": vars(run), "client_states": self.executor.client_states()}
-            _atomic_write(out / CHECKPOINT, functools.partial(torch.save, ckpt))
+            atomic_write(out / CHECKPOINT, functools.partial(torch.save, ckpt))
             lines = "".join(json.dumps(jsonable(r)) + "\n" for r in run.history)
-            _atomic_write(out / ROUNDS, functools.partial(Path.write_text, data=lines))
+            atomic_write(out / ROUNDS, functools.partial(Path.write_text, data=lines))
             if callbacks.on_round_end:
                 callbacks.on_round_end(record)
 
         summary = self._summary(run.history, run.epsilons, run.elapsed)
         self.model.export(run.state, out)
-        _atomic_write(out / SUMMARY, lambda p: p.write_text(json.dumps(jsonable(summary), indent=2) + "\n"))
+        atomic_write(out / SUMMARY, lambda p: p.write_text(json.dumps(jsonable(summary), indent=2) + "\n"))
         return RunResult(summary, run.history, run.state)
 
     def _validate(self, rnd: int, results: list, state: AdapterState) -> tuple[list[ClientUpdate], dict[int, str]]:
