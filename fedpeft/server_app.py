@@ -10,13 +10,13 @@ summary.json and PEFT adapter as an in-process run.
 from __future__ import annotations
 
 import logging
-from importlib import resources
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft.config import load_spec, spec_from_run_config
+from fedpeft.cli import resolve_spec
+from fedpeft.config import Spec, spec_from_run_config
 from fedpeft.executors.flower import FlowerExecutor
 from fedpeft.federation import CHECKPOINT, Callbacks, Federation, check_names
 
@@ -27,8 +27,9 @@ log = logging.getLogger("fedpeft")
 app = ServerApp()
 
 
-def default_spec():  # noqa: ANN201
-    return load_spec(Path(str(resources.files("fedpeft.simulations").joinpath("quickstart.toml"))))
+def default_spec() -> Spec:
+    """The quickstart spec, `fedpeft simulate`'s default; pyproject's run-config is its flat form."""
+    return resolve_spec(None, [])
 
 
 def _log_round(record: dict) -> None:
@@ -61,10 +62,6 @@ def main(grid: Grid, context: Context) -> None:
     if (out / CHECKPOINT).exists():
         raise FileExistsError(f"{out} already holds a run; choose another out")
     log.info("run %d: %s with %s, writing to %s", context.run_id, spec.name, spec.strategy.name, out)
-    if spec.federation.executor != "sequential":
-        log.warning(
-            "federation.executor=%s is not used under Flower: each node trains its own client", spec.federation.executor
-        )
     federation = Federation.build(spec, executor=FlowerExecutor(grid, spec))
     result = federation.run(out, callbacks=Callbacks(on_round_end=_log_round))
     summary = result.summary
