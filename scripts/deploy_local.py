@@ -22,8 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedpeft.config import parse_overrides  # noqa: E402
+from fedpeft.config import ConfigError, parse_overrides  # noqa: E402
 from fedpeft.deploy import LocalDeployment, run_config_arg  # noqa: E402
+from fedpeft.federation import check_names  # noqa: E402
+from fedpeft.registry import UnknownNameError  # noqa: E402
 
 
 def main() -> int:
@@ -37,11 +39,16 @@ def main() -> int:
     from fedpeft.server_app import default_spec
 
     directory = Path(args.dir).resolve()
-    overrides = parse_overrides(args.set)
-    per_round = min(default_spec().federation.clients_per_round, args.nodes)
-    spec = default_spec().with_flat(
-        {"federation.clients": args.nodes, "federation.clients_per_round": per_round, **overrides}
-    )
+    try:
+        overrides = parse_overrides(args.set)
+        per_round = min(default_spec().federation.clients_per_round, args.nodes)
+        spec = default_spec().with_flat(
+            {"federation.clients": args.nodes, "federation.clients_per_round": per_round, **overrides}
+        )
+        check_names(spec)
+    except (ConfigError, UnknownNameError) as exc:
+        print(f"deploy_local: {exc}", file=sys.stderr)
+        return 2
     flat = {k: v for k, v in spec.to_flat().items() if not k.startswith("sweep.")}
     out = directory / "out" / time.strftime("%Y%m%d-%H%M%S")
     deployment = LocalDeployment(directory, args.nodes)
