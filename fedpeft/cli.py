@@ -6,7 +6,6 @@ import argparse
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from datetime import datetime
@@ -78,21 +77,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if federation.sigmas:
         line += f", sigma {min(federation.sigmas):.3f}-{max(federation.sigmas):.3f}"
     console.print(line)
-    created = not out.exists()
     try:
         with ProgressDisplay(console, fed.rounds * fed.clients_per_round) as progress:
             result = federation.run(out, resume=args.resume, callbacks=progress.callbacks(spec))
-    except BaseException as exc:
-        saved = (out / CHECKPOINT).is_file()
-        if created and not saved:
-            shutil.rmtree(out, ignore_errors=True)  # no round finished: nothing worth keeping
-        if isinstance(exc, KeyboardInterrupt):
-            if saved:
-                console.print(f"[yellow]interrupted[/]; continue with the same command plus --out {out} --resume")
-            else:
-                console.print("[yellow]interrupted[/] before the first round finished; nothing was saved")
-            return 130
-        raise
+    except KeyboardInterrupt:
+        if (out / CHECKPOINT).is_file():
+            console.print(f"[yellow]interrupted[/]; continue with the same command plus --out {out} --resume")
+        else:
+            console.print("[yellow]interrupted[/] before the first round finished; nothing was saved")
+        return 130
     plot_run(
         result.history, out / "accuracy.png", f"{spec.name}: {spec.strategy.name}", result.summary["majority_rate"]
     )

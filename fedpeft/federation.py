@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,10 +203,19 @@ class Federation:
     # ---------------------------------------------------------------------------------------
     def run(self, out: Path, resume: bool = False, callbacks: Callbacks | None = None) -> RunResult:
         """Run (or resume) all rounds, writing rounds.jsonl and a checkpoint after each round and
-        summary.json plus the PEFT adapter at the end."""
-        callbacks = callbacks or Callbacks()
-        spec, fed = self.spec, self.spec.federation
+        summary.json plus the PEFT adapter at the end. A run that fails or is interrupted before
+        its first checkpoint leaves no directory behind (unless `out` existed before)."""
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._run(out, resume, callbacks or Callbacks())
+        except BaseException:
+            if created and not (out / CHECKPOINT).is_file():
+                shutil.rmtree(out, ignore_errors=True)  # no round finished: nothing worth keeping
+            raise
+
+    def _run(self, out: Path, resume: bool, callbacks: Callbacks) -> RunResult:
+        spec, fed = self.spec, self.spec.federation
         if resume:
             ckpt = torch.load(out / CHECKPOINT, weights_only=False)
             _check_same_spec(Spec.from_dict(ckpt["spec"]), spec)

@@ -295,3 +295,11 @@ def test_data_file_errors_are_clear(tmp_path):
     good.write_text("label,text\npositive,nice\n0,bad\n")
     data = load_file(good, ("negative", "positive"))
     assert data.labels == [1, 0] and data.texts == ["nice", "bad"]
+
+
+def test_no_usable_node_is_a_clear_error(tmp_path):
+    spec = tiny_spec(federation__rounds=1, federation__clients=2, federation__clients_per_round=2)
+    grid = LocalGrid(3)  # three nodes for two clients: every node says "partition k of 3"
+    with pytest.raises(ConfigError, match="no connected node holds any of the 2 clients.*partition 0 of 3"):
+        _run_flower(spec, tmp_path / "run", grid)
+    assert not (tmp_path / "run").exists()  # failed before its first checkpoint: nothing left behind

@@ -32,7 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft.client import LocalTraining
-from fedpeft.config import Spec
+from fedpeft.config import ConfigError, Spec
 from fedpeft.executors.base import ClientFailure, ClientResult
 from fedpeft.state import AdapterState, ClientUpdate
 
@@ -83,6 +83,7 @@ class FlowerExecutor:
         self.nodes: dict[int, int] = {}  # client id (partition) -> node id
         self._asked: set[int] = set()  # node ids already asked for their partition
         self._first = True
+        self._ignored: list[str] = []  # why nodes were left out, for the error when none is usable
 
     # -- node discovery ---------------------------------------------------------------------
     def _discover(self) -> None:
@@ -101,6 +102,13 @@ class FlowerExecutor:
                 break
             time.sleep(DISCOVERY_POLL)
         if self._first:
+            if not self.nodes:
+                raise ConfigError(
+                    f"no connected node holds any of the {len(wanted)} clients after {self.connect_timeout:g} s "
+                    f"({len(connected)} node(s) connected; each needs partition-id < num-partitions <= "
+                    "federation.clients; in simulation set num-supernodes <= federation.clients). "
+                    + "; ".join(self._ignored[-3:])
+                )
             missing = sorted(wanted - set(self.nodes))
             if missing:
                 log.warning("no node holds client(s) %s yet; they count as failed until one connects", missing)
@@ -114,14 +122,16 @@ class FlowerExecutor:
         for reply in replies:
             nid = by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
-                log.warning("node %d did not say which partition it holds: %s", nid, reply.error.reason)
+                why = f"node {nid} did not say which partition it holds: {reply.error.reason}"
+                log.warning("%s", why)
+                self._ignored.append(why)
                 continue
             config = reply.content["config"]
             k, parts, clients = int(config[PARTITION_ID]), int(config[NUM_PARTITIONS]), self.spec.federation.clients
             if not 0 <= k < parts <= clients:
-                log.warning(
-                    "node %d is partition %d of %d, but the federation has %d clients; ignored", nid, k, parts, clients
-                )
+                why = f"node {nid} is partition {k} of {parts}, but the federation has {clients} clients"
+                log.warning("%s; ignored", why)
+                self._ignored.append(why)
                 continue
             for cid in node_clients(k, parts, clients):
                 if cid in self.nodes and self.nodes[cid] != nid:
