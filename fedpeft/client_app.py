@@ -181,10 +181,10 @@ def train(message: Message, context: Context) -> Message:
         data = {cid: worker.data_file(str(context.node_config["data-file"])) for cid in cids}
     stores = {cid: _NodeState(context, cid) for cid in cids}
     for cid, store in stores.items():  # this node's view of its clients, as it left them
-        if executor.budgets is not None:
+        if executor.budgets is not None:  # its ledger so far, or a new one calibrated on its own data
             saved = store.budget()
-            fresh = client_budget(spec, cid, len(data[cid])) if not saved else None
-            executor.budgets[cid] = ClientBudget.from_dict(saved) if saved else fresh
+            budget = ClientBudget.from_dict(saved) if saved else client_budget(spec, cid, len(data[cid]))
+            executor.budgets[cid] = budget
         executor.personal.pop(cid, None)
         if personal := store.personal():
             executor.personal[cid] = personal
