@@ -22,6 +22,13 @@ def _default_spec_path() -> Path:
     return Path(str(resources.files("fedpeft.simulations").joinpath(DEFAULT_SPEC)))
 
 
+def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """`--set KEY=VALUE [KEY=VALUE ...]` (repeatable): spec overrides, read by `resolve_spec`."""
+    parser.add_argument(
+        "--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help=f"override spec keys, e.g. {example}"
+    )
+
+
 def resolve_spec(path: str | None, overrides: list[str]) -> Spec:
     spec = load_spec(path or _default_spec_path())
     return spec.with_flat(parse_overrides(overrides)) if overrides else spec
@@ -151,28 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run a simulated federation (default: the quickstart spec)")
     sim.add_argument("spec", nargs="?", help="federation spec (TOML); default simulations/quickstart.toml")
-    sim.add_argument(
-        "--set",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec key, e.g. federation.rounds=3 or privacy.epsilon=inf",
-    )
+    add_set_argument(sim, "federation.rounds=3 privacy.epsilon=inf")
     sim.add_argument("--out", help="output directory (default runs/NAME-TIMESTAMP)")
     sim.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     sim.set_defaults(func=cmd_simulate)
 
     swp = sub.add_parser("sweep", help="strategies x epsilons x seeds of a spec's [sweep] table, then the report")
     swp.add_argument("spec", help="federation spec (TOML) with a [sweep] table")
-    swp.add_argument(
-        "--set",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec key, e.g. sweep.seeds=[0,1]",
-    )
+    add_set_argument(swp, "sweep.seeds=[0,1]")
     swp.add_argument("--out", help="output directory (default runs/sweep-NAME); a started sweep continues there")
     swp.set_defaults(func=cmd_sweep)
 

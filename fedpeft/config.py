@@ -408,6 +408,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 APP_KEYS = ("spec", "out")
 
 
+def to_run_config(spec: Spec) -> dict[str, Any]:
+    """A spec as Flower run-config keys: its flat form without the [sweep] table (a Flower run is
+    one federation, not a grid). pyproject's [tool.flwr.app.config] is this of the quickstart."""
+    return {k: v for k, v in spec.to_flat().items() if not k.startswith("sweep.")}
+
+
 def spec_from_run_config(run_config: Mapping[str, Any], default: Spec) -> Spec:
     """The spec of a Flower run. Flower's run-config is the flat form of `default` (pyproject's
     [tool.flwr.app.config] carries it) plus the app keys `spec` and `out`. With `spec` = a TOML

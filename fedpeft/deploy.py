@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import math
 import os
 import shutil
 import signal
@@ -19,6 +20,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fedpeft.config import Spec, to_run_config
 
 __all__ = [
     "Certificates",
@@ -117,9 +120,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_config_arg(flat: dict) -> str:
-    """A flat spec as one `flwr run --run-config` argument (TOML values)."""
-    import math
+def run_config_arg(spec: Spec, out: str | Path) -> str:
+    """`spec` and the output directory as one `flwr run --run-config` argument (TOML values)."""
 
     def value(v: object) -> str:
         if isinstance(v, bool):
@@ -130,6 +132,7 @@ def run_config_arg(flat: dict) -> str:
             return repr(v)
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
+    flat = {**to_run_config(spec), "out": str(out)}
     return " ".join(f"{k}={value(v)}" for k, v in flat.items())
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedpeft.config import Spec  # noqa: E402
+from fedpeft.config import Spec, to_run_config  # noqa: E402
 from fedpeft.deploy import LocalDeployment, flwr_simulation, run_config_arg  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=3)
     args = parser.parse_args()
     the_spec = spec(args.nodes, args.rounds)
-    flat = {k: v for k, v in the_spec.to_flat().items() if not k.startswith("sweep.")}
+    flat = to_run_config(the_spec)
     work = Path(tempfile.mkdtemp(prefix="bench-flower-"))
     rows = {}
 
@@ -66,7 +66,7 @@ def main() -> None:
 
     out = work / "flwr-simulation"
     tic = time.perf_counter()
-    proc = flwr_simulation(ROOT, run_config_arg({**flat, "out": str(out)}), args.nodes, work / "flwr-home")
+    proc = flwr_simulation(ROOT, run_config_arg(the_spec, out), args.nodes, work / "flwr-home")
     if not (out / "summary.json").is_file():
         raise SystemExit(f"flwr run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     rows["flwr-simulation"] = (rounds_of(out), time.perf_counter() - tic)
@@ -75,7 +75,7 @@ def main() -> None:
     out = work / "deployment"
     tic = time.perf_counter()
     with LocalDeployment(work / "deployment-state", args.nodes) as deployment:
-        deployment.run(ROOT, run_config_arg({**flat, "out": str(out)}), timeout=3600)
+        deployment.run(ROOT, run_config_arg(the_spec, out), timeout=3600)
     rows["deployment"] = (rounds_of(out), time.perf_counter() - tic)
     print(f"deployment done in {rows['deployment'][1]:.1f} s", flush=True)
 

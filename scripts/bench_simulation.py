@@ -77,8 +77,7 @@ def one_flower(spec, k: int, batch: int, steps: int) -> dict:  # noqa: ANN001
     from fedpeft.deploy import flwr_simulation, run_config_arg
 
     work = Path(tempfile.mkdtemp(prefix="bench-flower-"))
-    flat = {key: v for key, v in spec.to_flat().items() if not key.startswith("sweep.")}
-    proc = flwr_simulation(ROOT, run_config_arg({**flat, "out": str(work / "run")}), k, work / "flwr-home")
+    proc = flwr_simulation(ROOT, run_config_arg(spec, work / "run"), k, work / "flwr-home")
     if not (work / "run" / "summary.json").is_file():
         raise RuntimeError(f"flwr run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     rounds = [json.loads(line) for line in (work / "run" / "rounds.jsonl").read_text().splitlines()]

@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedpeft.cli import add_set_argument  # noqa: E402
 from fedpeft.config import ConfigError, parse_overrides  # noqa: E402
 from fedpeft.deploy import LocalDeployment, run_config_arg  # noqa: E402
 from fedpeft.federation import check_names  # noqa: E402
@@ -32,7 +33,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--dir", default="runs/deployment")
-    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    add_set_argument(parser, "model.name=tiny-bert data.name=synthetic")
     parser.add_argument("--keep", action="store_true", help="keep the SuperLink and SuperNodes running after the run")
     args = parser.parse_args()
 
@@ -49,14 +50,13 @@ def main() -> int:
     except (ConfigError, UnknownNameError) as exc:
         print(f"deploy_local: {exc}", file=sys.stderr)
         return 2
-    flat = {k: v for k, v in spec.to_flat().items() if not k.startswith("sweep.")}
     out = directory / "out" / time.strftime("%Y%m%d-%H%M%S")
     deployment = LocalDeployment(directory, args.nodes)
     print(f"starting a TLS SuperLink on {deployment.address} and {args.nodes} SuperNodes (logs in {directory})")
     try:
         deployment.start()
         print(f"flwr run . fedpeft-local  ->  {out}")
-        deployment.run(ROOT, run_config_arg({**flat, "out": str(out)}), timeout=24 * 3600, capture=False)
+        deployment.run(ROOT, run_config_arg(spec, out), timeout=24 * 3600, capture=False)
         if args.keep:
             print(f"SuperLink and SuperNodes still running; FLWR_HOME={directory / 'flwr'}; Ctrl-C stops them")
             while True:

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft import client_app
-from fedpeft.config import ConfigError, spec_from_run_config
+from fedpeft.config import ConfigError, spec_from_run_config, to_run_config
 from fedpeft.executors.flower import FlowerExecutor
 from fedpeft.federation import Callbacks, Federation, client_budget
 from fedpeft.server_app import default_spec
@@ -114,7 +114,7 @@ def _flatten(table: dict, prefix: str = "") -> dict:
 
 def test_pyproject_run_config_is_the_quickstart_spec():
     config = _flatten(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
-    expected = {k: v for k, v in default_spec().to_flat().items() if not k.startswith("sweep.")}
+    expected = to_run_config(default_spec())
     assert config == {"spec": "", "out": "", **expected}
     assert spec_from_run_config(config, default_spec()) == default_spec()
 

@@ -32,11 +32,6 @@ def _spec(**overrides):  # noqa: ANN003, ANN202
     )
 
 
-def _flat(spec, out: Path) -> str:  # noqa: ANN001
-    flat = {k: v for k, v in spec.to_flat().items() if not k.startswith("sweep.")}
-    return run_config_arg({**flat, "out": str(out)})
-
-
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -58,7 +53,7 @@ def test_flwr_run_simulation_equals_in_process(tmp_path):
     spec = _spec()
     reference = _reference(spec, tmp_path / "in-process")
     out = tmp_path / "flwr-sim"
-    proc = flwr_simulation(ROOT, _flat(spec, out), nodes=3, flwr_home=tmp_path / "flwr-home", timeout=400)
+    proc = flwr_simulation(ROOT, run_config_arg(spec, out), nodes=3, flwr_home=tmp_path / "flwr-home", timeout=400)
     assert (out / "summary.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     _assert_same_adapter(out, tmp_path / "in-process")
     summary = json.loads((out / "summary.json").read_text())
@@ -76,7 +71,7 @@ def test_deployment_equals_in_process(deployment, tmp_path):
     spec = _spec()
     _reference(spec, tmp_path / "in-process")
     out = tmp_path / "deployed"
-    proc = deployment.run(ROOT, _flat(spec, out), timeout=400)
+    proc = deployment.run(ROOT, run_config_arg(spec, out), timeout=400)
     assert (out / "summary.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     _assert_same_adapter(out, tmp_path / "in-process")
     model = load_exported(out)  # the exported adapter loads as a model too
@@ -88,7 +83,7 @@ def test_deployment_private_with_a_node_killed_mid_run(deployment, tmp_path):
     reference = _reference(spec, tmp_path / "in-process")
     out = tmp_path / "deployed"
     proc = subprocess.Popen(
-        deployment.run_command(ROOT, _flat(spec, out)), env=deployment.env, stdout=subprocess.PIPE,
+        deployment.run_command(ROOT, run_config_arg(spec, out)), env=deployment.env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

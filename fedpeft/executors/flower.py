@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -117,10 +117,7 @@ class FlowerExecutor:
     def _query(self, node_ids: list[int]) -> None:
         messages = [Message(RecordDict(), nid, MessageType.QUERY) for nid in node_ids]
         self._asked.update(node_ids)  # asked once: a node that does not answer is not waited for again
-        replies = list(self.grid.send_and_receive(messages, timeout=min(self.timeout, 60.0)))
-        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        for reply in replies:
-            nid = by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        for nid, reply in self._exchange(messages, timeout=min(self.timeout, 60.0)):
             if reply.has_error():
                 why = f"node {nid} did not say which partition it holds: {reply.error.reason}"
                 log.warning("%s", why)
@@ -164,12 +161,7 @@ class FlowerExecutor:
             )
             content = RecordDict({"adapter": adapter, "config": config})
             messages.append(Message(content, nid, MessageType.TRAIN, group_id=str(round_num)))
-        replies = list(self._send(messages))
-        # an error the SuperLink makes for an unreachable node comes from the SuperLink, not the
-        # node: match replies to messages by id (the grid sets the ids when it pushes)
-        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        for reply in replies:
-            nid = by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        for nid, reply in self._exchange(messages):
             for cid in groups.get(nid, []):
                 if cid not in results:
                     results[cid] = self._result(cid, nid, reply)
@@ -182,11 +174,16 @@ class FlowerExecutor:
                     results[cid] = ClientFailure(cid, f"node {nid} sent no reply (waited {waited})")
         return [results[cid] for cid in client_ids]
 
-    def _send(self, messages: list[Message]) -> Iterable[Message]:
+    def _exchange(self, messages: list[Message], timeout: float | None = None) -> list[tuple[int, Message]]:
+        """Send, wait (up to `timeout`, default federation.timeout) and pair each reply with the node
+        its message went to. Replies are matched by message id (the grid sets the ids when it
+        pushes): an error the SuperLink makes for an unreachable node comes from the SuperLink."""
         if not messages:
             return []
-        timeout = None if math.isinf(self.timeout) else self.timeout
-        return self.grid.send_and_receive(messages, timeout=timeout)
+        timeout = self.timeout if timeout is None else timeout
+        replies = list(self.grid.send_and_receive(messages, timeout=None if math.isinf(timeout) else timeout))
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        return [(node_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
 
     def _result(self, cid: int, nid: int, reply: Message) -> ClientResult:
         if reply.has_error():
@@ -214,9 +211,9 @@ class FlowerExecutor:
             for nid in sorted(set(self.nodes.values()))
         ]
         scores = []
-        for reply in self._send(messages):
+        for nid, reply in self._exchange(messages):
             if reply.has_error():
-                log.warning("node %d could not evaluate: %s", reply.metadata.src_node_id, reply.error.reason)
+                log.warning("node %d could not evaluate: %s", nid, reply.error.reason)
                 continue
             for name, record in reply.content.metric_records.items():
                 if name.startswith("metrics."):
