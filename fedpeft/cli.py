@@ -9,17 +9,11 @@ import os
 import sys
 import time
 from datetime import datetime
-from importlib import resources
 from pathlib import Path
 
-from fedpeft.config import ConfigError, Spec, load_spec, parse_overrides
+from fedpeft.config import ConfigError, Spec
 from fedpeft.registry import UnknownNameError
-
-DEFAULT_SPEC = "quickstart.toml"
-
-
-def _default_spec_path() -> Path:
-    return Path(str(resources.files("fedpeft.simulations").joinpath(DEFAULT_SPEC)))
+from fedpeft.spec_io import resolve_spec
 
 
 def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
@@ -29,13 +23,8 @@ def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
     )
 
 
-def resolve_spec(path: str | None, overrides: list[str]) -> Spec:
-    spec = load_spec(path or _default_spec_path())
-    return spec.with_flat(parse_overrides(overrides)) if overrides else spec
-
-
 def _prepare_out(out: str | None, spec: Spec, resume: bool) -> Path:
-    from fedpeft.federation import CHECKPOINT, SUMMARY
+    from fedpeft.runfiles import CHECKPOINT, SUMMARY
 
     if out is None:
         if resume:
@@ -54,16 +43,17 @@ def _prepare_out(out: str | None, spec: Spec, resume: bool) -> Path:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedpeft.federation import check_names
+    from fedpeft.build import check_names
 
     spec = resolve_spec(args.spec, args.set)
     check_names(spec)
     out = _prepare_out(args.out, spec, args.resume)
     from rich.console import Console
 
-    from fedpeft.federation import CHECKPOINT, Federation
+    from fedpeft.federation import Federation
     from fedpeft.progress import ProgressDisplay, final_table
     from fedpeft.report import plot_run
+    from fedpeft.runfiles import CHECKPOINT
 
     console = Console(stderr=True)
     fed, privacy = spec.federation, spec.privacy
@@ -144,7 +134,7 @@ def cmd_privacy(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from fedpeft.data import DATASETS
     from fedpeft.models import MODELS
-    from strategies import STRATEGIES
+    from fedpeft.strategies import STRATEGIES
 
     print("models:     " + ", ".join(MODELS.names()))
     print("datasets:   " + ", ".join(DATASETS.names()))

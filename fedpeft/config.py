@@ -1,9 +1,9 @@
-"""Federation spec: frozen, validated dataclasses, loaded from TOML and mapped to/from flat keys.
+"""Federation spec: frozen, validated dataclasses.
 
-A spec has six sections (federation, model, data, strategy, privacy, train). Every field has one
-default, here; TOML files and ``--set section.key=value`` overrides only change fields. The flat
-form (``{"federation.rounds": 5, ...}``) is what ``--set`` and Flower's run-config use, so both
-speak the same keys.
+A spec has six sections (federation, model, data, strategy, privacy, train) and the [sweep] grid.
+Every field has one default and one check, here; fedpeft.spec_io reads specs from TOML, from the
+flat form (``{"federation.rounds": 5, ...}``, what ``--set`` and Flower's run-config speak) and
+writes them back.
 """
 
 from __future__ import annotations
@@ -12,10 +12,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import tomllib
 
 __all__ = [
     "ConfigError",
@@ -27,8 +24,8 @@ __all__ = [
     "TrainConfig",
     "SweepConfig",
     "Spec",
-    "load_spec",
-    "parse_overrides",
+    "SECTIONS",
+    "client_rank",
 ]
 
 
@@ -219,7 +216,7 @@ class SweepConfig:
             _require(len(set(values)) == len(values), f"sweep.{name} has duplicates: {list(values)}")
 
 
-_SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type] = {
     "federation": FederationConfig,
     "model": ModelConfig,
     "data": DataConfig,
@@ -246,7 +243,7 @@ class Spec:
     # ---- nested dict form (TOML, summary.json) -------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
-        for section in _SECTIONS:
+        for section in SECTIONS:
             values = dataclasses.asdict(getattr(self, section))
             if section == "strategy":
                 values = {"name": values["name"], **dict(self.strategy.options)}
@@ -257,16 +254,10 @@ class Spec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Spec:
-        unknown = set(data) - set(_SECTIONS) - {"name"}
-        if unknown:
-            raise ConfigError(f"unknown spec section(s) {sorted(unknown)}; valid: name, {', '.join(_SECTIONS)}")
-        kwargs: dict[str, Any] = {"name": str(data.get("name", cls.name))}
-        for section, klass in _SECTIONS.items():
-            table = data.get(section, {})
-            if not isinstance(table, Mapping):
-                raise ConfigError(f"[{section}] must be a table, got {type(table).__name__}")
-            kwargs[section] = _build_section(section, klass, table)
-        return cls(**kwargs)
+        """A validated spec from its nested dict form (see fedpeft.spec_io, which parses it)."""
+        from fedpeft.spec_io import spec_from_dict
+
+        return spec_from_dict(data)
 
     # ---- flat dotted form (--set, Flower run-config) -------------------------------------
     def to_flat(self) -> dict[str, Any]:
@@ -287,141 +278,10 @@ class Spec:
                 nested["name"] = str(value)
                 continue
             section, _, key = dotted.partition(".")
-            if section not in _SECTIONS or not key:
+            if section not in SECTIONS or not key:
                 raise ConfigError(
                     f"unknown key {dotted!r}: keys are section.field with section one of "
-                    f"{', '.join(_SECTIONS)} (e.g. federation.rounds)"
+                    f"{', '.join(SECTIONS)} (e.g. federation.rounds)"
                 )
             nested[section][key] = value
         return Spec.from_dict(nested)
-
-
-def _coerce(section: str, key: str, value: Any, default: Any, item: type = str) -> Any:
-    where = f"{section}.{key}"
-    if isinstance(default, bool):
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false (got {value!r})")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where} must be an integer (got {value!r})")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"{where} must be a number (got {value!r})") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number (got {value!r})")
-        return float(value)
-    if isinstance(default, tuple):
-        if isinstance(value, str):  # flat form: "a,b,c"
-            value = [v.strip() for v in value.split(",") if v.strip()]
-            if item in (int, float):
-                try:
-                    value = [item(v) for v in value]
-                except ValueError:
-                    raise ConfigError(f"{where} must be a list of {item.__name__}s (got {value!r})") from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and item in (int, float):
-            value = [value]
-        if item is float and isinstance(value, (list, tuple)):  # 6 -> 6.0; "inf" (strict JSON) -> inf
-            try:
-                value = [float(v) if isinstance(v, (int, str)) and not isinstance(v, bool) else v for v in value]
-            except ValueError:
-                raise ConfigError(f"{where} must be a list of numbers (got {value!r})") from None
-        if not isinstance(value, (list, tuple)) or not all(
-            isinstance(v, item) and not isinstance(v, bool) for v in value
-        ):
-            raise ConfigError(f"{where} must be a list of {item.__name__}s (got {value!r})")
-        return tuple(value)
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string (got {value!r})")
-        return value
-    return value
-
-
-def _build_section(section: str, klass: type, table: Mapping[str, Any]) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(klass)}
-    defaults = klass()
-    if klass is StrategyConfig:
-        name = _coerce(section, "name", table.get("name", defaults.name), defaults.name)
-        options = tuple(sorted((k, v) for k, v in table.items() if k != "name"))
-        return StrategyConfig(name=name, options=options)
-    unknown = set(table) - set(fields)
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {sorted(f'{section}.{k}' for k in unknown)}; "
-            f"valid keys of [{section}]: {', '.join(fields)}"
-        )
-    values = {
-        k: _coerce(section, k, v, getattr(defaults, k), fields[k].metadata.get("item", str)) for k, v in table.items()
-    }
-    return klass(**values)
-
-
-def spec_diff(old: Spec, new: Spec, what: str = "run") -> str:
-    """The keys where two specs differ, as `key: run has X, now Y`; empty when equal."""
-    before, after = old.to_flat(), new.to_flat()
-    keys = sorted(set(before) | set(after))
-    return "; ".join(
-        f"{k}: {what} has {before.get(k)!r}, now {after.get(k)!r}" for k in keys if before.get(k) != after.get(k)
-    )
-
-
-def load_spec(path: str | Path) -> Spec:
-    """Read a spec from a TOML file. Missing keys take the defaults of this module."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"spec file {str(path)!r} does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    data.setdefault("name", path.stem)
-    return Spec.from_dict(data)
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Parse ``KEY=VALUE`` strings; VALUE is read as a TOML value (``inf``, ``3``, ``"x"``, ``[..]``),
-    falling back to the bare string."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects KEY=VALUE, e.g. federation.rounds=3 (got {item!r})")
-        raw = raw.strip()
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        out[key.strip()] = value
-    return out
-
-
-# Keys of Flower's run-config that belong to the app, not to the spec.
-APP_KEYS = ("spec", "out")
-
-
-def to_run_config(spec: Spec) -> dict[str, Any]:
-    """A spec as Flower run-config keys: its flat form without the [sweep] table (a Flower run is
-    one federation, not a grid). pyproject's [tool.flwr.app.config] is this of the quickstart."""
-    return {k: v for k, v in spec.to_flat().items() if not k.startswith("sweep.")}
-
-
-def spec_from_run_config(run_config: Mapping[str, Any], default: Spec) -> Spec:
-    """The spec of a Flower run. Flower's run-config is the flat form of `default` (pyproject's
-    [tool.flwr.app.config] carries it) plus the app keys `spec` and `out`. With `spec` = a TOML
-    file, that file is the base and only the keys set away from the default override it; with no
-    `spec`, every key applies, exactly like `fedpeft simulate --set`."""
-    flat = {k: v for k, v in run_config.items() if k not in APP_KEYS}
-    path = str(run_config.get("spec") or "")
-    if not path:
-        return default.with_flat(flat)
-    defaults = default.to_flat()
-    return load_spec(path).with_flat({k: v for k, v in flat.items() if defaults.get(k) != v})

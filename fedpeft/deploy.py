@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedpeft.config import Spec, to_run_config
+from fedpeft.config import Spec
+from fedpeft.spec_io import to_run_config
 
 __all__ = [
     "Certificates",

@@ -2,16 +2,15 @@
 
 One loop for every way of running; only the executor changes. Every random choice derives from
 (spec seed, round, client), never from a running RNG, so a run resumed from a checkpoint takes
-exactly the path an uninterrupted run takes.
+exactly the path an uninterrupted run takes. Assembly lives in fedpeft.build, run files in
+fedpeft.runfiles, update checks in fedpeft.validation.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -23,32 +22,20 @@ import numpy as np
 import torch
 
 from fedpeft.adapters import AdaptedModel
+from fedpeft.build import build_parts, client_budgets, make_executor
 from fedpeft.client import LocalTraining, evaluate
-from fedpeft.config import ConfigError, Spec, client_rank, spec_diff
-from fedpeft.data import DATASETS, FederatedData, prepare
-from fedpeft.executors import ClientFailure, Executor, SequentialExecutor
-from fedpeft.models import MODELS
-from fedpeft.privacy.accounting import ClientBudget, calibrate_budget
-from fedpeft.state import BASE, HEAD, LORA_A, LORA_B, AdapterState, ClientUpdate, kind_of
-from strategies import STRATEGIES, Strategy, make_strategy
+from fedpeft.config import ConfigError, Spec, client_rank
+from fedpeft.data import FederatedData
+from fedpeft.executors import ClientFailure, Executor
+from fedpeft.runfiles import CHECKPOINT, SUMMARY, load_checkpoint, save_checkpoint, write_json, write_rounds
+from fedpeft.spec_io import spec_diff
+from fedpeft.state import BASE, LORA_A, LORA_B, AdapterState, ClientUpdate, kind_of
+from fedpeft.strategies import Strategy
+from fedpeft.validation import validate_update
 
-__all__ = [
-    "Federation",
-    "RunResult",
-    "check_names",
-    "client_budget",
-    "make_plan",
-    "sample_clients",
-    "seed_for",
-    "validate_update",
-]
+__all__ = ["Callbacks", "Federation", "RunResult", "sample_clients", "seed_for"]
 
 log = logging.getLogger("fedpeft")
-
-CHECKPOINT = "checkpoint.pt"
-ROUNDS = "rounds.jsonl"
-SUMMARY = "summary.json"
-EXECUTORS = ("sequential", "cohort")
 
 
 def seed_for(seed: int, *parts: int) -> int:
@@ -59,86 +46,6 @@ def seed_for(seed: int, *parts: int) -> int:
 def sample_clients(seed: int, round_num: int, num_clients: int, per_round: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed_for(seed, round_num, 0))
     return sorted(torch.randperm(num_clients, generator=generator)[:per_round].tolist())
-
-
-def make_plan(spec: Spec, strategy: Strategy, state: AdapterState) -> LocalTraining:
-    """What every client does in a round: the strategy's trainable and uploaded tensors, the
-    tensors it keeps locally, and the spec's local SGD."""
-    trains = set(strategy.trains) | ({HEAD} if spec.model.train_head else set())
-    return LocalTraining(
-        steps=spec.train.local_steps,
-        batch_size=spec.train.batch_size,
-        lr=spec.train.lr,
-        trains=frozenset(trains),
-        uploads=tuple(strategy.uploads(state, spec.model.train_head)),
-        keeps=tuple(n for n in state.tensors if kind_of(n) in strategy.personal),
-    )
-
-
-def client_budget(spec: Spec, client_id: int, num_examples: int) -> ClientBudget:
-    """A client's DP-SGD budget, calibrated for the worst case: it trains in every round. A
-    client computes its own from the spec and its data size alone (Flower nodes do)."""
-    priv = spec.privacy
-    return calibrate_budget(
-        client_id, num_examples, spec.train.batch_size, spec.federation.rounds, spec.train.local_steps,
-        priv.epsilon, priv.delta, priv.accountant,
-    )  # fmt: skip
-
-
-def build_parts(spec: Spec) -> tuple[Strategy, AdaptedModel, FederatedData, LocalTraining]:
-    """What both the server and a Flower node build from a spec: the strategy, the model with its
-    adapter, the data (test split and every client's partition) and the clients' plan."""
-    check_names(spec)
-    strategy = make_strategy(spec.strategy.name, spec.strategy.kwargs)
-    fed = spec.federation
-    raw = DATASETS.get(spec.data.name)()
-    model = AdaptedModel(spec.model, num_labels=len(raw.label_names), seed=fed.seed, device=fed.device)
-    data = prepare(spec.data, fed.clients, model.tokenizer, spec.model.max_length, fed.seed, raw=raw)
-    return strategy, model, data, make_plan(spec, strategy, model.state())
-
-
-def make_executor(
-    spec: Spec, model: AdaptedModel, clients: list, num_labels: int, budgets: list[ClientBudget | None] | None
-) -> Executor:
-    """The in-process executor the spec asks for (`federation.executor`), over `clients`' data."""
-    fed = spec.federation
-    ranks = [client_rank(spec.model, cid) for cid in range(fed.clients)]
-    if fed.executor == "cohort":
-        from fedpeft.executors.cohort import CohortExecutor
-
-        return CohortExecutor(
-            spec.model, num_labels, fed.seed, clients, budgets, spec.privacy.clip, ranks,
-            device=model.device, chunk=fed.cohort_chunk,
-        )  # fmt: skip
-    return SequentialExecutor(model, clients, budgets, spec.privacy.clip, ranks)
-
-
-def check_names(spec: Spec) -> None:
-    """Unknown registry names fail before any work, each listing the valid ones."""
-    MODELS.get(spec.model.name)
-    DATASETS.get(spec.data.name)
-    STRATEGIES.get(spec.strategy.name)
-    if spec.federation.executor not in EXECUTORS:
-        raise ConfigError(f"unknown executor {spec.federation.executor!r}; valid: {', '.join(EXECUTORS)}")
-
-
-def validate_update(update: ClientUpdate, expected: list[str], reference: AdapterState) -> str | None:
-    """Why `update` must not be aggregated, or None if it is sound."""
-    if set(update.tensors) != set(expected):
-        missing, extra = set(expected) - set(update.tensors), set(update.tensors) - set(expected)
-        return f"wrong tensors (missing {sorted(missing)[:2]}, unexpected {sorted(extra)[:2]})"
-    if not (isinstance(update.num_examples, int) and update.num_examples > 0):
-        return f"num_examples must be a positive integer (got {update.num_examples!r})"
-    for name in expected:
-        tensor, ref = update.tensors[name], reference.tensors[name]
-        if not isinstance(tensor, torch.Tensor) or tensor.shape != ref.shape:
-            shape = getattr(tensor, "shape", type(tensor).__name__)
-            return f"{name}: shape {tuple(shape)} != expected {tuple(ref.shape)}"
-        if tensor.dtype != ref.dtype:
-            return f"{name}: dtype {tensor.dtype} != expected {ref.dtype}"
-        if not torch.isfinite(tensor).all():
-            return f"{name}: non-finite values (NaN or inf)"
-    return None
 
 
 @dataclass
@@ -170,12 +77,6 @@ class Callbacks:
     on_round_end: Callable[[dict[str, Any]], None] | None = None
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 @dataclass
 class Federation:
     """A federation built from a spec: model, data, strategy, client budgets, executor."""
@@ -191,14 +92,12 @@ class Federation:
     @classmethod
     def build(cls, spec: Spec, executor: Executor | None = None) -> Federation:
         """Validate names and options, load the model and data, calibrate sigma per client."""
-        strategy, model, data, plan = build_parts(spec)
-        budgets = None
-        if spec.privacy.enabled:
-            budgets = [client_budget(spec, cid, len(c)) for cid, c in enumerate(data.clients)]
+        parts = build_parts(spec)
+        budgets = client_budgets(spec, parts.data.clients)
         if executor is None:
-            executor = make_executor(spec, model, data.clients, data.num_labels, budgets)
+            executor = make_executor(spec, parts.model, parts.data.clients, parts.data.num_labels, budgets)
         sigmas = [b.sigma for b in budgets] if budgets else None
-        return cls(spec, model, data, strategy, executor, plan, sigmas)
+        return cls(spec, parts.model, parts.data, parts.strategy, executor, parts.plan, sigmas)
 
     # ---------------------------------------------------------------------------------------
     def run(self, out: Path, resume: bool = False, callbacks: Callbacks | None = None) -> RunResult:
@@ -217,7 +116,7 @@ class Federation:
     def _run(self, out: Path, resume: bool, callbacks: Callbacks) -> RunResult:
         spec, fed = self.spec, self.spec.federation
         if resume:
-            ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+            ckpt = load_checkpoint(out)
             _check_same_spec(Spec.from_dict(ckpt["spec"]), spec)
             run = _Progress(**ckpt["progress"])
             self.executor.load_client_states(ckpt["client_states"])
@@ -247,7 +146,7 @@ class Federation:
                 run.state, run.server_state, strategy_metrics = self.strategy.aggregate(
                     run.state, accepted, rnd, run.server_state
                 )
-                run.base_bytes.append(strategy_metrics.pop("base_bytes", 0.0))
+                run.base_bytes.append(self._base_change_bytes(run.state, len(accepted)))
             else:
                 run.base_bytes.append(0.0)
                 log.warning(
@@ -280,15 +179,14 @@ class Federation:
             run.history.append(record)
             # checkpoint, then log: the log never runs ahead of what a resume restores
             ckpt = {"spec": spec.to_dict(), "progress": vars(run), "client_states": self.executor.client_states()}
-            atomic_write(out / CHECKPOINT, functools.partial(torch.save, ckpt))
-            lines = "".join(json.dumps(jsonable(r)) + "\n" for r in run.history)
-            atomic_write(out / ROUNDS, functools.partial(Path.write_text, data=lines))
+            save_checkpoint(out, ckpt)
+            write_rounds(out, run.history)
             if callbacks.on_round_end:
                 callbacks.on_round_end(record)
 
         summary = self._summary(run.history, run.epsilons, run.elapsed)
         self.model.export(run.state, out)
-        atomic_write(out / SUMMARY, lambda p: p.write_text(json.dumps(jsonable(summary), indent=2) + "\n"))
+        write_json(out / SUMMARY, summary)
         return RunResult(summary, run.history, run.state)
 
     def _validate(self, rnd: int, results: list, state: AdapterState) -> tuple[list[ClientUpdate], dict[int, str]]:
@@ -309,23 +207,25 @@ class Federation:
     def _evaluate(self, state: AdapterState) -> dict[str, float]:
         """The global model on the server's test split. For strategies whose clients keep part of
         the adapter (FedSA), the mean over the personalised models of the clients that trained."""
-        batch = self.spec.train.eval_batch_size
-        scores: list[dict[str, float]] = []
-        if self.strategy.personal and hasattr(self.executor, "evaluate_personal"):  # kept on remote nodes
-            scores = self.executor.evaluate_personal(state, self.plan)
-        elif self.strategy.personal:
-            personal = self.executor.personal_states()
-            scores = [
-                evaluate(self.model, state.with_tensors(t), self.data.test, batch) for _, t in sorted(personal.items())
-            ]
+
+        def on_test(s: AdapterState) -> dict[str, float]:
+            return evaluate(self.model, s, self.data.test, self.spec.train.eval_batch_size)
+
+        scores = self.executor.evaluate_personal(state, self.plan, on_test) if self.strategy.personal else []
         if not scores:
-            return evaluate(self.model, state, self.data.test, batch)
+            return on_test(state)
         return {key: sum(s[key] for s in scores) / len(scores) for key in scores[0]}
 
     def _bytes(self, state: AdapterState, name: str, rank: int | None) -> int:
         """Bytes of one tensor as it travels to or from a client of `rank`: LoRA factors at that rank."""
         fraction = rank / self.spec.model.rank if rank is not None and kind_of(name) in (LORA_A, LORA_B) else 1.0
         return int(state.num_bytes([name]) * fraction)
+
+    def _base_change_bytes(self, state: AdapterState, num_updates: int) -> int:
+        """Bytes of one aggregation's factored base-weight change (U [d_out, k], V [k, d_in] per
+        adapted layer, k the strategy's declared rank of the change); 0 for most strategies."""
+        k = self.strategy.base_change_rank(num_updates, state.rank)
+        return sum(k * (state.B(layer).shape[0] + state.A(layer).shape[1]) * 4 for layer in state.layers)
 
     def _upload_bytes(self, update: ClientUpdate, state: AdapterState) -> int:
         """Bytes a client sent."""
@@ -370,17 +270,6 @@ class Federation:
 def _check_same_spec(saved: Spec, spec: Spec) -> None:
     if saved != spec:
         raise ConfigError("cannot resume with a different spec; " + spec_diff(saved, spec))
-
-
-def jsonable(obj: Any) -> Any:
-    """Make `obj` strict JSON: non-finite floats become the strings "inf", "-inf", "nan"."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return obj
 
 
 def _mean(values: list[float]) -> float | None:

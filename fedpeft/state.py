@@ -11,7 +11,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-__all__ = ["AdapterState", "ClientUpdate", "LORA_A", "LORA_B", "HEAD", "BASE", "lora_layers", "kind_of", "base_name"]
+__all__ = [
+    "AdapterState", "ClientUpdate", "LORA_A", "LORA_B", "HEAD", "BASE",
+    "lora_layers", "kind_of", "a_name", "b_name", "base_name",
+]  # fmt: skip
 
 # What a parameter is, as strategies see it. Defined once; used in upload declarations.
 LORA_A = "A"
@@ -20,11 +23,25 @@ HEAD = "head"
 BASE = "base"  # cumulative change of a frozen base weight (FedEx-LoRA, FLoRA), dense d_out x d_in
 
 
+_A_SUFFIX = ".lora_A.weight"
+_B_SUFFIX = ".lora_B.weight"
+
+
+def a_name(layer: str) -> str:
+    """Name of the LoRA factor A (r x d_in) of an adapted layer."""
+    return layer + _A_SUFFIX
+
+
+def b_name(layer: str) -> str:
+    """Name of the LoRA factor B (d_out x r) of an adapted layer."""
+    return layer + _B_SUFFIX
+
+
 def kind_of(name: str) -> str:
     """Kind of a normalised parameter name: A, B, head or base."""
-    if name.endswith(".lora_A.weight"):
+    if name.endswith(_A_SUFFIX):
         return LORA_A
-    if name.endswith(".lora_B.weight"):
+    if name.endswith(_B_SUFFIX):
         return LORA_B
     if name.endswith(".base_delta"):
         return BASE
@@ -38,7 +55,7 @@ def base_name(layer: str) -> str:
 
 def lora_layers(names: Iterator[str] | list[str]) -> list[str]:
     """Prefixes of the adapted layers (``...query``), in order, each having an A and a B."""
-    return [n[: -len(".lora_A.weight")] for n in names if n.endswith(".lora_A.weight")]
+    return [n[: -len(_A_SUFFIX)] for n in names if n.endswith(_A_SUFFIX)]
 
 
 @dataclass(frozen=True)
@@ -63,10 +80,10 @@ class AdapterState:
         return self.alpha / self.rank
 
     def A(self, layer: str) -> torch.Tensor:  # noqa: N802 - the paper's name
-        return self.tensors[f"{layer}.lora_A.weight"]
+        return self.tensors[a_name(layer)]
 
     def B(self, layer: str) -> torch.Tensor:  # noqa: N802
-        return self.tensors[f"{layer}.lora_B.weight"]
+        return self.tensors[b_name(layer)]
 
     def with_tensors(self, updates: Mapping[str, torch.Tensor], new: bool = False) -> AdapterState:
         """A copy with some tensors replaced; keys must already exist unless `new` allows adding."""

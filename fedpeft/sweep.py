@@ -15,10 +15,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedpeft.config import ConfigError, Spec, StrategyConfig, spec_diff
-from fedpeft.federation import CHECKPOINT, SUMMARY, Federation, check_names, jsonable
+from fedpeft.build import check_names
+from fedpeft.config import ConfigError, Spec, StrategyConfig
+from fedpeft.federation import Federation
 from fedpeft.progress import ProgressDisplay
 from fedpeft.report import eps_label, write_report
+from fedpeft.runfiles import CHECKPOINT, SUMMARY, jsonable
+from fedpeft.spec_io import spec_diff
 
 __all__ = ["Cell", "cells", "run_sweep"]
 

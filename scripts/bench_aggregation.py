@@ -22,9 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fedpeft.strategies import STRATEGIES, make_strategy  # noqa: E402
+from fedpeft.strategies.linalg import refactor  # noqa: E402
+
 from fedpeft.state import AdapterState, ClientUpdate  # noqa: E402
-from strategies import STRATEGIES, make_strategy  # noqa: E402
-from strategies.linalg import refactor  # noqa: E402
 
 
 def make_round(layers: int, d: int, r: int, clients: int, seed: int = 0) -> tuple[AdapterState, list[ClientUpdate]]:

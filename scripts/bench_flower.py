@@ -26,8 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedpeft.config import Spec, to_run_config  # noqa: E402
+from fedpeft.config import Spec  # noqa: E402
 from fedpeft.deploy import LocalDeployment, flwr_simulation, run_config_arg  # noqa: E402
+from fedpeft.spec_io import to_run_config  # noqa: E402
 
 
 def spec(nodes: int, rounds: int) -> Spec:

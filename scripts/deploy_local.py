@@ -22,11 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedpeft.build import check_names  # noqa: E402
 from fedpeft.cli import add_set_argument  # noqa: E402
-from fedpeft.config import ConfigError, parse_overrides  # noqa: E402
+from fedpeft.config import ConfigError  # noqa: E402
 from fedpeft.deploy import LocalDeployment, run_config_arg  # noqa: E402
-from fedpeft.federation import check_names  # noqa: E402
 from fedpeft.registry import UnknownNameError  # noqa: E402
+from fedpeft.spec_io import parse_overrides  # noqa: E402
 
 
 def main() -> int:
@@ -37,7 +38,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the SuperLink and SuperNodes running after the run")
     args = parser.parse_args()
 
-    from fedpeft.server_app import default_spec
+    from fedpeft.spec_io import default_spec
 
     directory = Path(args.dir).resolve()
     try:

@@ -56,6 +56,12 @@ class Strategy(ABC):
     sum_only: ClassVar[bool]  # server step needs only sum_k p_k * upload_k (secure aggregation ok)
     personal: ClassVar[frozenset[str]] = frozenset()  # kinds each client keeps across rounds, never sent
 
+    def base_change_rank(self, num_updates: int, rank: int) -> int:
+        """Rank of the factored change to each frozen base weight that one aggregation of
+        `num_updates` updates at LoRA rank `rank` sends to clients (0: the base never changes).
+        The round loop measures the bytes clients download from it."""
+        return 0
+
     def uploads(self, state: AdapterState, train_head: bool) -> list[str]:
         """Names of the tensors a client sends back."""
         kinds = (set(self.trains) - set(self.personal)) | ({HEAD} if train_head else set())

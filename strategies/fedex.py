@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fedpeft.state import LORA_A, LORA_B, base_name
-from strategies.base import STRATEGIES, Strategy, weighted_mean, weights
-from strategies.linalg import stack_factors
+from fedpeft.state import LORA_A, LORA_B, a_name, b_name, base_name
+
+from .base import STRATEGIES, Strategy, weighted_mean, weights
+from .linalg import stack_factors
 
 
 def add_base_deltas(state):
@@ -39,20 +40,22 @@ class FedExLoRA(Strategy):
     def init(self, state, seed):
         return add_base_deltas(state), {"seed": seed}
 
+    def base_change_rank(self, num_updates, rank):
+        return (num_updates + 1) * rank  # [p_1 B_1 .. p_K B_K, -B_avg]
+
     def aggregate(self, state, updates, round_num, server_state):
         averaged = {n: weighted_mean(updates, n) for n in updates[0].tensors}
         new = state.with_tensors(averaged)
         p = weights(updates)
-        deltas, factored_bytes = {}, 0
+        deltas = {}
         for layer in state.layers:
-            a_name, b_name = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
+            na, nb = a_name(layer), b_name(layer)
             # R = [p_1 B_1 .. p_K B_K, -B_avg] [A_1; ..; A_K; A_avg], then scaled into W0
             u, v = stack_factors(
-                [u_.tensors[b_name] for u_ in updates] + [new.tensors[b_name]],
-                [u_.tensors[a_name] for u_ in updates] + [new.tensors[a_name]],
+                [u_.tensors[nb] for u_ in updates] + [new.tensors[nb]],
+                [u_.tensors[na] for u_ in updates] + [new.tensors[na]],
                 p + [-1.0],
             )
             deltas[base_name(layer)] = (state.tensors[base_name(layer)].double() + state.scale * (u @ v)).float()
-            factored_bytes += (u.numel() + v.numel()) * 4
         new = new.with_tensors(deltas)
-        return new, dict(server_state), {"base_bytes": float(factored_bytes)}
+        return new, dict(server_state), {}

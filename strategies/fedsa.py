@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedpeft.state import LORA_A, LORA_B
-from strategies.base import STRATEGIES, Strategy, weighted_mean
+
+from .base import STRATEGIES, Strategy, weighted_mean
 
 
 @STRATEGIES.register("fedsa")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedpeft.state import LORA_B
-from strategies.base import STRATEGIES, Strategy, weighted_mean
-from strategies.linalg import refactor
+from fedpeft.state import LORA_B, a_name, b_name
+
+from .base import STRATEGIES, Strategy, weighted_mean
+from .linalg import refactor
 
 
 @STRATEGIES.register("fedsvd")
@@ -45,8 +46,8 @@ class FedSVD(Strategy):
                     skipped += 1
                     continue
                 b_new, a_new = refactor(b_avg, a_prev)
-                factors[f"{layer}.lora_B.weight"] = b_new
-                factors[f"{layer}.lora_A.weight"] = a_new
+                factors[b_name(layer)] = b_new
+                factors[a_name(layer)] = a_new
                 refactored += 1
             new = new.with_tensors(factors)
         return new, dict(server_state), {"refactored_layers": refactored, "skipped_layers": skipped}

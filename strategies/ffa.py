@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedpeft.state import LORA_B
-from strategies.base import STRATEGIES, Strategy, weighted_mean
+
+from .base import STRATEGIES, Strategy, weighted_mean
 
 
 @STRATEGIES.register("ffa")

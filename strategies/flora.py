@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from fedpeft.state import LORA_A, LORA_B, base_name
-from strategies.base import STRATEGIES, Strategy, average_head, kaiming_a, weights
-from strategies.fedex import add_base_deltas
-from strategies.linalg import stack_factors
+from fedpeft.state import LORA_A, LORA_B, a_name, b_name, base_name
+
+from .base import STRATEGIES, Strategy, average_head, kaiming_a, weights
+from .fedex import add_base_deltas
+from .linalg import stack_factors
 
 
 @STRATEGIES.register("flora")
@@ -29,15 +30,17 @@ class FLoRA(Strategy):
     def init(self, state, seed):
         return add_base_deltas(state), {"seed": seed}
 
+    def base_change_rank(self, num_updates, rank):
+        return num_updates * rank  # [p_1 B_1 .. p_K B_K]
+
     def aggregate(self, state, updates, round_num, server_state):
         p = weights(updates)
         generator = torch.Generator().manual_seed(int(server_state["seed"]) * 1_000_003 + round_num)
-        new_tensors, factored_bytes = average_head(updates), 0
+        new_tensors = average_head(updates)
         for layer in state.layers:
-            a_name, b_name = f"{layer}.lora_A.weight", f"{layer}.lora_B.weight"
-            u, v = stack_factors([x.tensors[b_name] for x in updates], [x.tensors[a_name] for x in updates], p)
+            na, nb = a_name(layer), b_name(layer)
+            u, v = stack_factors([x.tensors[nb] for x in updates], [x.tensors[na] for x in updates], p)
             new_tensors[base_name(layer)] = (state.tensors[base_name(layer)].double() + state.scale * (u @ v)).float()
-            new_tensors[a_name] = kaiming_a(tuple(state.A(layer).shape), generator)
-            new_tensors[b_name] = torch.zeros_like(state.B(layer))
-            factored_bytes += (u.numel() + v.numel()) * 4
-        return state.with_tensors(new_tensors), dict(server_state), {"base_bytes": float(factored_bytes)}
+            new_tensors[na] = kaiming_a(tuple(state.A(layer).shape), generator)
+            new_tensors[nb] = torch.zeros_like(state.B(layer))
+        return state.with_tensors(new_tensors), dict(server_state), {}

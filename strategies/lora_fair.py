@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fedpeft.state import LORA_A, LORA_B
-from strategies.base import STRATEGIES, Strategy, weighted_mean, weights
-from strategies.linalg import frob_inner, frob_norm_sq, stack_factors
+from fedpeft.state import LORA_A, LORA_B, a_name, b_name
+
+from .base import STRATEGIES, Strategy, weighted_mean, weights
+from .linalg import frob_inner, frob_norm_sq, stack_factors
 
 
 def cosine(u, v, b, a):  # noqa: ANN001, ANN201
@@ -64,8 +65,8 @@ class LoRAFAIR(Strategy):
         for layers in groups.values():
             stacks = [
                 stack_factors(
-                    [x.tensors[f"{layer}.lora_B.weight"] for x in updates],
-                    [x.tensors[f"{layer}.lora_A.weight"] for x in updates],
+                    [x.tensors[b_name(layer)] for x in updates],
+                    [x.tensors[a_name(layer)] for x in updates],
                     p,
                 )
                 for layer in layers
@@ -78,7 +79,7 @@ class LoRAFAIR(Strategy):
             before.append(cosine(u, v, b, a))
             after.append(cosine(u, v, b + db, a))
             for i, layer in enumerate(layers):
-                corrected[f"{layer}.lora_B.weight"] = (b[i] + db[i]).float()
+                corrected[b_name(layer)] = (b[i] + db[i]).float()
         new = new.with_tensors(corrected)
         metrics = {"cos_before": float(torch.cat(before).mean()), "cos_after": float(torch.cat(after).mean())}
         return new, dict(server_state), metrics

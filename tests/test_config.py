@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from fedpeft.config import ConfigError, Spec, load_spec, parse_overrides
+from fedpeft.config import ConfigError, Spec
+from fedpeft.spec_io import load_spec, parse_overrides
 from tests.conftest import tiny_spec
 
 
@@ -25,7 +26,7 @@ def test_flat_overrides_parse_toml_values():
 
 
 def test_quickstart_spec_loads():
-    from fedpeft.cli import _default_spec_path
+    from fedpeft.spec_io import default_spec_path as _default_spec_path
 
     spec = load_spec(_default_spec_path())
     assert spec.name == "quickstart" and spec.privacy.enabled and spec.model.name == "minilm"

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from fedpeft.federation import Callbacks, Federation, sample_clients, validate_update
+from fedpeft.federation import Callbacks, Federation, sample_clients
 from fedpeft.privacy.accounting import calibrate_budget
 from fedpeft.state import ClientUpdate
+from fedpeft.validation import validate_update
 from tests.conftest import tiny_spec
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fedpeft.strategies import STRATEGIES
 
 from fedpeft.adapters import load_exported
 from fedpeft.federation import Federation
 from fedpeft.state import base_name, kind_of
-from strategies import STRATEGIES
 from tests.conftest import tiny_spec
 
 
@@ -56,7 +56,7 @@ def test_fedsa_keeps_b_on_each_client(tmp_path):
     b_names = [n for n in initial.tensors if ".lora_B." in n]
     for n in b_names:  # the global B never moves: it is never uploaded
         assert torch.equal(result.state.tensors[n], initial.tensors[n])
-    personal = fed.executor.personal_states()
+    personal = fed.executor.store.personal
     assert sorted(personal) == [0, 1, 2, 3]
     assert not torch.equal(personal[0][b_names[0]], personal[1][b_names[0]])
     assert result.summary["accuracy"] >= result.summary["majority_rate"] + 0.1

@@ -18,11 +18,12 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpeft import client_app
-from fedpeft.config import ConfigError, spec_from_run_config, to_run_config
-from fedpeft.executors.flower import FlowerExecutor
-from fedpeft.federation import Callbacks, Federation, client_budget
-from fedpeft.server_app import default_spec
+from fedpeft.build import client_budget
+from fedpeft.config import ConfigError
+from fedpeft.federation import Callbacks, Federation
+from fedpeft.flower import client_app
+from fedpeft.flower.executor import FlowerExecutor
+from fedpeft.spec_io import default_spec, spec_from_run_config, to_run_config
 from tests.conftest import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]

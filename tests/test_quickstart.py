@@ -5,9 +5,9 @@ Slow (about 2.5 minutes on 2 CPU cores): run with `pytest -m slow`.
 
 import pytest
 
-from fedpeft.cli import _default_spec_path
-from fedpeft.config import load_spec
 from fedpeft.federation import Federation
+from fedpeft.spec_io import default_spec_path as _default_spec_path
+from fedpeft.spec_io import load_spec
 
 
 @pytest.mark.slow

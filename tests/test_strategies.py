@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from fedpeft.strategies import STRATEGIES, make_strategy
+from fedpeft.strategies.linalg import refactor
 
 from fedpeft.state import AdapterState, ClientUpdate
-from strategies import STRATEGIES, make_strategy
-from strategies.linalg import refactor
 
 LAYERS = ("enc.l0.q", "enc.l0.v", "enc.l1.q")
 

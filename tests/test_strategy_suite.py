@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fedpeft.strategies import STRATEGIES, make_strategy
+from fedpeft.strategies.linalg import factored_svd
+from fedpeft.strategies.lora_fair import cosine
 
 from fedpeft.state import AdapterState, ClientUpdate, base_name, kind_of
-from strategies import STRATEGIES, make_strategy
-from strategies.linalg import factored_svd
-from strategies.lora_fair import cosine
 
 LAYERS = ("enc.l0.q", "enc.l0.v", "enc.l1.q")
 D_OUT, D_IN, R = 20, 12, 3
@@ -198,7 +198,9 @@ def test_merging_strategies_make_effective_weights_the_clients_average(name):
                 for pk, u in zip(_p(ups), ups, strict=True)
             )
             torch.testing.assert_close(_effective(new, layer), clients, rtol=1e-5, atol=1e-5)
-        assert metrics["base_bytes"] > 0
+            # what travels to clients: a factored change of the declared rank (the loop counts its bytes)
+            change = (new.tensors[base_name(layer)] - state.tensors[base_name(layer)]).double()
+            assert 0 < torch.linalg.matrix_rank(change, rtol=1e-4) <= strategy.base_change_rank(len(ups), state.rank)
         state = new
     if name == "flora":  # a fresh LoRA each round: B = 0, A re-drawn
         assert all(torch.count_nonzero(state.B(layer)) == 0 for layer in LAYERS)

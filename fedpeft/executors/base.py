@@ -1,16 +1,31 @@
-"""The executor contract: train these clients from this global adapter, return what came back."""
+"""The executor contract: train these clients from this global adapter, return what came back.
+
+An executor is the only part of a run that changes between in-process simulation, the cohort
+engine and Flower: the round loop calls exactly the methods of `Executor` below. In-process
+executors keep their clients' state (privacy ledgers, the tensors a strategy keeps on the client,
+each client's data and rank) in a `ClientStore`, held by composition; a Flower node lends its own
+clients' state to that store for one round (`adopt`) and takes it back (`release`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol, Union
 
 import torch
 
 from fedpeft.client import LocalTraining
+from fedpeft.data.base import TokenizedData
 from fedpeft.privacy.accounting import ClientBudget
+from fedpeft.registry import Registry
 from fedpeft.state import AdapterState, ClientUpdate
+
+if TYPE_CHECKING:
+    from fedpeft.adapters import AdaptedModel
+    from fedpeft.config import Spec
+
+__all__ = ["ClientFailure", "ClientResult", "ClientStore", "Executor", "EXECUTORS", "ExecutorFactory"]
 
 
 @dataclass(frozen=True)
@@ -23,9 +38,12 @@ class ClientFailure:
 
 
 ClientResult = Union[ClientUpdate, ClientFailure]
+Scores = dict[str, float]
 
 
 class Executor(Protocol):
+    """Everything the round loop asks of whoever trains the clients."""
+
     def run_round(
         self,
         round_num: int,
@@ -35,7 +53,15 @@ class Executor(Protocol):
         seeds: dict[int, int],
         on_client: Callable[[int], None] | None = None,
     ) -> list[ClientResult]:
-        """Train each client in `client_ids` (seeded by `seeds[cid]`) and return their results."""
+        """Train each client in `client_ids` (seeded by `seeds[cid]`) and return their results,
+        in the order of `client_ids`."""
+
+    def evaluate_personal(
+        self, global_state: AdapterState, plan: LocalTraining, evaluate: Callable[[AdapterState], Scores]
+    ) -> list[Scores]:
+        """Scores of the personalised models (the global adapter with each trained client's kept
+        tensors) for strategies whose clients keep part of the adapter. In-process executors apply
+        `evaluate` to each; remote ones ask the nodes that hold the kept tensors."""
 
     def client_states(self) -> dict:
         """Per-client state that must survive rounds (privacy ledgers), for checkpoints."""
@@ -43,24 +69,64 @@ class Executor(Protocol):
     def load_client_states(self, states: dict) -> None:
         """Restore what `client_states` returned."""
 
-    def personal_states(self) -> dict:
-        """client id -> tensors it keeps locally (strategies with personal parts); may be empty."""
+
+# (spec, model, clients' data, number of labels, budgets) -> an executor over those clients
+ExecutorFactory = Callable[["Spec", "AdaptedModel", list[TokenizedData], int, "list[ClientBudget | None] | None"], Any]
+EXECUTORS: Registry[ExecutorFactory] = Registry("executor")
 
 
-class ClientStateStore:
-    """What in-process executors keep for their clients between rounds: privacy ledgers and the
-    tensors a strategy keeps on the client (FedSA's B). Checkpointed through client_states()."""
+class ClientStore:
+    """What an in-process executor keeps for its clients between rounds: each client's data, rank,
+    privacy ledger (None when privacy is off) and the tensors its strategy keeps on the client
+    (FedSA's B). Checkpointed through `client_states()`."""
 
-    budgets: list[ClientBudget] | None
-    personal: dict[int, dict[str, torch.Tensor]]
+    def __init__(
+        self,
+        data: list[TokenizedData],
+        budgets: list[ClientBudget | None] | None,
+        ranks: list[int | None] | None = None,
+    ) -> None:
+        self._bundled = list(data)  # what `release` restores
+        self.data = list(data)
+        self.budgets = budgets
+        self.ranks = list(ranks) if ranks else [None] * len(data)
+        self.personal: dict[int, dict[str, torch.Tensor]] = {}
+
+    def budget(self, cid: int) -> ClientBudget | None:
+        return self.budgets[cid] if self.budgets is not None else None
 
     def start_state(self, cid: int, global_state: AdapterState) -> AdapterState:
         """Where client `cid` starts: the global adapter with its own kept tensors in place."""
         return global_state.with_tensors(self.personal[cid]) if cid in self.personal else global_state
 
-    def personal_states(self) -> dict[int, dict[str, torch.Tensor]]:
-        return self.personal
+    def keep(self, cid: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Client `cid` keeps `tensors` for its next round (nothing when the strategy keeps nothing)."""
+        if tensors:
+            self.personal[cid] = tensors
 
+    # -- a client's state lent from outside (a Flower node's own ledger, tensors and data) --------
+    def adopt(
+        self,
+        cid: int,
+        budget: ClientBudget | None,
+        personal: dict[str, torch.Tensor],
+        data: TokenizedData | None = None,
+    ) -> None:
+        """Take in client `cid` as its holder left it: its ledger (ignored when privacy is off),
+        its kept tensors, and optionally its own data instead of its bundled partition."""
+        if self.budgets is not None:
+            self.budgets[cid] = budget
+        self.personal.pop(cid, None)
+        self.keep(cid, personal)
+        self.data[cid] = data if data is not None else self._bundled[cid]
+
+    def release(self, cid: int) -> tuple[ClientBudget | None, dict[str, torch.Tensor]]:
+        """Give client `cid` back to its holder: its ledger and kept tensors as they are now. The
+        store forgets its kept tensors and lent data."""
+        self.data[cid] = self._bundled[cid]
+        return self.budget(cid), self.personal.pop(cid, {})
+
+    # -- checkpoints and evaluation -----------------------------------------------------------------
     def client_states(self) -> dict:
         return {
             "budgets": [b.to_dict() for b in self.budgets] if self.budgets is not None else None,
@@ -71,3 +137,27 @@ class ClientStateStore:
         if states.get("budgets") is not None:
             self.budgets = [ClientBudget.from_dict(b) for b in states["budgets"]]
         self.personal = dict(states.get("personal") or {})
+
+    def evaluate_personal(self, global_state: AdapterState, evaluate: Callable[[AdapterState], Scores]) -> list[Scores]:
+        return [evaluate(global_state.with_tensors(t)) for _, t in sorted(self.personal.items())]
+
+
+class InProcess:
+    """The part of the executor contract every in-process executor shares: its `store`."""
+
+    store: ClientStore
+
+    @property
+    def budgets(self) -> list[ClientBudget | None] | None:
+        return self.store.budgets
+
+    def evaluate_personal(
+        self, global_state: AdapterState, plan: LocalTraining, evaluate: Callable[[AdapterState], Scores]
+    ) -> list[Scores]:
+        return self.store.evaluate_personal(global_state, evaluate)
+
+    def client_states(self) -> dict:
+        return self.store.client_states()
+
+    def load_client_states(self, states: dict) -> None:
+        self.store.load_client_states(states)

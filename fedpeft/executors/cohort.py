@@ -27,10 +27,10 @@ from torch import nn
 from fedpeft.client import ClientRefused, LocalTraining, check_budget, poisson_batches, record_spending
 from fedpeft.config import ModelConfig
 from fedpeft.data.base import TokenizedData
-from fedpeft.executors.base import ClientFailure, ClientResult, ClientStateStore
+from fedpeft.executors.base import EXECUTORS, ClientFailure, ClientResult, ClientStore, InProcess
 from fedpeft.models import MODELS, build_model
 from fedpeft.privacy.accounting import ClientBudget, sample_rate
-from fedpeft.state import HEAD, LORA_A, LORA_B, AdapterState, ClientUpdate, base_name
+from fedpeft.state import HEAD, LORA_A, LORA_B, AdapterState, ClientUpdate, a_name, b_name, base_name
 
 __all__ = ["CohortExecutor"]
 
@@ -83,11 +83,11 @@ class CohortHead(nn.Module):
         return torch.einsum("nh,noh->no", pooled, self.w_e) + self.b_e
 
 
-class CohortExecutor(ClientStateStore):
+class CohortExecutor(InProcess):
     """Trains a round's sampled clients together on one shared frozen model (CPU or CUDA).
 
-    Holds the same client state as the sequential executor (privacy ledgers, personal tensors,
-    ranks) and returns the same ClientUpdates. `chunk` bounds how many clients train at once
+    Holds the same client state as the sequential executor (a ClientStore: privacy ledgers,
+    personal tensors, data, ranks) and returns the same ClientUpdates. `chunk` bounds how many clients train at once
     (0: all sampled clients); a cohort that runs out of memory is halved until it fits, and the
     smaller size is kept for later rounds.
     """
@@ -105,12 +105,9 @@ class CohortExecutor(ClientStateStore):
         chunk: int = 0,
     ) -> None:
         self.device = torch.device(device)
-        self.clients = clients
-        self.budgets = budgets
+        self.store = ClientStore(clients, budgets, ranks)
         self.clip = clip
-        self.ranks = ranks or [None] * len(clients)
         self.chunk = chunk
-        self.personal: dict[int, dict[str, torch.Tensor]] = {}
         base, _ = build_model(cfg.name, num_labels, cfg.layers, seed)
         self.model = base.to(self.device)
         for p in self.model.parameters():
@@ -133,8 +130,8 @@ class CohortExecutor(ClientStateStore):
         """Stack the clients' starting tensors into the cohort layers (float32, on device)."""
         dev = self.device
         for layer, module in self.layers.items():
-            module.a = torch.stack([s.tensors[f"{layer}.lora_A.weight"] for s in starts]).to(dev)
-            module.b = torch.stack([s.tensors[f"{layer}.lora_B.weight"] for s in starts]).to(dev)
+            module.a = torch.stack([s.tensors[a_name(layer)] for s in starts]).to(dev)
+            module.b = torch.stack([s.tensors[b_name(layer)] for s in starts]).to(dev)
             delta = starts[0].tensors.get(base_name(layer))  # base changes are global, the same for all
             with torch.no_grad():
                 module.base.weight.copy_(module.w0 + delta.to(dev) if delta is not None else module.w0)
@@ -145,8 +142,8 @@ class CohortExecutor(ClientStateStore):
         """name -> the stacked [K, ...] tensor (views into the cohort layers)."""
         out: dict[str, torch.Tensor] = {}
         for layer, module in self.layers.items():
-            out[f"{layer}.lora_A.weight"] = module.a
-            out[f"{layer}.lora_B.weight"] = module.b
+            out[a_name(layer)] = module.a
+            out[b_name(layer)] = module.b
         out["head.weight"], out["head.bias"] = self.head.weight, self.head.bias
         return out
 
@@ -169,9 +166,9 @@ class CohortExecutor(ClientStateStore):
         tic = time.perf_counter()
         k = len(cids)
         self._load(starts)
-        ranks = [self.ranks[c] for c in cids]
+        ranks = [self.store.ranks[c] for c in cids]
         self._truncate(ranks)
-        data = [self.clients[c] for c in cids]
+        data = [self.store.data[c] for c in cids]
         qs = [sample_rate(plan.batch_size, len(d)) for d in data]
         expected = torch.tensor([q * len(d) for q, d in zip(qs, data, strict=True)], device=self.device)
         batches = [
@@ -213,8 +210,7 @@ class CohortExecutor(ClientStateStore):
         for j, cid in enumerate(cids):
             tensors = {name: stacked[name][j].detach().to("cpu", torch.float32).clone() for name in plan.uploads}
             kept = {name: stacked[name][j].detach().to("cpu", torch.float32).clone() for name in plan.keeps}
-            if plan.keeps:
-                self.personal[cid] = kept
+            self.store.keep(cid, kept)
             updates.append(
                 ClientUpdate(
                     client_id=cid,
@@ -282,7 +278,7 @@ class CohortExecutor(ClientStateStore):
         ready = []
         for cid in client_ids:
             try:
-                check_budget(self.budgets[cid] if self.budgets is not None else None, plan.steps, cid)
+                check_budget(self.store.budget(cid), plan.steps, cid)
                 ready.append(cid)
             except ClientRefused as refusal:
                 results[cid] = ClientFailure(cid, str(refusal), refused=True)
@@ -292,8 +288,8 @@ class CohortExecutor(ClientStateStore):
         start = 0
         while start < len(ready):
             cids = ready[start : start + size]
-            starts = [self.start_state(c, global_state) for c in cids]
-            sigmas = [self.budgets[c].sigma for c in cids] if self.budgets is not None else None
+            starts = [self.store.start_state(c, global_state) for c in cids]
+            sigmas = [self.store.budget(c).sigma for c in cids] if self.store.budgets is not None else None
             try:
                 updates = self._train_chunk(cids, starts, plan, [seeds[c] for c in cids], sigmas)
             except torch.OutOfMemoryError:
@@ -306,9 +302,21 @@ class CohortExecutor(ClientStateStore):
                 log.warning("cohort of %d clients did not fit in memory; training %d at a time", len(cids), size)
                 continue
             for update in updates:
-                record_spending(self.budgets[update.client_id] if self.budgets is not None else None, update)
+                record_spending(self.store.budget(update.client_id), update)
                 results[update.client_id] = update
                 if on_client is not None:
                     on_client(update.client_id)
             start += len(cids)
         return [results[c] for c in client_ids]
+
+
+@EXECUTORS.register("cohort")
+def _cohort(spec, model, clients, num_labels, budgets):  # noqa: ANN001, ANN202
+    from fedpeft.config import client_rank
+
+    fed = spec.federation
+    ranks = [client_rank(spec.model, cid) for cid in range(len(clients))]
+    return CohortExecutor(
+        spec.model, num_labels, fed.seed, clients, budgets, spec.privacy.clip, ranks,
+        device=model.device, chunk=fed.cohort_chunk,
+    )  # fmt: skip

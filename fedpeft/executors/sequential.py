@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-
 from fedpeft.adapters import AdaptedModel
 from fedpeft.client import ClientRefused, LocalTraining, client_round
 from fedpeft.data.base import TokenizedData
-from fedpeft.executors.base import ClientFailure, ClientResult, ClientStateStore
+from fedpeft.executors.base import EXECUTORS, ClientFailure, ClientResult, ClientStore, InProcess
 from fedpeft.privacy.accounting import ClientBudget
 from fedpeft.state import AdapterState
 
+__all__ = ["SequentialExecutor"]
 
-class SequentialExecutor(ClientStateStore):
+
+class SequentialExecutor(InProcess):
     """Trains sampled clients one at a time, each from the global adapter, on the same model.
 
-    What clients keep between rounds lives here: privacy ledgers, the tensors a strategy keeps
-    on the client (FedSA's B), and each client's rank. Exceptions other than a budget refusal
+    What clients keep between rounds lives in its `store` (privacy ledgers, the tensors a strategy
+    keeps on the client, each client's data and rank). Exceptions other than a budget refusal
     propagate: in-process they are bugs, not client failures.
     """
 
@@ -26,16 +26,13 @@ class SequentialExecutor(ClientStateStore):
         self,
         model: AdaptedModel,
         clients: list[TokenizedData],
-        budgets: list[ClientBudget] | None,
+        budgets: list[ClientBudget | None] | None,
         clip: float,
         ranks: list[int | None] | None = None,
     ) -> None:
         self.model = model
-        self.clients = clients
-        self.budgets = budgets
+        self.store = ClientStore(clients, budgets, ranks)
         self.clip = clip
-        self.ranks = ranks or [None] * len(clients)
-        self.personal: dict[int, dict[str, torch.Tensor]] = {}
 
     def run_round(
         self,
@@ -46,19 +43,27 @@ class SequentialExecutor(ClientStateStore):
         seeds: dict[int, int],
         on_client: Callable[[int], None] | None = None,
     ) -> list[ClientResult]:
+        store = self.store
         results: list[ClientResult] = []
         for cid in client_ids:
-            budget = self.budgets[cid] if self.budgets is not None else None
             try:
                 update = client_round(
-                    self.model, self.start_state(cid, global_state), self.clients[cid], plan,
-                    client_id=cid, seed=seeds[cid], budget=budget, clip=self.clip, rank=self.ranks[cid],
+                    self.model, store.start_state(cid, global_state), store.data[cid], plan,
+                    client_id=cid, seed=seeds[cid], budget=store.budget(cid), clip=self.clip, rank=store.ranks[cid],
                 )  # fmt: skip
                 if plan.keeps:
-                    self.personal[cid] = self.model.tensors(list(plan.keeps))
+                    store.keep(cid, self.model.tensors(list(plan.keeps)))
                 results.append(update)
             except ClientRefused as exc:
                 results.append(ClientFailure(cid, str(exc), refused=True))
             if on_client is not None:
                 on_client(cid)
         return results
+
+
+@EXECUTORS.register("sequential")
+def _sequential(spec, model, clients, num_labels, budgets):  # noqa: ANN001, ANN202
+    from fedpeft.config import client_rank
+
+    ranks = [client_rank(spec.model, cid) for cid in range(len(clients))]
+    return SequentialExecutor(model, clients, budgets, spec.privacy.clip, ranks)

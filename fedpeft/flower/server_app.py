@@ -1,6 +1,6 @@
 """Flower ServerApp: the same round loop as `fedpeft simulate`, with clients on Flower nodes.
 
-The spec comes from Flower's run-config (see `fedpeft.config.spec_from_run_config`): pyproject's
+The spec comes from Flower's run-config (see `fedpeft.spec_io.spec_from_run_config`): pyproject's
 [tool.flwr.app.config] is the quickstart spec in flat form, `--run-config "federation.rounds=3"`
 overrides a key as `fedpeft simulate --set` does, and `--run-config "spec='path/to.toml'"` starts
 from a spec file. Results go to `out` (default runs/<name>-flwr-<run id>): the same rounds.jsonl,
@@ -15,21 +15,17 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeft.cli import resolve_spec
-from fedpeft.config import Spec, spec_from_run_config
-from fedpeft.executors.flower import FlowerExecutor
-from fedpeft.federation import CHECKPOINT, Callbacks, Federation, check_names
+from fedpeft.build import check_names
+from fedpeft.federation import Callbacks, Federation
+from fedpeft.flower.executor import FlowerExecutor
+from fedpeft.runfiles import CHECKPOINT
+from fedpeft.spec_io import default_spec, spec_from_run_config
 
-__all__ = ["app", "default_spec"]
+__all__ = ["app"]
 
 log = logging.getLogger("fedpeft")
 
 app = ServerApp()
-
-
-def default_spec() -> Spec:
-    """The quickstart spec, `fedpeft simulate`'s default; pyproject's run-config is its flat form."""
-    return resolve_spec(None, [])
 
 
 def _log_round(record: dict) -> None:

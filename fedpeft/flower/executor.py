@@ -11,60 +11,30 @@ map; a node that disappears and comes back under a new id is found again on the 
 What a client keeps between rounds (its privacy ledger, FedSA's local B) lives on its node, not
 here: the server never sees a client's ledger, only the epsilon it reports with each update.
 
-Wire format (shared with `fedpeft.client_app`), a RecordDict per message:
-  server -> node  "train":    adapter (ArrayRecord), config (ConfigRecord: round, clients, seeds, spec JSON)
-  node -> server  "train":    update.<c> (ArrayRecord) and metrics.<c> (MetricRecord) per client
-                              that trained; status (ConfigRecord: refused = JSON {client: reason})
-  server -> node  "evaluate": adapter, config (spec)  -> metrics.<c> per personalised client
-  server -> node  "query":    {}                      -> config (partition-id, num-partitions)
+Message layouts are in fedpeft.flower.wire.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft.client import LocalTraining
 from fedpeft.config import ConfigError, Spec
-from fedpeft.executors.base import ClientFailure, ClientResult
-from fedpeft.state import AdapterState, ClientUpdate
+from fedpeft.executors.base import ClientFailure, ClientResult, Scores
+from fedpeft.flower import wire
+from fedpeft.state import AdapterState
 
-__all__ = ["FlowerExecutor", "node_clients", "to_record", "from_record", "spec_to_json", "spec_from_json"]
+__all__ = ["FlowerExecutor"]
 
 log = logging.getLogger("fedpeft")
 
-PARTITION_ID = "partition-id"
-NUM_PARTITIONS = "num-partitions"
 DISCOVERY_POLL = 1.0  # seconds between looks for nodes that have not connected yet
-
-
-def node_clients(partition_id: int, num_partitions: int, num_clients: int) -> list[int]:
-    """The clients node `partition_id` of `num_partitions` holds: every c with c % N == k."""
-    return list(range(partition_id, num_clients, num_partitions))
-
-
-def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
-
-
-def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    # copy: the numpy buffer behind a received array is read-only
-    return {name: t.clone() for name, t in record.to_torch_state_dict().items()}
-
-
-def spec_to_json(spec: Spec) -> str:
-    return json.dumps(spec.to_dict(), sort_keys=True, default=str)
-
-
-def spec_from_json(text: str) -> Spec:
-    return Spec.from_dict(json.loads(text))
 
 
 class FlowerExecutor:
@@ -77,7 +47,7 @@ class FlowerExecutor:
     def __init__(self, grid: Grid, spec: Spec, connect_timeout: float = 120.0) -> None:
         self.grid = grid
         self.spec = spec
-        self.spec_json = spec_to_json(spec)
+        self.spec_json = wire.spec_to_json(spec)
         self.timeout = spec.federation.timeout
         self.connect_timeout = connect_timeout
         self.nodes: dict[int, int] = {}  # client id (partition) -> node id
@@ -123,14 +93,13 @@ class FlowerExecutor:
                 log.warning("%s", why)
                 self._ignored.append(why)
                 continue
-            config = reply.content["config"]
-            k, parts, clients = int(config[PARTITION_ID]), int(config[NUM_PARTITIONS]), self.spec.federation.clients
+            (k, parts), clients = wire.read_query_reply(reply.content), self.spec.federation.clients
             if not 0 <= k < parts <= clients:
                 why = f"node {nid} is partition {k} of {parts}, but the federation has {clients} clients"
                 log.warning("%s; ignored", why)
                 self._ignored.append(why)
                 continue
-            for cid in node_clients(k, parts, clients):
+            for cid in wire.node_clients(k, parts, clients):
                 if cid in self.nodes and self.nodes[cid] != nid:
                     log.warning("nodes %d and %d both hold client %d; using %d", self.nodes[cid], nid, cid, nid)
                 self.nodes[cid] = nid
@@ -146,7 +115,7 @@ class FlowerExecutor:
         on_client: Callable[[int], None] | None = None,
     ) -> list[ClientResult]:
         self._discover()
-        adapter = to_record({name: t for name, t in global_state.tensors.items() if name not in plan.keeps})
+        adapter = wire.to_record({name: t for name, t in global_state.tensors.items() if name not in plan.keeps})
         results: dict[int, ClientResult] = {}
         groups: dict[int, list[int]] = {}  # node -> its sampled clients
         for cid in client_ids:
@@ -156,10 +125,7 @@ class FlowerExecutor:
                 groups.setdefault(nid, []).append(cid)
         messages = []
         for nid, cids in groups.items():
-            config = ConfigRecord(
-                {"round": round_num, "clients": cids, "seeds": [seeds[c] for c in cids], "spec": self.spec_json}
-            )
-            content = RecordDict({"adapter": adapter, "config": config})
+            content = wire.train_message(round_num, cids, [seeds[c] for c in cids], self.spec_json, adapter)
             messages.append(Message(content, nid, MessageType.TRAIN, group_id=str(round_num)))
         for nid, reply in self._exchange(messages):
             for cid in groups.get(nid, []):
@@ -188,26 +154,19 @@ class FlowerExecutor:
     def _result(self, cid: int, nid: int, reply: Message) -> ClientResult:
         if reply.has_error():
             return ClientFailure(cid, f"node {nid} failed: {reply.error.reason}")
-        content = reply.content
-        refused = json.loads(str(content["status"]["refused"])) if "status" in content else {}
-        if str(cid) in refused:
-            return ClientFailure(cid, refused[str(cid)], refused=True)
-        if f"update.{cid}" not in content:
-            return ClientFailure(cid, f"node {nid} sent no update for client {cid}")
-        metrics = {k: v for k, v in content[f"metrics.{cid}"].items()}
-        num_examples = int(metrics.pop("num_examples"))
-        rank = int(metrics.pop("rank")) if "rank" in metrics else None
-        return ClientUpdate(cid, num_examples, from_record(content[f"update.{cid}"]), metrics, rank)
+        return wire.read_train_reply(reply.content, cid, nid)
 
     # -- evaluation of personalised models (FedSA): on the nodes, which hold the personal parts --
-    def evaluate_personal(self, state: AdapterState, plan: LocalTraining) -> list[dict[str, float]]:
+    def evaluate_personal(
+        self, state: AdapterState, plan: LocalTraining, evaluate: Callable[[AdapterState], Scores]
+    ) -> list[Scores]:
         """Each node that has trained evaluates the global adapter with its own kept tensors on the
-        server's test split (which it derives from the spec); the nodes that answer are returned."""
+        server's test split (which it derives from the spec); the nodes that answer are returned.
+        (`evaluate` is not used: the kept tensors never leave the nodes.)"""
         self._discover()
-        adapter = to_record({n: t for n, t in state.tensors.items() if n not in plan.keeps})
-        config = ConfigRecord({"spec": self.spec_json})
+        adapter = wire.to_record({n: t for n, t in state.tensors.items() if n not in plan.keeps})
         messages = [
-            Message(RecordDict({"adapter": adapter, "config": config}), nid, MessageType.EVALUATE)
+            Message(wire.evaluate_message(self.spec_json, adapter), nid, MessageType.EVALUATE)
             for nid in sorted(set(self.nodes.values()))
         ]
         scores = []
@@ -215,9 +174,7 @@ class FlowerExecutor:
             if reply.has_error():
                 log.warning("node %d could not evaluate: %s", nid, reply.error.reason)
                 continue
-            for name, record in reply.content.metric_records.items():
-                if name.startswith("metrics."):
-                    scores.append({k: float(v) for k, v in record.items()})
+            scores += wire.read_evaluate_reply(reply.content)
         return scores
 
     # -- the executor contract: client state lives on the nodes -----------------------------
@@ -226,6 +183,3 @@ class FlowerExecutor:
 
     def load_client_states(self, states: dict) -> None:
         pass
-
-    def personal_states(self) -> dict:
-        return {}

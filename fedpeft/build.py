@@ -1,0 +1,90 @@
+"""Assembly: spec -> strategy, model, data, plan, budgets, executor.
+
+One assembly for every way of running: the in-process `Federation`, the Flower ServerApp and the
+Flower ClientApp all build their parts here, so a node trains exactly what the server plans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedpeft.adapters import AdaptedModel
+from fedpeft.client import LocalTraining
+from fedpeft.config import Spec
+from fedpeft.data import DATASETS, FederatedData, TokenizedData, prepare
+from fedpeft.executors import EXECUTORS, Executor
+from fedpeft.models import MODELS
+from fedpeft.privacy.accounting import ClientBudget, calibrate_budget
+from fedpeft.state import HEAD, AdapterState, kind_of
+from fedpeft.strategies import STRATEGIES, Strategy, make_strategy
+
+__all__ = ["Parts", "build_parts", "check_names", "client_budget", "client_budgets", "make_executor", "make_plan"]
+
+
+def check_names(spec: Spec) -> None:
+    """Unknown registry names fail before any work, each listing the valid ones."""
+    MODELS.get(spec.model.name)
+    DATASETS.get(spec.data.name)
+    STRATEGIES.get(spec.strategy.name)
+    EXECUTORS.get(spec.federation.executor)
+
+
+def make_plan(spec: Spec, strategy: Strategy, state: AdapterState) -> LocalTraining:
+    """What every client does in a round: the strategy's trainable and uploaded tensors, the
+    tensors it keeps locally, and the spec's local SGD."""
+    trains = set(strategy.trains) | ({HEAD} if spec.model.train_head else set())
+    return LocalTraining(
+        steps=spec.train.local_steps,
+        batch_size=spec.train.batch_size,
+        lr=spec.train.lr,
+        trains=frozenset(trains),
+        uploads=tuple(strategy.uploads(state, spec.model.train_head)),
+        keeps=tuple(n for n in state.tensors if kind_of(n) in strategy.personal),
+    )
+
+
+def client_budget(spec: Spec, client_id: int, num_examples: int) -> ClientBudget:
+    """A client's DP-SGD budget, calibrated for the worst case: it trains in every round. A
+    client computes its own from the spec and its data size alone (Flower nodes do)."""
+    priv = spec.privacy
+    return calibrate_budget(
+        client_id, num_examples, spec.train.batch_size, spec.federation.rounds, spec.train.local_steps,
+        priv.epsilon, priv.delta, priv.accountant,
+    )  # fmt: skip
+
+
+def client_budgets(spec: Spec, clients: list[TokenizedData]) -> list[ClientBudget | None] | None:
+    """Every client's budget (None when privacy is off)."""
+    if not spec.privacy.enabled:
+        return None
+    return [client_budget(spec, cid, len(c)) for cid, c in enumerate(clients)]
+
+
+def make_executor(
+    spec: Spec, model: AdaptedModel, clients: list, num_labels: int, budgets: list[ClientBudget | None] | None
+) -> Executor:
+    """The in-process executor the spec asks for (`federation.executor`), over `clients`' data."""
+    return EXECUTORS.get(spec.federation.executor)(spec, model, clients, num_labels, budgets)
+
+
+@dataclass
+class Parts:
+    """What both the server and a Flower node build from a spec."""
+
+    spec: Spec
+    strategy: Strategy
+    model: AdaptedModel
+    data: FederatedData
+    plan: LocalTraining
+
+
+def build_parts(spec: Spec) -> Parts:
+    """The strategy, the model with its adapter, the data (test split and every client's
+    partition) and the clients' plan."""
+    check_names(spec)
+    strategy = make_strategy(spec.strategy.name, spec.strategy.kwargs)
+    fed = spec.federation
+    raw = DATASETS.get(spec.data.name)()
+    model = AdaptedModel(spec.model, num_labels=len(raw.label_names), seed=fed.seed, device=fed.device)
+    data = prepare(spec.data, fed.clients, model.tokenizer, spec.model.max_length, fed.seed, raw=raw)
+    return Parts(spec, strategy, model, data, make_plan(spec, strategy, model.state()))

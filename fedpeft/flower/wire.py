@@ -1,0 +1,165 @@
+"""Everything that crosses the wire between the server and a Flower node: every key and record
+layout, written and read here and nowhere else (the grid executor and the ClientApp both use it).
+
+One RecordDict per message:
+
+  server -> node  query     {}
+  node -> server  query     config: partition-id, num-partitions
+  server -> node  train     adapter (ArrayRecord: the global adapter without what clients keep)
+                            config (ConfigRecord: round, clients, seeds, spec JSON)
+  node -> server  train     update.<c> (ArrayRecord) and metrics.<c> (MetricRecord) per client that
+                            trained; status (ConfigRecord: refused = JSON {client: reason})
+  server -> node  evaluate  adapter, config (spec JSON)
+  node -> server  evaluate  metrics.<c> (MetricRecord) per client with a personalised model
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedpeft.config import Spec
+from fedpeft.executors.base import ClientFailure, ClientResult
+from fedpeft.state import ClientUpdate
+
+__all__ = [
+    "NUM_PARTITIONS", "PARTITION_ID", "TrainRequest", "from_record", "node_clients", "query_reply", "read_evaluate",
+    "read_evaluate_reply", "read_query_reply", "read_train", "read_train_reply", "spec_from_json", "spec_to_json",
+    "to_record", "evaluate_message", "evaluate_reply", "train_message", "train_reply",
+]  # fmt: skip
+
+# node config keys (set by Flower's simulation, or --node-config on a SuperNode)
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+
+# record names in a message
+ADAPTER = "adapter"
+CONFIG = "config"
+STATUS = "status"
+# keys of the server's config record
+ROUND, CLIENTS, SEEDS, SPEC = "round", "clients", "seeds", "spec"
+# keys of a node's records
+REFUSED = "refused"
+NUM_EXAMPLES = "num_examples"
+RANK = "rank"
+
+
+def update_key(cid: int) -> str:
+    return f"update.{cid}"
+
+
+def metrics_key(cid: int) -> str:
+    return f"metrics.{cid}"
+
+
+def node_clients(partition_id: int, num_partitions: int, num_clients: int) -> list[int]:
+    """The clients node `partition_id` of `num_partitions` holds: every c with c % N == k."""
+    return list(range(partition_id, num_clients, num_partitions))
+
+
+# -- tensors and specs ---------------------------------------------------------------------------
+def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    # copy: the numpy buffer behind a received array is read-only
+    return {name: t.clone() for name, t in record.to_torch_state_dict().items()}
+
+
+def spec_to_json(spec: Spec) -> str:
+    return json.dumps(spec.to_dict(), sort_keys=True, default=str)
+
+
+def spec_from_json(text: str) -> Spec:
+    return Spec.from_dict(json.loads(text))
+
+
+# -- query: which partition is a node ------------------------------------------------------------
+def query_reply(partition_id: int, num_partitions: int) -> RecordDict:
+    return RecordDict({CONFIG: ConfigRecord({PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions})})
+
+
+def read_query_reply(content: RecordDict) -> tuple[int, int]:
+    config = content[CONFIG]
+    return int(config[PARTITION_ID]), int(config[NUM_PARTITIONS])
+
+
+# -- train -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainRequest:
+    round: int
+    clients: list[int]
+    seeds: dict[int, int]
+    spec_json: str
+    adapter: dict[str, torch.Tensor]
+
+
+def train_message(
+    round_num: int, clients: list[int], seeds: list[int], spec_json: str, adapter: ArrayRecord
+) -> RecordDict:
+    config = ConfigRecord({ROUND: round_num, CLIENTS: clients, SEEDS: seeds, SPEC: spec_json})
+    return RecordDict({ADAPTER: adapter, CONFIG: config})
+
+
+def read_train(content: RecordDict) -> TrainRequest:
+    config = content[CONFIG]
+    cids = [int(c) for c in config[CLIENTS]]
+    seeds = dict(zip(cids, (int(s) for s in config[SEEDS]), strict=True))
+    return TrainRequest(int(config[ROUND]), cids, seeds, str(config[SPEC]), from_record(content[ADAPTER]))
+
+
+def train_reply(results: list[ClientResult]) -> RecordDict:
+    """A node's reply: every update with its metrics, and why the others sent none."""
+    content = RecordDict()
+    refused: dict[str, str] = {}
+    for result in results:
+        cid = result.client_id
+        if isinstance(result, ClientFailure):
+            refused[str(cid)] = result.reason
+            continue
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        metrics[NUM_EXAMPLES] = result.num_examples
+        if result.rank is not None:
+            metrics[RANK] = result.rank
+        content[update_key(cid)] = to_record(dict(result.tensors))
+        content[metrics_key(cid)] = MetricRecord(metrics)
+    content[STATUS] = ConfigRecord({REFUSED: json.dumps(refused)})
+    return content
+
+
+def read_train_reply(content: RecordDict, cid: int, nid: int) -> ClientResult:
+    """Client `cid`'s result in node `nid`'s reply."""
+    refused = json.loads(str(content[STATUS][REFUSED])) if STATUS in content else {}
+    if str(cid) in refused:
+        return ClientFailure(cid, refused[str(cid)], refused=True)
+    if update_key(cid) not in content:
+        return ClientFailure(cid, f"node {nid} sent no update for client {cid}")
+    metrics = dict(content[metrics_key(cid)].items())
+    num_examples = int(metrics.pop(NUM_EXAMPLES))
+    rank = int(metrics.pop(RANK)) if RANK in metrics else None
+    return ClientUpdate(cid, num_examples, from_record(content[update_key(cid)]), metrics, rank)
+
+
+# -- evaluate (personalised models, on the nodes that hold them) -----------------------------------
+def evaluate_message(spec_json: str, adapter: ArrayRecord) -> RecordDict:
+    return RecordDict({ADAPTER: adapter, CONFIG: ConfigRecord({SPEC: spec_json})})
+
+
+def read_evaluate(content: RecordDict) -> tuple[str, dict[str, torch.Tensor]]:
+    return str(content[CONFIG][SPEC]), from_record(content[ADAPTER])
+
+
+def evaluate_reply(scores: dict[int, dict[str, float]]) -> RecordDict:
+    return RecordDict({metrics_key(cid): MetricRecord(s) for cid, s in scores.items()})
+
+
+def read_evaluate_reply(content: RecordDict) -> list[dict[str, float]]:
+    return [
+        {k: float(v) for k, v in record.items()}
+        for name, record in content.metric_records.items()
+        if name.startswith(metrics_key(0)[:-1])
+    ]

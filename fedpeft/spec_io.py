@@ -1,0 +1,203 @@
+"""Reading and writing specs: TOML files, ``--set KEY=VALUE`` overrides, Flower's run-config.
+
+Every value is coerced to the type of its field's default (one small function per type) and
+then checked by the dataclass itself (fedpeft.config), so each error names the key to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from fedpeft.config import SECTIONS, ConfigError, Spec, StrategyConfig
+
+__all__ = [
+    "APP_KEYS", "DEFAULT_SPEC", "default_spec", "default_spec_path", "load_spec", "parse_overrides", "resolve_spec",
+    "spec_diff", "spec_from_dict", "spec_from_run_config", "to_run_config",
+]  # fmt: skip
+
+DEFAULT_SPEC = "quickstart.toml"
+# Keys of Flower's run-config that belong to the app, not to the spec.
+APP_KEYS = ("spec", "out")
+
+
+# -- coercion: one function per field type -----------------------------------------------------
+def _as_bool(where: str, value: Any, item: type) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false (got {value!r})")
+    return value
+
+
+def _as_int(where: str, value: Any, item: type) -> int:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} must be an integer (got {value!r})")
+    return value
+
+
+def _as_float(where: str, value: Any, item: type) -> float:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be a number (got {value!r})") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where} must be a number (got {value!r})")
+    return float(value)
+
+
+def _as_str(where: str, value: Any, item: type) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string (got {value!r})")
+    return value
+
+
+def _as_tuple(where: str, value: Any, item: type) -> tuple:
+    """A list of `item`s, from a list, a comma-joined string (flat form) or a single number."""
+    numeric = item in (int, float)
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    elif numeric and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} must be a list of {item.__name__}s (got {value!r})")
+    if numeric:  # "3" -> 3; 6 -> 6.0; "inf" (strict JSON) -> inf; never 3.5 -> 3
+        convertible = (int, str) if item is float else (str,)
+        try:
+            value = [item(v) if isinstance(v, convertible) and not isinstance(v, bool) else v for v in value]
+        except ValueError:
+            raise ConfigError(f"{where} must be a list of {item.__name__}s (got {value!r})") from None
+    if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{where} must be a list of {item.__name__}s (got {value!r})")
+    return tuple(value)
+
+
+# bool before int: a bool default is an int too
+_COERCE: tuple[tuple[type, Callable[[str, Any, type], Any]], ...] = (
+    (bool, _as_bool), (int, _as_int), (float, _as_float), (tuple, _as_tuple), (str, _as_str),
+)  # fmt: skip
+
+
+def _coerce(where: str, value: Any, default: Any, item: type = str) -> Any:
+    for kind, coerce in _COERCE:
+        if isinstance(default, kind):
+            return coerce(where, value, item)
+    return value
+
+
+def _build_section(section: str, klass: type, table: Mapping[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(klass)}
+    defaults = klass()
+    if klass is StrategyConfig:  # name plus the strategy's own options
+        name = _coerce(f"{section}.name", table.get("name", defaults.name), defaults.name)
+        return StrategyConfig(name=name, options=tuple(sorted((k, v) for k, v in table.items() if k != "name")))
+    unknown = set(table) - set(fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {sorted(f'{section}.{k}' for k in unknown)}; "
+            f"valid keys of [{section}]: {', '.join(fields)}"
+        )
+    return klass(
+        **{
+            k: _coerce(f"{section}.{k}", v, getattr(defaults, k), fields[k].metadata.get("item", str))
+            for k, v in table.items()
+        }
+    )
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> Spec:
+    """A validated spec from its nested form (a TOML file's tables, or `Spec.to_dict()`)."""
+    unknown = set(data) - set(SECTIONS) - {"name"}
+    if unknown:
+        raise ConfigError(f"unknown spec section(s) {sorted(unknown)}; valid: name, {', '.join(SECTIONS)}")
+    kwargs: dict[str, Any] = {"name": str(data.get("name", Spec.name))}
+    for section, klass in SECTIONS.items():
+        table = data.get(section, {})
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"[{section}] must be a table, got {type(table).__name__}")
+        kwargs[section] = _build_section(section, klass, table)
+    return Spec(**kwargs)
+
+
+# -- files and overrides -------------------------------------------------------------------------
+def spec_diff(old: Spec, new: Spec, what: str = "run") -> str:
+    """The keys where two specs differ, as `key: run has X, now Y`; empty when equal."""
+    before, after = old.to_flat(), new.to_flat()
+    keys = sorted(set(before) | set(after))
+    return "; ".join(
+        f"{k}: {what} has {before.get(k)!r}, now {after.get(k)!r}" for k in keys if before.get(k) != after.get(k)
+    )
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read a spec from a TOML file. Missing keys take the defaults of fedpeft.config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"spec file {str(path)!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data.setdefault("name", path.stem)
+    return Spec.from_dict(data)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` strings; VALUE is read as a TOML value (``inf``, ``3``, ``"x"``, ``[..]``),
+    falling back to the bare string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, e.g. federation.rounds=3 (got {item!r})")
+        raw = raw.strip()
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def default_spec_path() -> Path:
+    """The embedded quickstart spec (simulations/quickstart.toml, installed as fedpeft.simulations)."""
+    return Path(str(resources.files("fedpeft.simulations").joinpath(DEFAULT_SPEC)))
+
+
+def resolve_spec(path: str | Path | None, overrides: list[str]) -> Spec:
+    """A spec file (default: the quickstart) with ``KEY=VALUE`` overrides applied."""
+    spec = load_spec(path or default_spec_path())
+    return spec.with_flat(parse_overrides(overrides)) if overrides else spec
+
+
+def default_spec() -> Spec:
+    """The quickstart spec, `fedpeft simulate`'s default; pyproject's run-config is its flat form."""
+    return resolve_spec(None, [])
+
+
+# -- Flower run-config ------------------------------------------------------------------------------
+def to_run_config(spec: Spec) -> dict[str, Any]:
+    """A spec as Flower run-config keys: its flat form without the [sweep] table (a Flower run is
+    one federation, not a grid). pyproject's [tool.flwr.app.config] is this of the quickstart."""
+    return {k: v for k, v in spec.to_flat().items() if not k.startswith("sweep.")}
+
+
+def spec_from_run_config(run_config: Mapping[str, Any], default: Spec) -> Spec:
+    """The spec of a Flower run. Flower's run-config is the flat form of `default` (pyproject's
+    [tool.flwr.app.config] carries it) plus the app keys `spec` and `out`. With `spec` = a TOML
+    file, that file is the base and only the keys set away from the default override it; with no
+    `spec`, every key applies, exactly like `fedpeft simulate --set`."""
+    flat = {k: v for k, v in run_config.items() if k not in APP_KEYS}
+    path = str(run_config.get("spec") or "")
+    if not path:
+        return default.with_flat(flat)
+    defaults = default.to_flat()
+    return load_spec(path).with_flat({k: v for k, v in flat.items() if defaults.get(k) != v})
