@@ -5,6 +5,10 @@ strategy trains. Each step draws a Poisson sample (rate q = batch_size / n, as D
 assumes). Privacy on or off is the same loop: with DP-SGD the step goes through Opacus
 (per-example gradients, clipping to C, Gaussian noise sigma*C); without it the loss is summed and
 divided by the expected batch size, which is exactly the DP update at sigma = 0 and C = inf.
+
+Under DP, n is the client's public size (DPSGD.size; docs/privacy.md): q, the expected batch and
+the aggregation weight then depend on public values only, and the update carries no statistic
+computed from the private batches (no loss, no count of sampled examples, no wall time).
 """
 
 from __future__ import annotations
@@ -32,10 +36,15 @@ class ClientRefused(RuntimeError):
 
 @dataclass(frozen=True)
 class DPSGD:
-    """DP-SGD parameters of one client: noise multiplier sigma and per-example clipping norm C."""
+    """DP-SGD parameters of one client: noise multiplier sigma and per-example clipping norm C;
+    `size`, the public dataset size q and the expected batch are computed from (None: the true
+    size); `secure`, Opacus's secure_mode noise (each draw the mean of four Gaussians, robust to
+    floating-point attacks)."""
 
     sigma: float
     clip: float
+    size: int | None = None
+    secure: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,12 +81,14 @@ def train_client(
     `rank` (heterogeneous ranks) keeps only the first `rank` LoRA components: the rest start at
     zero and are projected back to zero after every step, which removes the DP noise there.
     `num_examples` (the aggregation weight) is the expected number of examples the client used,
-    q * n * steps: it depends on n only when n < batch_size, not on the sampled batches.
+    q * n * steps with n its public size under DP: it depends on n only when n < batch_size, not
+    on the sampled batches.
     """
     start = time.perf_counter()
     n = len(data)
-    q = sample_rate(plan.batch_size, n)
-    expected_batch = q * n
+    public_n = dp.size if dp is not None and dp.size else n
+    q = sample_rate(plan.batch_size, public_n)
+    expected_batch = q * public_n
     generator = torch.Generator().manual_seed(seed)
     batches = poisson_batches(n, q, plan.steps, generator)
 
@@ -98,6 +109,7 @@ def train_client(
             expected_batch_size=expected_batch,
             loss_reduction="mean",
             generator=torch.Generator(device=model.device).manual_seed(seed + 1),
+            secure_mode=dp.secure,
         )
 
     losses = []
@@ -136,12 +148,11 @@ def train_client(
             if dp is not None:
                 module.to_standard_module()  # remove Opacus hooks and attributes from the model
     model.module.eval()
-    metrics = {
-        "train_loss": sum(losses) / len(losses) if losses else float("nan"),
-        "steps": float(len(batches)),
-        "examples_seen": float(sum(len(b) for b in batches)),
-        "seconds": time.perf_counter() - start,
-    }
+    metrics = {"steps": float(len(batches))}
+    if dp is None:  # statistics of the private batches: released only with privacy off
+        metrics["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
+        metrics["examples_seen"] = float(sum(len(b) for b in batches))
+        metrics["seconds"] = time.perf_counter() - start
     return ClientUpdate(
         client_id=client_id,
         num_examples=max(1, round(expected_batch * plan.steps)),
@@ -162,14 +173,16 @@ def client_round(
     budget: ClientBudget | None,
     clip: float,
     rank: int | None = None,
+    secure: bool = False,
 ) -> ClientUpdate:
     """A client's whole round: check its privacy budget, train, record the steps it took.
 
     Raises ClientRefused (and trains nothing) when `plan.steps` more steps would take the client
-    past its target epsilon. With `budget` None, privacy is off.
+    past its target epsilon. With `budget` None, privacy is off. `secure`: Opacus's secure_mode
+    noise (set where the randomness is secret, see fedpeft.privacy.randomness).
     """
     check_budget(budget, plan.steps, client_id)
-    dp = DPSGD(budget.sigma, clip) if budget is not None else None
+    dp = DPSGD(budget.sigma, clip, budget.size or None, secure) if budget is not None else None
     update = train_client(model, global_state, data, plan, client_id=client_id, seed=seed, dp=dp, rank=rank)
     record_spending(budget, update)
     return update

@@ -165,6 +165,13 @@ class PrivacyConfig:
     delta: float = field(default=1e-5, metadata=_help("target delta per client"))
     clip: float = field(default=2.0, metadata=_help("per-example gradient clipping norm C"))
     accountant: str = field(default="prv", metadata=_help("prv (tighter) | rdp"))
+    noise: str = field(
+        default="seeded",
+        metadata=_help(
+            "where in-process clients draw batches and DP noise: seeded (reproducible; the simulator is "
+            "both parties) | secret (OS randomness, Opacus secure_mode). Flower nodes always use secret"
+        ),
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -177,6 +184,7 @@ class PrivacyConfig:
             self.accountant in ("prv", "rdp"),
             f"privacy.accountant must be prv or rdp (got {self.accountant!r})",
         )
+        _require(self.noise in ("seeded", "secret"), f"privacy.noise must be seeded or secret (got {self.noise!r})")
 
     @property
     def enabled(self) -> bool:

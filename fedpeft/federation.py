@@ -257,6 +257,9 @@ class Federation:
             "target_epsilon": spec.privacy.epsilon if spec.privacy.enabled else None,
             "delta": spec.privacy.delta if spec.privacy.enabled else None,
             "sigma_per_client": self.sigmas,
+            # where the clients' batches and DP noise came from: seeded (reproducible from the spec,
+            # so only the simulator's own guarantee) or secret (drawn by the clients)
+            "noise": self.executor.noise if spec.privacy.enabled else None,
             "seed": spec.federation.seed,
             "clients": [len(c) for c in self.data.clients],
             "test_examples": len(self.data.test),

@@ -33,6 +33,13 @@ def tiny_spec(**overrides) -> Spec:
 
 
 @pytest.fixture(autouse=True)
+def _node_state(tmp_path, monkeypatch):
+    """Flower nodes under DP keep ledgers in a default per-user directory: one per test here."""
+    monkeypatch.setenv("FEDPEFT_STATE_DIR", str(tmp_path / "default-node-state"))
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(1)  # tests compare floats: keep reductions in one thread's order
     yield

@@ -63,7 +63,14 @@ def test_cohort_equals_sequential(fed, trains, private):
     got = coh.run_round(1, cids, state, plan, seeds)
     for e, g in zip(expected, got, strict=True):
         assert e.client_id == g.client_id and e.num_examples == g.num_examples
-        assert e.metrics["examples_seen"] == g.metrics["examples_seen"]
+        # the same released metrics; under DP only public ones (no loss, no count of sampled examples)
+        assert (
+            set(e.metrics)
+            == set(g.metrics)
+            == ({"steps", "epsilon", "sigma"} if private else {"steps", "train_loss", "examples_seen", "seconds"})
+        )
+        if not private:
+            assert e.metrics["examples_seen"] == g.metrics["examples_seen"]
         for name in plan.uploads:
             assert not torch.equal(e.tensors[name], state.tensors[name]), f"{name} did not train"
             torch.testing.assert_close(g.tensors[name], e.tensors[name], rtol=1e-4, atol=1e-6)
@@ -178,7 +185,7 @@ def test_cohort_step_with_every_sample_empty_is_noise_only(fed):
     _, quiet = _pair(federation, 0.0, 1.0)
     _, noisy = _pair(federation, 1.0, 1.0)
     for update in quiet.run_round(1, [0, 1, 2], state, plan, seeds):
-        assert update.metrics["examples_seen"] == 0
+        assert "examples_seen" not in update.metrics  # under DP, no count of sampled examples leaves
         assert all(torch.equal(update.tensors[n], state.tensors[n]) for n in plan.uploads)
     for update in noisy.run_round(1, [0, 1, 2], state, plan, seeds):
         assert all(not torch.equal(update.tensors[n], state.tensors[n]) for n in plan.uploads)

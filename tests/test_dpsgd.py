@@ -157,7 +157,7 @@ def test_empty_poisson_batch_takes_a_noise_only_step(setup):
     # find a seed whose single Poisson sample (q = 1/40) is empty
     seed = next(s for s in range(200) if len(poisson_batches(40, 1 / 40, 1, torch.Generator().manual_seed(s))[0]) == 0)
     update = train_client(model, state, tiny, plan, client_id=0, seed=seed, dp=DPSGD(1.0, 1.0))
-    assert update.metrics["steps"] == 1 and update.metrics["examples_seen"] == 0
+    assert update.metrics == {"steps": 1}  # under DP: no loss, no count of sampled examples, no time
     assert any(not torch.equal(update.tensors[n], state.tensors[n]) for n in plan.uploads)
     plain = train_client(model, state, tiny, plan, client_id=0, seed=seed, dp=None)
     assert all(torch.equal(plain.tensors[n], state.tensors[n]) for n in plan.uploads)

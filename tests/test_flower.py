@@ -139,14 +139,15 @@ def test_run_config_overrides_map_onto_spec_keys(tmp_path):
     "overrides",
     [
         {},
-        {"strategy__name": "fedsvd", "privacy__epsilon": 6.0},
+        {"strategy__name": "fedsvd"},
         {"strategy__name": "fedsa", "model__train_head": False},
         {"strategy__name": "fedex"},
         {"strategy__name": "hetlora", "model__client_ranks": (2, 4)},
     ],
-    ids=["fedavg", "fedsvd-dp", "fedsa", "fedex", "hetlora"],
+    ids=["fedavg", "fedsvd", "fedsa", "fedex", "hetlora"],
 )
 def test_flower_executor_equals_in_process(tmp_path, overrides):
+    """Privacy off: batches follow the server's seeds, so the Flower path is the in-process run."""
     spec = tiny_spec(federation__rounds=2, federation__clients=3, federation__clients_per_round=2, **overrides)
     reference = Federation.build(spec).run(tmp_path / "in-process")
     flower = _run_flower(spec, tmp_path / "flower", LocalGrid(3))
@@ -155,9 +156,35 @@ def test_flower_executor_equals_in_process(tmp_path, overrides):
         assert mine["clients"] == ref["clients"]
         assert mine["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-6)
         assert mine["bytes_up"] == ref["bytes_up"] and mine["bytes_down"] == ref["bytes_down"]
-    if spec.privacy.enabled:  # every node reports its own epsilon; equal to the reference ledgers
-        assert flower.summary["epsilon_per_client"] == pytest.approx(reference.summary["epsilon_per_client"])
-        assert 0 < flower.summary["epsilon"] <= 6.0
+
+
+def test_under_dp_nodes_draw_secret_noise_the_server_cannot_replay(tmp_path):
+    """Under DP a node's batches and noise come from its own secret randomness: two Flower runs of
+    the same spec and seed differ, neither equals the in-process run seeded as the server would
+    seed it, and yet every node spends exactly the reference ledger's epsilon."""
+    spec = tiny_spec(federation__rounds=2, federation__clients=3, federation__clients_per_round=2,
+                     strategy__name="fedsvd", privacy__epsilon=6.0)  # fmt: skip
+    replay = Federation.build(spec).run(tmp_path / "in-process")  # the server's seeds, replayed
+    first = _run_flower(spec, tmp_path / "flower-1", LocalGrid(3))
+    second = _run_flower(spec, tmp_path / "flower-2", LocalGrid(3, run_id=8))  # a new run: new ledgers
+    for name, tensor in first.state.tensors.items():
+        if not torch.equal(tensor, replay.state.tensors[name]):
+            break
+    else:
+        pytest.fail("a Flower node's update equals the replay from the server's seeds")
+    assert any(not torch.equal(t, second.state.tensors[n]) for n, t in first.state.tensors.items())
+    assert first.summary["noise"] == "secret" and replay.summary["noise"] == "seeded"
+    assert first.summary["epsilon_per_client"] == pytest.approx(replay.summary["epsilon_per_client"])
+    assert second.summary["epsilon_per_client"] == pytest.approx(replay.summary["epsilon_per_client"])
+    assert 0 < first.summary["epsilon"] <= 6.0
+
+
+def test_secret_noise_in_process_is_not_reproducible_and_says_so(tmp_path):
+    spec = tiny_spec(federation__rounds=1, privacy__epsilon=6.0, privacy__noise="secret")
+    a, b = Federation.build(spec).run(tmp_path / "a"), Federation.build(spec).run(tmp_path / "b")
+    assert a.summary["noise"] == "secret"
+    assert any(not torch.equal(t, b.state.tensors[n]) for n, t in a.state.tensors.items())
+    assert a.summary["epsilon_per_client"] == pytest.approx(b.summary["epsilon_per_client"])
 
 
 @pytest.mark.parametrize("executor", ["sequential", "cohort"])
@@ -272,11 +299,12 @@ def test_a_node_trains_on_its_own_data_file(tmp_path):
     spec = tiny_spec(federation__rounds=2, federation__clients=3, federation__clients_per_round=3, privacy__epsilon=5.0)
     grid = LocalGrid(3)
     grid.contexts[101].node_config["data-file"] = str(path)
+    grid.contexts[101].node_config["public-size"] = 40  # what the node declares public
     result = _run_flower(spec, tmp_path / "run", grid)
     reference = Federation.build(spec)
     sizes = [len(c) for c in reference.data.clients]
     assert result.history[-1]["clients"] == [0, 1, 2]
-    # client 1 calibrated its sigma on its own 40 examples, and the summary shows the node's sigma
+    # client 1 calibrated its sigma on its declared 40 examples, and the summary shows the node's sigma
     own = client_budget(spec, 1, 40).sigma
     assert result.summary["sigma_per_client"][1] == pytest.approx(own)
     assert result.summary["sigma_per_client"][0] == pytest.approx(client_budget(spec, 0, sizes[0]).sigma)
@@ -288,7 +316,7 @@ def test_data_file_errors_are_clear(tmp_path):
 
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nhello,maybe\n")
-    with pytest.raises(ValueError, match="label 'maybe' is none of"):
+    with pytest.raises(ValueError, match="row 1: its label is none of"):
         load_file(bad, ("negative", "positive"))
     with pytest.raises(ValueError, match="does not exist"):
         load_file(tmp_path / "missing.jsonl", ("negative", "positive"))

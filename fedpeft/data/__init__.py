@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from fedpeft.config import DataConfig
+from fedpeft.config import ConfigError, DataConfig
 from fedpeft.data import rotten_tomatoes, synthetic
 from fedpeft.data.base import FederatedData, TextDataset, TokenizedData
 from fedpeft.data.partition import partition
@@ -33,7 +33,7 @@ def load_file(path: str | Path, label_names: tuple[str, ...]) -> TextDataset:
     header naming `text` and `label` columns. A label is one of `label_names` or its index."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} does not exist")
+        raise ConfigError(f"data file {str(path)!r} does not exist")
     if path.suffix == ".csv":
         with path.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
@@ -42,19 +42,20 @@ def load_file(path: str | Path, label_names: tuple[str, ...]) -> TextDataset:
     texts, labels = [], []
     for number, row in enumerate(rows, start=1):
         if "text" not in row or "label" not in row:
-            raise ValueError(f"{path}: row {number} needs 'text' and 'label' (got {sorted(row)})")
+            raise ConfigError(f"{path}: row {number} needs 'text' and 'label' (got {sorted(row)})")
         label = row["label"]
         if str(label) in label_names:
             labels.append(label_names.index(str(label)))
         elif str(label).lstrip("-").isdigit() and 0 <= int(label) < len(label_names):
             labels.append(int(label))
         else:
-            raise ValueError(
-                f"{path}: row {number}: label {label!r} is none of {list(label_names)} (or 0..{len(label_names) - 1})"
+            # the message may reach the server: it names the row, never the row's values
+            raise ConfigError(
+                f"{path}: row {number}: its label is none of {list(label_names)} (or 0..{len(label_names) - 1})"
             )
         texts.append(str(row["text"]))
     if not texts:
-        raise ValueError(f"{path}: no examples")
+        raise ConfigError(f"{path}: no examples")
     return TextDataset(texts, labels, [path.stem] * len(texts), label_names)
 
 

@@ -18,6 +18,7 @@ import torch
 from fedpeft.client import LocalTraining
 from fedpeft.data.base import TokenizedData
 from fedpeft.privacy.accounting import ClientBudget
+from fedpeft.privacy.randomness import secret_seed
 from fedpeft.registry import Registry
 from fedpeft.state import AdapterState, ClientUpdate
 
@@ -43,6 +44,11 @@ Scores = dict[str, float]
 
 class Executor(Protocol):
     """Everything the round loop asks of whoever trains the clients."""
+
+    @property
+    def noise(self) -> str:
+        """Where the clients' Poisson batches and DP noise come from: "seeded" (from the seeds the
+        loop passes) or "secret" (drawn by the clients, unknown to the server)."""
 
     def run_round(
         self,
@@ -143,9 +149,19 @@ class ClientStore:
 
 
 class InProcess:
-    """The part of the executor contract every in-process executor shares: its `store`."""
+    """The part of the executor contract every in-process executor shares: its `store`, and where
+    its clients' randomness comes from (`secret`: drawn here from the OS, the loop's seeds unused)."""
 
     store: ClientStore
+    secret: bool = False
+
+    @property
+    def noise(self) -> str:
+        return "secret" if self.secret else "seeded"
+
+    def seed(self, cid: int, seeds: dict[int, int]) -> int:
+        """Client `cid`'s seed for this round: the loop's, or a secret one."""
+        return secret_seed() if self.secret else seeds[cid]
 
     @property
     def budgets(self) -> list[ClientBudget | None] | None:

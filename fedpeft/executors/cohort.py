@@ -30,6 +30,7 @@ from fedpeft.data.base import TokenizedData
 from fedpeft.executors.base import EXECUTORS, ClientFailure, ClientResult, ClientStore, InProcess
 from fedpeft.models import MODELS, build_model
 from fedpeft.privacy.accounting import ClientBudget, sample_rate
+from fedpeft.privacy.randomness import gaussian
 from fedpeft.state import HEAD, LORA_A, LORA_B, AdapterState, ClientUpdate, a_name, b_name, base_name
 
 __all__ = ["CohortExecutor"]
@@ -103,11 +104,13 @@ class CohortExecutor(InProcess):
         ranks: list[int | None] | None = None,
         device: torch.device | str = "cpu",
         chunk: int = 0,
+        secret: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.store = ClientStore(clients, budgets, ranks)
         self.clip = clip
         self.chunk = chunk
+        self.secret = secret  # batches and noise from secret seeds, secure noise (privacy.noise = "secret")
         base, _ = build_model(cfg.name, num_labels, cfg.layers, seed)
         self.model = base.to(self.device)
         for p in self.model.parameters():
@@ -169,8 +172,12 @@ class CohortExecutor(InProcess):
         ranks = [self.store.ranks[c] for c in cids]
         self._truncate(ranks)
         data = [self.store.data[c] for c in cids]
-        qs = [sample_rate(plan.batch_size, len(d)) for d in data]
-        expected = torch.tensor([q * len(d) for q, d in zip(qs, data, strict=True)], device=self.device)
+        # under DP, q and the expected batch come from each client's public size (its ledger's)
+        sizes = [
+            (self.store.budget(c).size if sigmas is not None else 0) or len(d) for c, d in zip(cids, data, strict=True)
+        ]
+        qs = [sample_rate(plan.batch_size, n) for n in sizes]
+        expected = torch.tensor([q * n for q, n in zip(qs, sizes, strict=True)], device=self.device)
         batches = [
             poisson_batches(len(d), q, plan.steps, torch.Generator().manual_seed(s))
             for d, q, s in zip(data, qs, seeds, strict=True)
@@ -216,7 +223,9 @@ class CohortExecutor(InProcess):
                     client_id=cid,
                     num_examples=max(1, round(float(expected[j]) * plan.steps)),
                     tensors=tensors,
-                    metrics={
+                    metrics={"steps": float(plan.steps)}
+                    if sigmas is not None  # under DP, no statistic of the private batches
+                    else {
                         "train_loss": sum(losses[j]) / len(losses[j]) if losses[j] else float("nan"),
                         "steps": float(plan.steps),
                         "examples_seen": float(sum(len(b) for b in batches[j])),
@@ -259,8 +268,8 @@ class CohortExecutor(InProcess):
             summed = torch.zeros_like(param).index_add_(0, owner, scaled)  # per-client sums
             if sigmas is not None:
                 for j in range(k):
-                    summed[j] += torch.normal(
-                        0.0, sigmas[j] * self.clip, size=summed[j].shape, device=summed.device, generator=noise_gens[j]
+                    summed[j] += gaussian(
+                        sigmas[j] * self.clip, summed[j].shape, noise_gens[j], self.secret, device=summed.device
                     )
             param -= lr * summed / expected.reshape((k,) + (1,) * (param.dim() - 1))
 
@@ -291,7 +300,7 @@ class CohortExecutor(InProcess):
             starts = [self.store.start_state(c, global_state) for c in cids]
             sigmas = [self.store.budget(c).sigma for c in cids] if self.store.budgets is not None else None
             try:
-                updates = self._train_chunk(cids, starts, plan, [seeds[c] for c in cids], sigmas)
+                updates = self._train_chunk(cids, starts, plan, [self.seed(c, seeds) for c in cids], sigmas)
             except torch.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -318,5 +327,5 @@ def _cohort(spec, model, clients, num_labels, budgets):  # noqa: ANN001, ANN202
     ranks = [client_rank(spec.model, cid) for cid in range(len(clients))]
     return CohortExecutor(
         spec.model, num_labels, fed.seed, clients, budgets, spec.privacy.clip, ranks,
-        device=model.device, chunk=fed.cohort_chunk,
+        device=model.device, chunk=fed.cohort_chunk, secret=spec.privacy.noise == "secret",
     )  # fmt: skip

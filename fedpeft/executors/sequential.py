@@ -29,10 +29,12 @@ class SequentialExecutor(InProcess):
         budgets: list[ClientBudget | None] | None,
         clip: float,
         ranks: list[int | None] | None = None,
+        secret: bool = False,
     ) -> None:
         self.model = model
         self.store = ClientStore(clients, budgets, ranks)
         self.clip = clip
+        self.secret = secret
 
     def run_round(
         self,
@@ -49,7 +51,8 @@ class SequentialExecutor(InProcess):
             try:
                 update = client_round(
                     self.model, store.start_state(cid, global_state), store.data[cid], plan,
-                    client_id=cid, seed=seeds[cid], budget=store.budget(cid), clip=self.clip, rank=store.ranks[cid],
+                    client_id=cid, seed=self.seed(cid, seeds), budget=store.budget(cid), clip=self.clip,
+                    rank=store.ranks[cid], secure=self.secret,
                 )  # fmt: skip
                 if plan.keeps:
                     store.keep(cid, self.model.tensors(list(plan.keeps)))
@@ -66,4 +69,4 @@ def _sequential(spec, model, clients, num_labels, budgets):  # noqa: ANN001, ANN
     from fedpeft.config import client_rank
 
     ranks = [client_rank(spec.model, cid) for cid in range(len(clients))]
-    return SequentialExecutor(model, clients, budgets, spec.privacy.clip, ranks)
+    return SequentialExecutor(model, clients, budgets, spec.privacy.clip, ranks, secret=spec.privacy.noise == "secret")

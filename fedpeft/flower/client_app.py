@@ -7,13 +7,38 @@ fedpeft.flower.node. `make_app()` builds a ClientApp with a runtime of its own.
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedpeft.config import ConfigError
 from fedpeft.flower import wire
 from fedpeft.flower.node import Node, partition_id
 
 __all__ = ["app", "make_app"]
+
+log = logging.getLogger("fedpeft")
+
+
+def _errors_name_no_data(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Flower sends an exception's text to the server: let through fedpeft's own configuration
+    errors (they name keys, files and rows), and only the type of anything else (whose text might
+    quote private data); the whole traceback stays in the node's log."""
+
+    @functools.wraps(handler)
+    def guarded(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            log.exception("node %s: %s failed", context.node_id, handler.__name__)
+            raise RuntimeError(f"{type(exc).__name__} on the node (details in the node's log)") from None
+
+    return guarded
 
 
 def make_app(node: Node | None = None) -> ClientApp:
@@ -28,12 +53,16 @@ def make_app(node: Node | None = None) -> ClientApp:
         return Message(wire.query_reply(partition_id(context), parts), reply_to=message)
 
     @client_app.train()
+    @_errors_name_no_data
     def train(message: Message, context: Context) -> Message:
         """One round of this node's sampled clients; the reply carries every upload."""
-        results = node.train(wire.read_train(message.content), context)
-        return Message(wire.train_reply(results), reply_to=message)
+        request = wire.read_train(message.content)
+        results = node.train(request, context)
+        private = node.worker(request.spec_json).spec.privacy.enabled
+        return Message(wire.train_reply(results, private), reply_to=message)
 
     @client_app.evaluate()
+    @_errors_name_no_data
     def evaluate(message: Message, context: Context) -> Message:
         """This node's personalised models (FedSA) on the federation's test split."""
         spec_json, adapter = wire.read_evaluate(message.content)

@@ -41,8 +41,12 @@ class FlowerExecutor:
     """Sends each sampled client's round to its node through a Flower Grid and waits for the replies.
 
     A node that fails, sends an error, or is still silent after `federation.timeout` seconds gives
-    a ClientFailure with the reason; the round loop goes on with the updates that arrived.
+    a ClientFailure with the reason; the round loop goes on with the updates that arrived. Under
+    DP the loop's seeds are not sent: every node draws its clients' batches and noise from secret
+    randomness of its own (fedpeft.privacy.randomness).
     """
+
+    noise = "secret"  # under DP; with privacy off there is no noise and batches follow the seeds
 
     def __init__(self, grid: Grid, spec: Spec, connect_timeout: float = 120.0) -> None:
         self.grid = grid
@@ -125,7 +129,9 @@ class FlowerExecutor:
                 groups.setdefault(nid, []).append(cid)
         messages = []
         for nid, cids in groups.items():
-            content = wire.train_message(round_num, cids, [seeds[c] for c in cids], self.spec_json, adapter)
+            # under DP no seeds: every node draws its clients' batches and noise in secret
+            sent = [seeds[c] for c in cids] if not self.spec.privacy.enabled else None
+            content = wire.train_message(round_num, cids, self.spec_json, adapter, sent)
             messages.append(Message(content, nid, MessageType.TRAIN, group_id=str(round_num)))
         for nid, reply in self._exchange(messages):
             for cid in groups.get(nid, []):

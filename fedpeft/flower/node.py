@@ -8,20 +8,32 @@ node config:
                   c with c % N == k: with N = federation.clients, client k alone; with fewer nodes
                   (one per GPU), a cohort of clients trained together (federation.executor = "cohort")
                   or one after another ("sequential")
-  state-dir       optional: a directory where the node keeps its clients' privacy ledgers and
-                  personal tensors on disk, so a restarted SuperNode does not forget what they spent
+  state-dir       where the node keeps its clients' privacy ledgers and personal tensors on disk,
+                  so a restarted SuperNode does not forget what they spent. Under DP a node without
+                  it keeps them in $FEDPEFT_STATE_DIR, else $XDG_STATE_HOME/fedpeft, else
+                  ~/.local/state/fedpeft: a restart never resets a budget
   data-file       optional, for a node that holds one client: the client's own examples (JSON
                   lines or CSV with text and label; see fedpeft.data.load_file) instead of its
-                  partition of the spec's bundled dataset. Its sigma is calibrated on its own size.
+                  partition of the spec's bundled dataset
+  public-size     with data-file under DP (required there): the dataset size the node declares
+                  public; q, sigma and the aggregation weight are computed from it (docs/privacy.md)
+  max-epsilon     the node's privacy policy: it refuses a spec asking for a larger epsilon
+  max-delta       ... or a larger delta
+  allow-no-dp     false: it refuses a spec with privacy off (default true)
 
 Between rounds the node keeps each client's ledger and the tensors its strategy keeps locally
-(FedSA's B) in Flower's node state (context.state), and on disk too when `state-dir` is set. Ledgers
-are written before the updates leave the node: a reply that is lost never under-counts privacy spent.
+(FedSA's B) in Flower's node state (context.state) and on disk. Ledgers are written before the
+updates leave the node: a reply that is lost never under-counts privacy spent. A saved ledger is
+the record: the node keeps spending with its sigma and q (whatever the spec or the data say now),
+never above its target, lowered to a spec's smaller one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,18 +45,63 @@ from fedpeft.build import build_parts, client_budget, make_executor
 from fedpeft.client import LocalTraining, evaluate
 from fedpeft.config import ConfigError, Spec
 from fedpeft.data import TokenizedData, load_file, tokenize
-from fedpeft.executors.base import ClientResult, InProcess
+from fedpeft.executors.base import ClientFailure, ClientResult, InProcess
 from fedpeft.flower import wire
 from fedpeft.privacy.accounting import ClientBudget
 from fedpeft.runfiles import atomic_write
 from fedpeft.state import AdapterState
 
-__all__ = ["ClientRecords", "Node", "Worker", "partition"]
+__all__ = ["ClientRecords", "Node", "Policy", "Worker", "default_state_dir", "partition"]
+
+log = logging.getLogger("fedpeft")
 
 LEDGER = "fedpeft.ledger.{}"  # per client: ConfigRecord in context.state, {"budget": JSON}
 PERSONAL = "fedpeft.personal.{}"  # per client: ArrayRecord in context.state
 STATE_DIR = "state-dir"
 DATA_FILE = "data-file"
+PUBLIC_SIZE = "public-size"
+
+
+def default_state_dir() -> Path:
+    """Where a node keeps its ledgers when its node config names no state-dir."""
+    if env := os.environ.get("FEDPEFT_STATE_DIR"):
+        return Path(env)
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "fedpeft"
+
+
+def _flag(value: object) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes")
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The node's own privacy floor (node config): the server can ask, it cannot go below this."""
+
+    max_epsilon: float = math.inf
+    max_delta: float = 1.0
+    allow_no_dp: bool = True
+
+    @classmethod
+    def of(cls, context: Context) -> Policy:
+        config = context.node_config
+        return cls(
+            float(config.get("max-epsilon", math.inf)),
+            float(config.get("max-delta", 1.0)),
+            _flag(config.get("allow-no-dp", True)),
+        )
+
+    def violation(self, spec: Spec) -> str | None:
+        """Why this node refuses `spec`, or None."""
+        priv = spec.privacy
+        if not priv.enabled:
+            return None if self.allow_no_dp else "node policy: refuses to train without DP (allow-no-dp=false)"
+        if priv.epsilon > self.max_epsilon:
+            return f"node policy: spec asks epsilon {priv.epsilon:g} > this node's max-epsilon {self.max_epsilon:g}"
+        if priv.delta > self.max_delta:
+            return f"node policy: spec asks delta {priv.delta:g} > this node's max-delta {self.max_delta:g}"
+        return None
 
 
 def partition_id(context: Context) -> int:
@@ -70,11 +127,12 @@ def partition(context: Context, spec: Spec) -> list[int]:
 class ClientRecords:
     """One client's ledger and kept tensors: in context.state, and under state-dir when configured."""
 
-    def __init__(self, context: Context, cid: int) -> None:
+    def __init__(self, context: Context, cid: int, private: bool) -> None:
         self.context = context
         self.cid = cid
         state_dir = context.node_config.get(STATE_DIR)
-        self.dir = Path(str(state_dir)) / f"run-{context.run_id}" if state_dir else None
+        root = Path(str(state_dir)) if state_dir else (default_state_dir() if private else None)
+        self.dir = root / f"run-{context.run_id}" if root is not None else None
 
     def _file(self, suffix: str) -> Path:
         assert self.dir is not None
@@ -130,6 +188,7 @@ class Worker:
         template, _ = parts.strategy.init(parts.model.state(), spec.federation.seed)
         budgets = [None] * spec.federation.clients if spec.privacy.enabled else None
         executor = make_executor(spec, parts.model, parts.data.clients, parts.data.num_labels, budgets)
+        executor.secret = spec.privacy.enabled  # under DP: secret batches and noise, whatever the spec says
         return cls(spec, parts.data.test, parts.plan, template, executor, parts.data.label_names, parts.model)
 
     def data_file(self, path: str) -> TokenizedData:
@@ -137,6 +196,42 @@ class Worker:
             raw = load_file(path, self.label_names)
             self.files[path] = tokenize(raw, self.model.tokenizer, self.spec.model.max_length)
         return self.files[path]
+
+    def public_size(self, context: Context, cid: int, data: TokenizedData | None) -> int:
+        """The size client `cid` declares public: its bundled partition's (derived from the spec),
+        or, for a node's own data file, the node config's public-size."""
+        if data is None:
+            return len(self.executor.store.data[cid])
+        if PUBLIC_SIZE not in context.node_config:
+            raise ConfigError(
+                f"under DP a node with a {DATA_FILE} needs {PUBLIC_SIZE}=N in its node config: the dataset size "
+                "it declares public (q, sigma and its aggregation weight are computed from it, never from "
+                "the true size)"
+            )
+        size = int(context.node_config[PUBLIC_SIZE])
+        if size < 1:
+            raise ConfigError(f"{PUBLIC_SIZE} must be >= 1 (got {size})")
+        if size != len(data):
+            log.warning("client %d: public-size %d, %d examples in %s", cid, size, len(data), DATA_FILE)
+        return size
+
+    def budget(self, context: Context, cid: int, saved: ClientBudget | None, data: TokenizedData | None):  # noqa: ANN201
+        """Client `cid`'s ledger: the saved one, kept as the record (its sigma and q; its target
+        lowered to a smaller one the spec asks), or a new one calibrated on its public size. A
+        ledger kept at another delta or accountant cannot be compared: a ClientFailure."""
+        spec, priv = self.spec, self.spec.privacy
+        if saved is None:
+            return client_budget(spec, cid, self.public_size(context, cid, data))
+        if (saved.delta, saved.accountant) != (priv.delta, priv.accountant):
+            return ClientFailure(
+                cid,
+                f"client {cid}'s ledger is kept at delta {saved.delta:g} ({saved.accountant}); the spec asks "
+                f"delta {priv.delta:g} ({priv.accountant}): refused",
+                refused=True,
+            )
+        if priv.epsilon < saved.target_epsilon:
+            saved.target_epsilon = priv.epsilon
+        return saved
 
     def own_data(self, context: Context, cids: list[int], mine: list[int]) -> dict[int, TokenizedData | None]:
         """Each client's data: the node's data-file, or None for its bundled partition."""
@@ -161,29 +256,36 @@ class Node:
         return self._worker[1]
 
     def train(self, request: wire.TrainRequest, context: Context) -> list[ClientResult]:
-        """One round of this node's sampled clients: lend their ledgers, kept tensors and data to
-        the executor's store, train (each checks its budget first), save before replying."""
+        """One round of this node's sampled clients: check the node's policy, lend their ledgers,
+        kept tensors and data to the executor's store, train (each checks its budget first; batches
+        and noise from secret randomness), save before replying."""
         worker = self.worker(request.spec_json)
         spec, store = worker.spec, worker.executor.store
         mine = partition(context, spec)
         if not set(request.clients) <= set(mine):
             strays = sorted(set(request.clients) - set(mine))
             raise ConfigError(f"message for clients {strays} reached a node holding {mine}")
+        if (why := Policy.of(context).violation(spec)) is not None:
+            return [ClientFailure(cid, why, refused=True) for cid in request.clients]
         data = worker.own_data(context, request.clients, mine)
-        records = {cid: ClientRecords(context, cid) for cid in request.clients}
-        for cid, rec in records.items():  # its ledger so far, or a new one calibrated on its own data
-            budget = None
-            if spec.privacy.enabled:
-                size = len(data[cid]) if data[cid] is not None else len(store.data[cid])
-                budget = rec.budget() or client_budget(spec, cid, size)
+        records = {cid: ClientRecords(context, cid, spec.privacy.enabled) for cid in request.clients}
+        failed: dict[int, ClientResult] = {}
+        for cid, rec in records.items():  # its ledger so far, or a new one on its public size
+            budget = worker.budget(context, cid, rec.budget(), data[cid]) if spec.privacy.enabled else None
+            if isinstance(budget, ClientFailure):
+                failed[cid] = budget
+                continue
             store.adopt(cid, budget, rec.personal(), data[cid])
+        training = [cid for cid in request.clients if cid not in failed]
         start = worker.template.with_tensors(request.adapter)
         try:
-            results = worker.executor.run_round(request.round, request.clients, start, worker.plan, request.seeds)
+            plan, seeds = worker.plan, request.seeds  # seeds: privacy off only; under DP the executor draws its own
+            trained = worker.executor.run_round(request.round, training, start, plan, seeds) if training else []
         finally:
-            for cid, rec in records.items():  # ledgers hit the disk before any update leaves the node
-                rec.save(*store.release(cid))
-        return results
+            for cid in training:  # ledgers hit the disk before any update leaves the node
+                records[cid].save(*store.release(cid))
+        results = {r.client_id: r for r in trained} | failed
+        return [results[cid] for cid in request.clients]
 
     def evaluate(self, spec_json: str, adapter: dict[str, torch.Tensor], context: Context) -> dict[int, dict]:
         """The global adapter with each of this node's clients' kept tensors, on the federation's test
@@ -192,7 +294,7 @@ class Node:
         state = worker.template.with_tensors(adapter)
         scores = {}
         for cid in partition(context, worker.spec):
-            if personal := ClientRecords(context, cid).personal():
+            if personal := ClientRecords(context, cid, worker.spec.privacy.enabled).personal():
                 batch = worker.spec.train.eval_batch_size
                 scores[cid] = evaluate(worker.model, state.with_tensors(personal), worker.test, batch)
         return scores

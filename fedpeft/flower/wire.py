@@ -6,11 +6,16 @@ One RecordDict per message:
   server -> node  query     {}
   node -> server  query     config: partition-id, num-partitions
   server -> node  train     adapter (ArrayRecord: the global adapter without what clients keep)
-                            config (ConfigRecord: round, clients, seeds, spec JSON)
+                            config (ConfigRecord: round, clients, spec JSON; seeds only with privacy
+                            off: under DP a node draws its clients' batches and noise in secret)
   node -> server  train     update.<c> (ArrayRecord) and metrics.<c> (MetricRecord) per client that
                             trained; status (ConfigRecord: refused = JSON {client: reason})
   server -> node  evaluate  adapter, config (spec JSON)
   node -> server  evaluate  metrics.<c> (MetricRecord) per client with a personalised model
+
+What may leave a node is written once, in REPLY_FIELDS: every value of a train reply, whether it
+is DP output or a function of public values, and why. Under DP, `train_reply` sends nothing else
+(tests/test_privacy.py walks real replies against the table).
 """
 
 from __future__ import annotations
@@ -45,6 +50,33 @@ ROUND, CLIENTS, SEEDS, SPEC = "round", "clients", "seeds", "spec"
 REFUSED = "refused"
 NUM_EXAMPLES = "num_examples"
 RANK = "rank"
+
+
+# What each value of a node's train reply is, and why it may leave the node (docs/privacy.md).
+DP_OUTPUT = "DP output"
+PUBLIC = "public"
+NON_PRIVATE = "privacy off only"
+REPLY_FIELDS: dict[str, tuple[str, str]] = {
+    "update.<c>": (DP_OUTPUT, "the uploaded adapter tensors after DP-SGD: clipped, noised, post-processed"),
+    "metrics.<c>.steps": (PUBLIC, "train.local_steps: every step is taken, an empty Poisson sample too"),
+    "metrics.<c>.epsilon": (PUBLIC, "the ledger's epsilon: a function of (sigma, q, steps), all public"),
+    "metrics.<c>.sigma": (PUBLIC, "calibrated from the spec and the client's public size"),
+    "metrics.<c>.num_examples": (PUBLIC, "the aggregation weight q * public size * steps"),
+    "metrics.<c>.rank": (PUBLIC, "the client's LoRA rank, from the spec's model.client_ranks"),
+    "status.refused": (
+        PUBLIC,
+        "clients that did not train and why: the budget check (a function of the public ledger) or the "
+        "node's policy, which the node states",
+    ),
+    "metrics.<c>.train_loss": (NON_PRIVATE, "mean loss on the sampled batches: a statistic of the private data"),
+    "metrics.<c>.examples_seen": (NON_PRIVATE, "how many examples the Poisson samples drew: private"),
+    "metrics.<c>.seconds": (NON_PRIVATE, "the client's training time: a timing channel"),
+}
+_METRICS_UNDER_DP = frozenset(
+    key.removeprefix("metrics.<c>.")
+    for key, (kind, _) in REPLY_FIELDS.items()
+    if key.startswith("metrics.") and kind == PUBLIC
+)
 
 
 def update_key(cid: int) -> str:
@@ -93,27 +125,31 @@ def read_query_reply(content: RecordDict) -> tuple[int, int]:
 class TrainRequest:
     round: int
     clients: list[int]
-    seeds: dict[int, int]
+    seeds: dict[int, int]  # empty under DP
     spec_json: str
     adapter: dict[str, torch.Tensor]
 
 
 def train_message(
-    round_num: int, clients: list[int], seeds: list[int], spec_json: str, adapter: ArrayRecord
+    round_num: int, clients: list[int], spec_json: str, adapter: ArrayRecord, seeds: list[int] | None = None
 ) -> RecordDict:
-    config = ConfigRecord({ROUND: round_num, CLIENTS: clients, SEEDS: seeds, SPEC: spec_json})
+    """`seeds`: only with privacy off (reproducible batches); under DP the node draws its own."""
+    config = ConfigRecord({ROUND: round_num, CLIENTS: clients, SPEC: spec_json})
+    if seeds is not None:
+        config[SEEDS] = seeds
     return RecordDict({ADAPTER: adapter, CONFIG: config})
 
 
 def read_train(content: RecordDict) -> TrainRequest:
     config = content[CONFIG]
     cids = [int(c) for c in config[CLIENTS]]
-    seeds = dict(zip(cids, (int(s) for s in config[SEEDS]), strict=True))
+    seeds = dict(zip(cids, (int(s) for s in config[SEEDS]), strict=True)) if SEEDS in config else {}
     return TrainRequest(int(config[ROUND]), cids, seeds, str(config[SPEC]), from_record(content[ADAPTER]))
 
 
-def train_reply(results: list[ClientResult]) -> RecordDict:
-    """A node's reply: every update with its metrics, and why the others sent none."""
+def train_reply(results: list[ClientResult], private: bool) -> RecordDict:
+    """A node's reply: every update with its metrics, and why the others sent none. `private`
+    (privacy on): only the values REPLY_FIELDS marks DP output or public leave the node."""
     content = RecordDict()
     refused: dict[str, str] = {}
     for result in results:
@@ -121,7 +157,7 @@ def train_reply(results: list[ClientResult]) -> RecordDict:
         if isinstance(result, ClientFailure):
             refused[str(cid)] = result.reason
             continue
-        metrics = {k: float(v) for k, v in result.metrics.items()}
+        metrics = {k: float(v) for k, v in result.metrics.items() if not private or k in _METRICS_UNDER_DP}
         metrics[NUM_EXAMPLES] = result.num_examples
         if result.rank is not None:
             metrics[RANK] = result.rank

@@ -79,6 +79,7 @@ class ClientBudget:
     delta: float
     accountant: str = "prv"
     history: list[Entry] = field(default_factory=list)
+    size: int = 0  # the public dataset size q was computed from (0: not recorded, the true size)
 
     def _with(self, steps: int) -> tuple[Entry, ...]:
         history = list(self.history)
@@ -113,6 +114,10 @@ class ClientBudget:
 
     @classmethod
     def from_dict(cls, data: dict) -> ClientBudget:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"not a privacy ledger: unknown field(s) {sorted(unknown)}")
         return cls(**{**data, "history": [tuple(e) for e in data["history"]]})
 
 
@@ -127,7 +132,8 @@ def calibrate_budget(
     accountant: str,
 ) -> ClientBudget:
     """One client's budget, its sigma calibrated for the worst case: it trains `local_steps` in
-    every round. Needs nothing but the client's own data size, so a client can compute it alone."""
+    every round. Needs nothing but the spec and the client's public size `num_examples`, so a client
+    computes it alone and the result (q, sigma) is a function of public values."""
     q = sample_rate(batch_size, num_examples)
     sigma = calibrate_sigma(target_epsilon, delta, q, rounds * local_steps, accountant)
-    return ClientBudget(client_id, sigma, q, target_epsilon, delta, accountant)
+    return ClientBudget(client_id, sigma, q, target_epsilon, delta, accountant, size=num_examples)
