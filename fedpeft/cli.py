@@ -1,4 +1,4 @@
-"""`fedpeft simulate | privacy | list`: the command line."""
+"""`fedpeft simulate | sweep | report | privacy | audit | list`: the command line."""
 
 from __future__ import annotations
 
@@ -131,6 +131,36 @@ def cmd_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from fedpeft.privacy.audit import AUDIT_SPEC, audit, format_table
+
+    base = Spec().with_flat(AUDIT_SPEC)
+    if args.spec or args.set:
+        base = (
+            resolve_spec(args.spec, args.set) if args.spec else base.with_flat(resolve_spec(None, args.set).to_flat())
+        )
+    runs = [(f"epsilon {e:g}", base.with_flat({"privacy.epsilon": e}), False) for e in args.epsilon]
+    runs += [("control: no noise", base, True)] if args.no_noise else []
+    results = []
+    for label, spec, control in runs:
+        tic = time.perf_counter()
+
+        def progress(done: int, total: int, label: str = label, tic: float = tic) -> None:
+            if done == total or done % max(1, total // 10) == 0:
+                print(
+                    f"  {label}: {done}/{total} trials, {time.perf_counter() - tic:.0f}s", file=sys.stderr, flush=True
+                )
+
+        results.append(audit(spec, args.trials, no_noise=control, size=args.size, on_trial=progress))
+    print(format_table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from fedpeft.data import DATASETS
     from fedpeft.models import MODELS
@@ -172,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     priv.add_argument("--sigma", type=float, help="noise multiplier (computes epsilon)")
     priv.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
     priv.set_defaults(func=cmd_privacy)
+
+    aud = sub.add_parser("audit", help="empirical privacy audit: D vs D + canary through a real node's training")
+    aud.add_argument("spec", nargs="?", help="federation spec (TOML); default: a tiny one-client spec")
+    add_set_argument(aud, "train.local_steps=20")
+    aud.add_argument("--epsilon", type=float, nargs="+", default=[2.0], help="claimed epsilons to audit (default 2)")
+    aud.add_argument("--trials", type=int, default=200, help="independent trainings per side (default 200)")
+    aud.add_argument("--size", type=int, default=32, help="examples in D (default 32)")
+    aud.add_argument("--no-noise", action="store_true", help="also run the control: privacy off, must show a leak")
+    aud.add_argument("--out", help="write the results as JSON here")
+    aud.set_defaults(func=cmd_audit)
 
     lst = sub.add_parser("list", help="list registered models, datasets and strategies")
     lst.set_defaults(func=cmd_list)

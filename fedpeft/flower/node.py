@@ -181,6 +181,7 @@ class Worker:
     label_names: tuple[str, ...]
     model: AdaptedModel
     files: dict[str, TokenizedData] = field(default_factory=dict)  # data-file -> its examples
+    warned: set[tuple[int, int, int]] = field(default_factory=set)
 
     @classmethod
     def build(cls, spec: Spec) -> Worker:
@@ -211,7 +212,8 @@ class Worker:
         size = int(context.node_config[PUBLIC_SIZE])
         if size < 1:
             raise ConfigError(f"{PUBLIC_SIZE} must be >= 1 (got {size})")
-        if size != len(data):
+        if size != len(data) and (cid, size, len(data)) not in self.warned:
+            self.warned.add((cid, size, len(data)))  # once: the node's log, not every round
             log.warning("client %d: public-size %d, %d examples in %s", cid, size, len(data), DATA_FILE)
         return size
 
