@@ -24,7 +24,7 @@ def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
 
 
 def _prepare_out(out: str | None, spec: Spec, resume: bool) -> Path:
-    from fedpeft.runfiles import CHECKPOINT, SUMMARY
+    from fedpeft.runfiles import CHECKPOINT, SUMMARY, has_checkpoint
 
     if out is None:
         if resume:
@@ -32,12 +32,12 @@ def _prepare_out(out: str | None, spec: Spec, resume: bool) -> Path:
         return Path("runs") / f"{spec.name}-{datetime.now():%Y%m%d-%H%M%S}"
     path = Path(out)
     if resume:
-        if not (path / CHECKPOINT).is_file():
+        if not has_checkpoint(path):
             raise ConfigError(f"nothing to resume: {path / CHECKPOINT} does not exist")
         return path
     if (path / SUMMARY).exists():
         raise ConfigError(f"{path} already holds a finished run; choose another --out")
-    if (path / CHECKPOINT).exists():
+    if has_checkpoint(path):
         raise ConfigError(f"{path} holds an unfinished run; add --resume to continue it, or choose another --out")
     return path
 
@@ -53,7 +53,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpeft.federation import Federation
     from fedpeft.progress import ProgressDisplay, final_table
     from fedpeft.report import plot_run
-    from fedpeft.runfiles import CHECKPOINT
+    from fedpeft.runfiles import has_checkpoint
 
     console = Console(stderr=True)
     fed, privacy = spec.federation, spec.privacy
@@ -78,7 +78,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         with ProgressDisplay(console, fed.rounds * fed.clients_per_round) as progress:
             result = federation.run(out, resume=args.resume, callbacks=progress.callbacks(spec))
     except KeyboardInterrupt:
-        if (out / CHECKPOINT).is_file():
+        if has_checkpoint(out):
             console.print(f"[yellow]interrupted[/]; continue with the same command plus --out {out} --resume")
         else:
             console.print("[yellow]interrupted[/] before the first round finished; nothing was saved")

@@ -64,7 +64,24 @@ class FederationConfig:
         ),
     )
 
+    update_bound: float = field(
+        default=0.0,
+        metadata=_help(
+            "largest accepted norm of a client's change (its upload - what it was sent); larger ones are "
+            "dropped. 0 = auto: under DP the most an honest DP-SGD client can move, without DP none; inf = off"
+        ),
+    )
+    node_ids: tuple[int, ...] = field(
+        default=(),
+        metadata={
+            "help": "Flower: the node id bound to each partition-id k (the operator's map, [id of node 0, ...]); "
+            "a node claiming a partition bound to another id is refused. Empty: any node, one per partition",
+            "item": int,
+        },
+    )
+
     def __post_init__(self) -> None:
+        _require(self.update_bound >= 0, f"federation.update_bound must be >= 0 (got {self.update_bound})")
         _require(self.timeout > 0, f"federation.timeout must be > 0 seconds (got {self.timeout})")
         _require(self.rounds >= 1, f"federation.rounds must be >= 1 (got {self.rounds})")
         _require(self.clients >= 1, f"federation.clients must be >= 1 (got {self.clients})")

@@ -31,7 +31,7 @@ __all__ = [
     "flwr_simulation",
     "free_port",
     "run_config_arg",
-    "stop_processes_mentioning",
+    "stop_processes_started_with",
 ]
 
 
@@ -137,16 +137,19 @@ def run_config_arg(spec: Spec, out: str | Path) -> str:
     return " ".join(f"{k}={value(v)}" for k, v in flat.items())
 
 
-def stop_processes_mentioning(text: str) -> int:
-    """SIGTERM every process of this user whose command line contains `text` (Linux /proc); used to
-    stop the local SuperLink `flwr run` starts in the background, identified by its FLWR_HOME."""
+def stop_processes_started_with(key: str, value: str) -> int:
+    """SIGTERM every process of this user whose environment has `key=value` (Linux /proc): the
+    processes this project started with that environment, e.g. the local SuperLink `flwr run`
+    starts in the background (and detaches) under the FLWR_HOME directory we made for it. A process
+    that merely mentions the path on its command line is left alone."""
     stopped = 0
+    marker = f"{key}={value}".encode()
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # another user's process, or gone
             continue
-        if text in cmdline and int(entry.name) != os.getpid():
+        if marker in environ and int(entry.name) != os.getpid():
             try:
                 os.kill(int(entry.name), signal.SIGTERM)
                 stopped += 1
@@ -185,7 +188,7 @@ def flwr_simulation(
             [*cmd, "--run-config", run_config], env=env, capture_output=True, text=True, timeout=timeout, check=False
         )
     finally:
-        stop_processes_mentioning(str(home))
+        stop_processes_started_with("FLWR_HOME", str(home))
 
 
 def _bin(name: str) -> str:

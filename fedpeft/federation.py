@@ -27,11 +27,12 @@ from fedpeft.client import LocalTraining, evaluate
 from fedpeft.config import ConfigError, Spec, client_rank
 from fedpeft.data import FederatedData
 from fedpeft.executors import ClientFailure, Executor
-from fedpeft.runfiles import CHECKPOINT, SUMMARY, load_checkpoint, save_checkpoint, write_json, write_rounds
+from fedpeft.privacy.accounting import calibrate_sigma
+from fedpeft.runfiles import SUMMARY, has_checkpoint, load_checkpoint, locked, save_checkpoint, write_json, write_rounds
 from fedpeft.spec_io import spec_diff
 from fedpeft.state import BASE, LORA_A, LORA_B, AdapterState, ClientUpdate, kind_of
 from fedpeft.strategies import Strategy
-from fedpeft.validation import validate_update
+from fedpeft.validation import UpdateLimits, validate_update
 
 __all__ = ["Callbacks", "Federation", "RunResult", "sample_clients", "seed_for"]
 
@@ -103,13 +104,14 @@ class Federation:
     def run(self, out: Path, resume: bool = False, callbacks: Callbacks | None = None) -> RunResult:
         """Run (or resume) all rounds, writing rounds.jsonl and a checkpoint after each round and
         summary.json plus the PEFT adapter at the end. A run that fails or is interrupted before
-        its first checkpoint leaves no directory behind (unless `out` existed before)."""
+        its first checkpoint leaves no directory behind (unless `out` existed before). `out` is
+        locked for the run: a second run on it fails at once."""
         created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
         try:
-            return self._run(out, resume, callbacks or Callbacks())
+            with locked(out):
+                return self._run(out, resume, callbacks or Callbacks())
         except BaseException:
-            if created and not (out / CHECKPOINT).is_file():
+            if created and not has_checkpoint(out):
                 shutil.rmtree(out, ignore_errors=True)  # no round finished: nothing worth keeping
             raise
 
@@ -196,13 +198,26 @@ class Federation:
         for result in results:
             if isinstance(result, ClientFailure):
                 dropped[result.client_id] = result.reason
-            elif (reason := validate_update(result, list(self.plan.uploads), state)) is not None:
+            elif (reason := validate_update(result, list(self.plan.uploads), state, self._limits)) is not None:
                 dropped[result.client_id] = f"update rejected: {reason}"
             else:
                 accepted.append(result)
                 continue
             log.warning("round %d: client %d: %s", rnd, result.client_id, dropped[result.client_id])
         return accepted, dropped
+
+    @functools.cached_property
+    def _limits(self) -> UpdateLimits:
+        """The spec's limits on an update (validation.UpdateLimits), computed once."""
+        spec, plan = self.spec, self.plan
+        bound = spec.federation.update_bound
+        dp = None
+        if bound == 0 and spec.privacy.enabled:  # auto: what an honest DP-SGD client can reach
+            priv, steps = spec.privacy, spec.federation.rounds * plan.steps
+            # no honest client's sigma exceeds the one calibrated at q = 1 (no amplification)
+            sigma_max = calibrate_sigma(priv.epsilon, priv.delta, 1.0, steps, priv.accountant)
+            dp = (plan.lr, plan.steps, priv.clip, sigma_max)
+        return UpdateLimits(plan.batch_size * plan.steps, spec.model.rank, bound if bound > 0 else None, dp)
 
     def _evaluate(self, state: AdapterState) -> dict[str, float]:
         """The global model on the server's test split. For strategies whose clients keep part of

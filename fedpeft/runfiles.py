@@ -7,15 +7,20 @@ file first and is then renamed, so a reader never sees half a file.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import math
 import os
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedpeft.config import ConfigError
 
 __all__ = [
     "CHECKPOINT", "ROUNDS", "SUMMARY", "atomic_write", "jsonable", "load_checkpoint", "save_checkpoint",
@@ -23,15 +28,47 @@ __all__ = [
 ]  # fmt: skip
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"  # the one before: a resume falls back to it if the latest is unreadable
 ROUNDS = "rounds.jsonl"
 SUMMARY = "summary.json"
+LOCK = ".lock"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` then rename tmp to `path`: `path` is either the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    """`write(tmp)` then rename tmp to `path`: `path` is either the old file or the whole new one.
+    The temporary name is unique, so two writers never write into one temporary file."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold `out` for one run: a second run on the same directory fails at once, naming the holder."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = (out / LOCK).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"{out} is in use by another run ({holder}); wait for it or choose another --out") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def jsonable(obj: Any) -> Any:
@@ -55,8 +92,35 @@ def write_rounds(out: Path, history: list[dict[str, Any]]) -> None:
 
 
 def save_checkpoint(out: Path, checkpoint: dict[str, Any]) -> None:
+    """The new checkpoint, keeping the previous one beside it."""
+    if (out / CHECKPOINT).is_file():
+        os.replace(out / CHECKPOINT, out / PREVIOUS)
     atomic_write(out / CHECKPOINT, functools.partial(torch.save, checkpoint))
 
 
+def has_checkpoint(out: Path) -> bool:
+    return (out / CHECKPOINT).is_file() or (out / PREVIOUS).is_file()
+
+
 def load_checkpoint(out: Path) -> dict[str, Any]:
-    return torch.load(out / CHECKPOINT, weights_only=False)
+    """The latest readable checkpoint: checkpoint.pt, else (it is torn or missing) the previous
+    one, with a warning; a ConfigError naming the files when neither can be read."""
+    import logging
+
+    errors = []
+    for name in (CHECKPOINT, PREVIOUS):
+        path = out / name
+        if not path.is_file():
+            errors.append(f"{path}: missing")
+            continue
+        try:
+            checkpoint = torch.load(path, weights_only=False)
+            if not isinstance(checkpoint, dict) or not {"spec", "progress", "client_states"} <= set(checkpoint):
+                raise ValueError("not a fedpeft checkpoint")
+        except Exception as exc:  # torn, truncated or foreign: say which and go on
+            errors.append(f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+            continue
+        if name == PREVIOUS:
+            logging.getLogger("fedpeft").warning("%s; resuming from %s (one round earlier)", errors[-1], path)
+        return checkpoint
+    raise ConfigError("cannot resume: no readable checkpoint (" + "; ".join(errors) + ")")

@@ -20,7 +20,7 @@ from fedpeft.config import ConfigError, Spec, StrategyConfig
 from fedpeft.federation import Federation
 from fedpeft.progress import ProgressDisplay
 from fedpeft.report import eps_label, write_report
-from fedpeft.runfiles import CHECKPOINT, SUMMARY, jsonable
+from fedpeft.runfiles import SUMMARY, has_checkpoint, write_json
 from fedpeft.spec_io import spec_diff
 
 __all__ = ["Cell", "cells", "run_sweep"]
@@ -62,14 +62,19 @@ def cells(spec: Spec, out: Path) -> list[Cell]:
 def _check_sweep_spec(out: Path, spec: Spec) -> None:
     path = out / SWEEP_SPEC
     if path.exists():
-        saved = Spec.from_dict(json.loads(path.read_text()))
+        try:
+            saved = Spec.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as exc:
+            raise ConfigError(
+                f"{path} is not a readable sweep spec ({exc}); remove it to start this sweep again in {out}"
+            ) from None
         if saved != spec:
             raise ConfigError(
                 f"{out} holds a sweep of a different spec ({spec_diff(saved, spec, 'sweep')}); choose another --out"
             )
     else:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(jsonable(spec.to_dict()), indent=2) + "\n")
+        write_json(path, spec.to_dict())
 
 
 def run_sweep(spec: Spec, out: Path, console: Console | None = None) -> dict[str, Path]:
@@ -89,7 +94,7 @@ def run_sweep(spec: Spec, out: Path, console: Console | None = None) -> dict[str
             if done[i]:
                 continue
             offset = sum(units[:i])
-            resume = (cell.path / CHECKPOINT).exists()
+            resume = has_checkpoint(cell.path)
             federation = Federation.build(cell.spec)
             result = federation.run(
                 cell.path,

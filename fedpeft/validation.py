@@ -1,21 +1,100 @@
-"""What the server checks before an update may be aggregated."""
+"""What the server checks before an update may be aggregated.
+
+Every update is checked for its tensors (names, shapes, dtype, finite values), its numbers (an
+integer aggregation weight no larger than the spec allows, finite epsilon and sigma, a rank within
+the model's, zero padded components) and, where a bound applies, the size of its change: under
+DP an honest DP-SGD client cannot move its upload farther than `dp_update_bound` from what it was
+sent, so anything farther is not an honest client's and is dropped.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
-from fedpeft.state import AdapterState, ClientUpdate
+from fedpeft.state import LORA_A, LORA_B, AdapterState, ClientUpdate, kind_of
 
-__all__ = ["validate_update"]
+__all__ = ["UpdateLimits", "dp_update_bound", "validate_update"]
+
+TAIL = 6.0  # standard deviations of slack: an honest client exceeds a bound with probability < 1e-8
 
 
-def validate_update(update: ClientUpdate, expected: list[str], reference: AdapterState) -> str | None:
-    """Why `update` must not be aggregated, or None if it is sound."""
+def dp_update_bound(lr: float, steps: int, clip: float, sigma: float, expected_batch: float, numel: int) -> float:
+    """The largest ||upload - sent|| an honest DP-SGD client reaches, but with probability < 1e-8.
+
+    Each step adds lr * (sum of clipped per-example gradients + N(0, (sigma C)^2 I)) / E[B]. The
+    clipped sums over all steps have norm <= C * (examples drawn), and S * E[B] + 6 sqrt(S E[B]) + 6
+    bounds the Poisson total; the noise over S steps is N(0, S (sigma C)^2 I_d), whose norm is below
+    sigma C sqrt(S) (sqrt(d) + 6) (Gaussian concentration). Projections (heterogeneous ranks) only
+    shrink it.
+    """
+    total = steps * expected_batch
+    drawn = total + TAIL * math.sqrt(total) + TAIL
+    noise = sigma * math.sqrt(steps) * (math.sqrt(numel) + TAIL)
+    return lr * clip * (drawn + noise) / expected_batch
+
+
+@dataclass(frozen=True)
+class UpdateLimits:
+    """The spec's limits on an update: the most examples a client can report (batch x steps), the
+    model's rank, and the norm bound (None: none; `dp` computes it per update from its sigma)."""
+
+    max_examples: int
+    model_rank: int
+    norm_bound: float | None = None
+    dp: tuple[float, int, float, float] | None = None  # (lr, steps, clip, largest honest sigma)
+
+    def bound(self, update: ClientUpdate, numel: int) -> float | None:
+        if self.dp is None:
+            return self.norm_bound
+        lr, steps, clip, sigma_max = self.dp
+        sigma = min(float(update.metrics.get("sigma", sigma_max)), sigma_max)
+        expected_batch = max(update.num_examples - 0.5, 0.5) / steps  # num_examples = round(E[B] * steps)
+        return dp_update_bound(lr, steps, clip, sigma, expected_batch, numel)
+
+
+def _at_rank(tensor: torch.Tensor, kind: str, rank: int | None) -> torch.Tensor:
+    """What a client of `rank` starts from: the sent tensor with the components past its rank zeroed."""
+    tensor = tensor.double()
+    if rank is None or kind not in (LORA_A, LORA_B):
+        return tensor
+    tensor = tensor.clone()
+    if kind == LORA_A:
+        tensor[rank:] = 0
+    else:
+        tensor[:, rank:] = 0
+    return tensor
+
+
+def _padding_is_zero(update: ClientUpdate) -> str | None:
+    rank = update.rank
+    for name, tensor in update.tensors.items():
+        kind = kind_of(name)
+        padded = tensor[rank:] if kind == LORA_A else tensor[:, rank:] if kind == LORA_B else None
+        if padded is not None and padded.numel() and bool(padded.ne(0).any()):
+            return f"{name}: components past the client's rank {rank} are not zero"
+    return None
+
+
+def validate_update(
+    update: ClientUpdate, expected: list[str], reference: AdapterState, limits: UpdateLimits | None = None
+) -> str | None:
+    """Why `update` must not be aggregated, or None if it is sound. `reference`: what the client
+    was sent (the global adapter)."""
     if set(update.tensors) != set(expected):
         missing, extra = set(expected) - set(update.tensors), set(update.tensors) - set(expected)
         return f"wrong tensors (missing {sorted(missing)[:2]}, unexpected {sorted(extra)[:2]})"
-    if not (isinstance(update.num_examples, int) and update.num_examples > 0):
-        return f"num_examples must be a positive integer (got {update.num_examples!r})"
+    n = update.num_examples
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return f"num_examples must be a positive integer (got {n!r})"
+    if limits is not None and n > limits.max_examples:
+        return f"num_examples {n} > {limits.max_examples}, the most a client can use (batch_size x local_steps)"
+    for key in ("epsilon", "sigma"):
+        value = update.metrics.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            return f"{key} = {value!r} is not a finite number >= 0"
     for name in expected:
         tensor, ref = update.tensors[name], reference.tensors[name]
         if not isinstance(tensor, torch.Tensor) or tensor.shape != ref.shape:
@@ -25,4 +104,18 @@ def validate_update(update: ClientUpdate, expected: list[str], reference: Adapte
             return f"{name}: dtype {tensor.dtype} != expected {ref.dtype}"
         if not torch.isfinite(tensor).all():
             return f"{name}: non-finite values (NaN or inf)"
+    if update.rank is not None:
+        model_rank = limits.model_rank if limits is not None else reference.rank
+        if isinstance(update.rank, bool) or not 1 <= update.rank <= model_rank:
+            return f"rank {update.rank!r} is not between 1 and the model's rank {model_rank}"
+        if (why := _padding_is_zero(update)) is not None:
+            return why
+    if limits is not None:
+        numel = sum(update.tensors[n].numel() for n in expected)
+        bound = limits.bound(update, numel)
+        if bound is not None and math.isfinite(bound):
+            sent = {n: _at_rank(reference.tensors[n], kind_of(n), update.rank) for n in expected}
+            norm = math.sqrt(sum(float((update.tensors[n].double() - sent[n]).pow(2).sum()) for n in expected))
+            if norm > bound:
+                return f"update norm {norm:.4g} > bound {bound:.4g} (federation.update_bound)"
     return None

@@ -16,7 +16,7 @@ import torch
 from fedpeft.registry import Registry
 from fedpeft.state import HEAD, AdapterState, ClientUpdate, kind_of
 
-__all__ = ["Strategy", "STRATEGIES", "weighted_mean", "make_strategy"]
+__all__ = ["Strategy", "STRATEGIES", "ROBUST", "combine", "weighted_mean", "make_strategy"]
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
@@ -41,6 +41,32 @@ def weighted_mean(updates: list[ClientUpdate], name: str) -> torch.Tensor:
     for p, update in zip(weights(updates), updates, strict=True):
         out += p * update.tensors[name].double()
     return out.float()
+
+
+ROBUST = ("mean", "median", "trimmed-mean")
+
+
+def combine(updates: list[ClientUpdate], name: str, how: str = "mean", trim: float = 0.2) -> torch.Tensor:
+    """One tensor from every client's: the weighted mean (`mean`), or, robust to a few outlying
+    clients, the coordinate-wise median (`median`, as Flower's FedMedian: the mean of the two middle
+    values for an even count) or trimmed mean (`trimmed-mean`: drop int(trim * K) values at each
+    end of every coordinate, average the rest, as Flower's FedTrimmedAvg). Robust ones ignore the
+    examples' weights, as Flower's do."""
+    if how == "mean":
+        return weighted_mean(updates, name)
+    ordered = torch.stack([u.tensors[name].double() for u in updates]).sort(dim=0).values
+    k = len(updates)
+    if how == "median":
+        return ((ordered[(k - 1) // 2] + ordered[k // 2]) / 2).float()
+    cut = int(trim * k)
+    return ordered[cut : k - cut].mean(dim=0).float()
+
+
+def check_robust(how: str, trim: float) -> None:
+    if how not in ROBUST:
+        raise ValueError(f"robust must be one of {', '.join(ROBUST)} (got {how!r})")
+    if not 0 <= trim < 0.5:
+        raise ValueError(f"trim must be in [0, 0.5) (got {trim})")
 
 
 def average_head(updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:

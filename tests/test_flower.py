@@ -14,82 +14,17 @@ from pathlib import Path
 import pytest
 import tomllib
 import torch
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Context, RecordDict
 
 from fedpeft.build import client_budget
 from fedpeft.config import ConfigError
 from fedpeft.federation import Callbacks, Federation
-from fedpeft.flower import client_app
 from fedpeft.flower.executor import FlowerExecutor
+from fedpeft.flower.local import LocalGrid
 from fedpeft.spec_io import default_spec, spec_from_run_config, to_run_config
 from tests.conftest import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class LocalGrid(Grid):
-    """Nodes 100+k hold partition k. Asked to train, `crash` nodes answer with an error and `silent`
-    ones never answer (both answer the server's first question, which partition they hold)."""
-
-    def __init__(self, n: int, state_dir: Path | None = None, run_id: int = 7, node_config: dict | None = None):
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 1, 1
-        self.run_id, self.state_dir = run_id, state_dir
-        self.contexts = {100 + k: self._context(100 + k, k, n, node_config) for k in range(n)}
-        self.crash: set[int] = set()
-        self.silent: set[int] = set()
-        self.calls: list[tuple[int, str]] = []
-
-    def _context(self, nid: int, k: int, n: int, extra: dict | None = None) -> Context:
-        config = {"partition-id": k, "num-partitions": n, **(extra or {})}
-        if self.state_dir is not None:
-            config["state-dir"] = str(self.state_dir)
-        return Context(run_id=self.run_id, node_id=nid, node_config=config, state=RecordDict(), run_config={})
-
-    def restart(self, nid: int) -> None:
-        """The node process restarts: its Flower context (in memory) is gone, its disk is not."""
-        old = self.contexts[nid]
-        self.contexts[nid] = Context(self.run_id, nid, old.node_config, RecordDict(), {})
-
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
-        replies = []
-        for message in messages:
-            nid = message.metadata.dst_node_id
-            message.metadata.__dict__["_message_id"] = message.object_id  # what Flower's grids do on push
-            self.calls.append((nid, message.metadata.message_type))
-            training = message.metadata.message_type == "train"
-            if training and nid in self.silent:
-                continue
-            if training and nid in self.crash:  # the SuperLink answers for a dead node, as itself
-                reply = Message(Error(code=1, reason="node crashed"), reply_to=message)
-                reply.metadata.__dict__["_src_node_id"] = 1
-                replies.append(reply)
-                continue
-            try:
-                replies.append(client_app.app(message, self.contexts[nid]))
-            except Exception as exc:  # what a SuperNode does with a ClientApp exception
-                replies.append(Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=message))
-        return replies
-
-    def get_node_ids(self):  # noqa: ANN201
-        return list(self.contexts)
-
-    def set_run(self, run):  # noqa: ANN001, ANN201
-        pass
-
-    @property
-    def run(self):  # noqa: ANN201
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
-        raise NotImplementedError
-
-    def push_messages(self, messages):  # noqa: ANN001, ANN201
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
-        raise NotImplementedError
 
 
 def _run_flower(spec, out: Path, grid: LocalGrid):  # noqa: ANN001, ANN202
@@ -316,7 +251,7 @@ def test_data_file_errors_are_clear(tmp_path):
 
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nhello,maybe\n")
-    with pytest.raises(ValueError, match="row 1: its label is none of"):
+    with pytest.raises(ValueError, match=r"bad.csv:2: its label is none of"):
         load_file(bad, ("negative", "positive"))
     with pytest.raises(ValueError, match="does not exist"):
         load_file(tmp_path / "missing.jsonl", ("negative", "positive"))

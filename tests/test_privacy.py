@@ -12,9 +12,9 @@ from flwr.app import Message, MessageType
 from fedpeft.federation import Federation
 from fedpeft.flower import wire
 from fedpeft.flower.executor import FlowerExecutor
+from fedpeft.flower.local import LocalGrid
 from fedpeft.state import ClientUpdate
 from tests.conftest import tiny_spec
-from tests.test_flower import LocalGrid
 
 DP_OR_PUBLIC = {wire.DP_OUTPUT, wire.PUBLIC}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -28,32 +29,58 @@ def tokenize(raw: TextDataset, tokenizer: Tokenizer, max_length: int) -> Tokeniz
     return TokenizedData(input_ids, attention_mask, torch.tensor(raw.labels, dtype=torch.long))
 
 
+def _rows(path: Path) -> list[tuple[int, object]]:
+    """(line number, row) of a JSON-lines or CSV file; ConfigError naming file and line otherwise."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.start})") from None
+    if path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = []
+        for row in reader:
+            rows.append((reader.line_num, row))
+        return rows
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{number}: not JSON ({exc.msg})") from None
+    return rows
+
+
 def load_file(path: str | Path, label_names: tuple[str, ...]) -> TextDataset:
     """A node's own examples from a file: JSON lines ({"text": ..., "label": ...}) or CSV with a
-    header naming `text` and `label` columns. A label is one of `label_names` or its index."""
+    header naming `text` and `label` columns. A label is one of `label_names` or its index. Errors
+    name the file and line, never the line's values (a node's error may reach the server)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data file {str(path)!r} does not exist")
-    if path.suffix == ".csv":
-        with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-    else:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     texts, labels = [], []
-    for number, row in enumerate(rows, start=1):
+    for number, row in _rows(path):
+        where = f"{path}:{number}"
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where}: expected an object with text and label, got a JSON {type(row).__name__}")
         if "text" not in row or "label" not in row:
-            raise ConfigError(f"{path}: row {number} needs 'text' and 'label' (got {sorted(row)})")
+            raise ConfigError(f"{where}: needs 'text' and 'label' (got {sorted(map(str, row))})")
+        if not isinstance(row["text"], str):
+            raise ConfigError(f"{where}: text must be a string (got {type(row['text']).__name__})")
         label = row["label"]
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise ConfigError(f"{where}: label must be a name or an index (got {type(label).__name__})")
         if str(label) in label_names:
             labels.append(label_names.index(str(label)))
         elif str(label).lstrip("-").isdigit() and 0 <= int(label) < len(label_names):
             labels.append(int(label))
         else:
-            # the message may reach the server: it names the row, never the row's values
-            raise ConfigError(
-                f"{path}: row {number}: its label is none of {list(label_names)} (or 0..{len(label_names) - 1})"
-            )
-        texts.append(str(row["text"]))
+            # the message may reach the server: it names the line, never the line's values
+            raise ConfigError(f"{where}: its label is none of {list(label_names)} (or 0..{len(label_names) - 1})")
+        texts.append(row["text"])
     if not texts:
         raise ConfigError(f"{path}: no examples")
     return TextDataset(texts, labels, [path.stem] * len(texts), label_names)

@@ -97,15 +97,33 @@ class FlowerExecutor:
                 log.warning("%s", why)
                 self._ignored.append(why)
                 continue
-            (k, parts), clients = wire.read_query_reply(reply.content), self.spec.federation.clients
+            try:
+                k, parts = wire.read_query_reply(reply.content)
+            except ValueError as exc:
+                why = f"node {nid} sent a malformed partition reply ({exc})"
+                log.warning("%s; ignored", why)
+                self._ignored.append(why)
+                continue
+            clients, bound = self.spec.federation.clients, self.spec.federation.node_ids
             if not 0 <= k < parts <= clients:
                 why = f"node {nid} is partition {k} of {parts}, but the federation has {clients} clients"
                 log.warning("%s; ignored", why)
                 self._ignored.append(why)
                 continue
+            if bound and (k >= len(bound) or bound[k] != nid):
+                owner = bound[k] if k < len(bound) else "no node"
+                why = f"node {nid} claims partition {k}, which federation.node_ids binds to {owner}"
+                log.warning("%s; refused", why)
+                self._ignored.append(why)
+                continue
+            claimed = {self.nodes[c] for c in wire.node_clients(k, parts, clients) if self.nodes.get(c, nid) != nid}
+            if claimed:  # a partition is held by one node at a time: the first that claimed it
+                why = f"node {nid} claims partition {k}, already held by node(s) {sorted(claimed)}"
+                log.warning("%s; refused (the first claim stands while its node is connected)", why)
+                self._ignored.append(why)
+                self._asked.discard(nid)  # asked again next round: it may take the partition once free
+                continue
             for cid in wire.node_clients(k, parts, clients):
-                if cid in self.nodes and self.nodes[cid] != nid:
-                    log.warning("nodes %d and %d both hold client %d; using %d", self.nodes[cid], nid, cid, nid)
                 self.nodes[cid] = nid
 
     # -- one round --------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpeft.build import check_names
 from fedpeft.federation import Callbacks, Federation
 from fedpeft.flower.executor import FlowerExecutor
-from fedpeft.runfiles import CHECKPOINT
+from fedpeft.runfiles import has_checkpoint
 from fedpeft.spec_io import default_spec, spec_from_run_config
 
 __all__ = ["app"]
@@ -55,7 +55,7 @@ def main(grid: Grid, context: Context) -> None:
     spec = spec_from_run_config(context.run_config, default_spec())
     check_names(spec)
     out = Path(str(context.run_config.get("out") or f"runs/{spec.name}-flwr-{context.run_id}")).resolve()
-    if (out / CHECKPOINT).exists():
+    if has_checkpoint(out):
         raise FileExistsError(f"{out} already holds a run; choose another out")
     log.info("run %d: %s with %s, writing to %s", context.run_id, spec.name, spec.strategy.name, out)
     federation = Federation.build(spec, executor=FlowerExecutor(grid, spec))

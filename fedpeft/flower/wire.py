@@ -21,6 +21,7 @@ is DP output or a function of public values, and why. Under DP, `train_reply` se
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -116,8 +117,14 @@ def query_reply(partition_id: int, num_partitions: int) -> RecordDict:
 
 
 def read_query_reply(content: RecordDict) -> tuple[int, int]:
-    config = content[CONFIG]
-    return int(config[PARTITION_ID]), int(config[NUM_PARTITIONS])
+    """(partition-id, num-partitions) of a query reply; ValueError saying what is wrong otherwise."""
+    config = content.get(CONFIG)
+    if not isinstance(config, ConfigRecord) or PARTITION_ID not in config or NUM_PARTITIONS not in config:
+        raise ValueError(f"no {CONFIG} with {PARTITION_ID} and {NUM_PARTITIONS}")
+    k, n = config[PARTITION_ID], config[NUM_PARTITIONS]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (k, n)):
+        raise ValueError(f"{PARTITION_ID} = {k!r}, {NUM_PARTITIONS} = {n!r} are not integers")
+    return k, n
 
 
 # -- train -----------------------------------------------------------------------------------------
@@ -168,15 +175,47 @@ def train_reply(results: list[ClientResult], private: bool) -> RecordDict:
 
 
 def read_train_reply(content: RecordDict, cid: int, nid: int) -> ClientResult:
-    """Client `cid`'s result in node `nid`'s reply."""
-    refused = json.loads(str(content[STATUS][REFUSED])) if STATUS in content else {}
+    """Client `cid`'s result in node `nid`'s reply. Never raises: a reply that is not what
+    `train_reply` writes is a ClientFailure saying what is wrong with it."""
+    try:
+        return _read_train_reply(content, cid, nid)
+    except _Malformed as exc:
+        return ClientFailure(cid, f"node {nid} sent a malformed reply: {exc}")
+    except Exception as exc:  # a record Flower itself cannot decode
+        return ClientFailure(cid, f"node {nid} sent a malformed reply: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+class _Malformed(ValueError):
+    pass
+
+
+def _read_train_reply(content: RecordDict, cid: int, nid: int) -> ClientResult:
+    if STATUS not in content or not isinstance(content[STATUS], ConfigRecord) or REFUSED not in content[STATUS]:
+        raise _Malformed(f"no {STATUS}.{REFUSED}")
+    try:
+        refused = json.loads(str(content[STATUS][REFUSED]))
+    except json.JSONDecodeError:
+        raise _Malformed(f"{STATUS}.{REFUSED} is not JSON") from None
+    if not isinstance(refused, dict) or not all(isinstance(v, str) for v in refused.values()):
+        raise _Malformed(f"{STATUS}.{REFUSED} is not an object of reasons")
     if str(cid) in refused:
-        return ClientFailure(cid, refused[str(cid)], refused=True)
+        return ClientFailure(cid, refused[str(cid)][:1000], refused=True)
     if update_key(cid) not in content:
         return ClientFailure(cid, f"node {nid} sent no update for client {cid}")
+    if not isinstance(content[update_key(cid)], ArrayRecord):
+        raise _Malformed(f"{update_key(cid)} is not an ArrayRecord")
+    if not isinstance(content.get(metrics_key(cid)), MetricRecord):
+        raise _Malformed(f"no {metrics_key(cid)}")
     metrics = dict(content[metrics_key(cid)].items())
-    num_examples = int(metrics.pop(NUM_EXAMPLES))
-    rank = int(metrics.pop(RANK)) if RANK in metrics else None
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _Malformed(f"{metrics_key(cid)}.{key} = {value!r} is not a finite number")
+    num_examples = metrics.pop(NUM_EXAMPLES, None)
+    if not isinstance(num_examples, int):
+        raise _Malformed(f"{metrics_key(cid)}.{NUM_EXAMPLES} = {num_examples!r} is not an integer")
+    rank = metrics.pop(RANK, None)
+    if rank is not None and not isinstance(rank, int):
+        raise _Malformed(f"{metrics_key(cid)}.{RANK} = {rank!r} is not an integer")
     return ClientUpdate(cid, num_examples, from_record(content[update_key(cid)]), metrics, rank)
 
 
@@ -194,8 +233,14 @@ def evaluate_reply(scores: dict[int, dict[str, float]]) -> RecordDict:
 
 
 def read_evaluate_reply(content: RecordDict) -> list[dict[str, float]]:
-    return [
-        {k: float(v) for k, v in record.items()}
-        for name, record in content.metric_records.items()
-        if name.startswith(metrics_key(0)[:-1])
-    ]
+    """The personalised scores in an evaluate reply; a record with a non-finite or non-numeric
+    value is left out."""
+    scores = []
+    for name, record in content.metric_records.items():
+        values = dict(record.items())
+        numeric = all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values.values()
+        )
+        if name.startswith(metrics_key(0)[:-1]) and values and numeric:
+            scores.append({k: float(v) for k, v in values.items()})
+    return scores

@@ -1,0 +1,301 @@
+"""Fault drill: one bad node must neither end a federation nor get a bad update aggregated.
+
+    .venv/bin/python scripts/fault_drill.py [--rounds 3] [--out docs/benchmarks/fault-drill.json]
+
+A small federation (tiny random BERT, synthetic data, 4 clients on 4 nodes, DP-SGD at epsilon 8,
+the default update bound) runs in process with the real ClientApp behind fedpeft.flower.local's
+grid, once clean and once per fault kind. Node 103 (client 3, rank 4 of 8) is the bad one: its
+train replies are tampered with in every round (malformed records, hostile numbers, hostile
+tensors), or it crashes, goes silent past the timeout, or an impostor claims its partition. The
+drill counts federations that ended with an exception (must be 0), rounds in which a tampered
+update was aggregated (must be 0), and prints each run's final accuracy beside the clean run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+
+from fedpeft.config import Spec  # noqa: E402
+from fedpeft.federation import Federation  # noqa: E402
+from fedpeft.flower import wire  # noqa: E402
+from fedpeft.flower.executor import FlowerExecutor  # noqa: E402
+from fedpeft.flower.local import LocalGrid  # noqa: E402
+
+BAD_NODE, BAD_CLIENT = 103, 3
+DRILL_SPEC = {
+    "name": "drill", "federation.clients": 4, "federation.clients_per_round": 4, "federation.timeout": 5.0,
+    "model.name": "tiny-bert", "model.max_length": 24, "model.client_ranks": "8,8,8,4", "data.name": "synthetic",
+    "data.partition": "iid", "data.test_size": 300, "strategy.name": "fedavg", "privacy.epsilon": 8.0,
+    "train.local_steps": 5, "train.batch_size": 16, "train.lr": 0.5,
+}  # fmt: skip
+Tamper = Callable[[Message, Message], Message]
+
+
+def _content(reply: Message) -> RecordDict:
+    return reply.content.copy() if not reply.has_error() else RecordDict()
+
+
+def _replace(reply: Message, request: Message, content: RecordDict) -> Message:
+    return Message(content, reply_to=request)
+
+
+def _status(refused: object) -> Tamper:
+    def tamper(request: Message, reply: Message) -> Message:
+        content = _content(reply)
+        content[wire.STATUS] = ConfigRecord({} if refused is None else {wire.REFUSED: refused})
+        return _replace(reply, request, content)
+
+    return tamper
+
+
+def _metric(key: str, value: object) -> Tamper:
+    """Set (or, with value None, drop) one metric of the bad client."""
+
+    def tamper(request: Message, reply: Message) -> Message:
+        content = _content(reply)
+        metrics = dict(content[wire.metrics_key(BAD_CLIENT)].items())
+        metrics.pop(key, None)
+        if value is not None:
+            metrics[key] = value
+        content[wire.metrics_key(BAD_CLIENT)] = MetricRecord(metrics)
+        return _replace(reply, request, content)
+
+    return tamper
+
+
+def _drop_metrics(request: Message, reply: Message) -> Message:
+    content = _content(reply)
+    del content[wire.metrics_key(BAD_CLIENT)]
+    return _replace(reply, request, content)
+
+
+def _tensors(change: Callable[[dict, dict], dict]) -> Tamper:
+    """Rewrite the bad client's uploaded tensors from (uploaded, sent)."""
+
+    def tamper(request: Message, reply: Message) -> Message:
+        content = _content(reply)
+        sent = wire.from_record(request.content[wire.ADAPTER])
+        upload = wire.from_record(content[wire.update_key(BAD_CLIENT)])
+        content[wire.update_key(BAD_CLIENT)] = ArrayRecord({k: v.contiguous() for k, v in change(upload, sent).items()})
+        return _replace(reply, request, content)
+
+    return tamper
+
+
+def _at_rank(name: str, t: torch.Tensor, rank: int | None) -> torch.Tensor:
+    """What a client of `rank` starts from: the sent factor with its components past `rank` zeroed."""
+    t = t.clone()
+    if rank is not None and name.endswith(".lora_A.weight"):
+        t[rank:] = 0
+    elif rank is not None and name.endswith(".lora_B.weight"):
+        t[:, rank:] = 0
+    return t
+
+
+def scale_change(upload: dict, sent: dict, factor: float, rank: int | None) -> dict:
+    """The client's change from where it started, times `factor` (a scaled, finite attack)."""
+    return {n: _at_rank(n, sent[n], rank) + factor * (t - _at_rank(n, sent[n], rank)) for n, t in upload.items()}
+
+
+def _scaled(factor: float) -> Tamper:
+    return _tensors(lambda up, sent: scale_change(up, sent, factor, rank=4))  # client 3's rank
+
+
+def _first(change: Callable[[torch.Tensor], torch.Tensor]) -> Tamper:
+    def edit(up: dict, sent: dict) -> dict:
+        name = next(n for n in sorted(up) if ".lora_" in n)
+        return {**up, name: change(up[name])}
+
+    return _tensors(edit)
+
+
+def _padded(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    if t.shape[0] == 8:  # lora_A [r, d]: rows past the client's rank 4
+        t[4:] = 0.01
+    else:
+        t[:, 4:] = 0.01
+    return t
+
+
+def _missing_tensor(up: dict, sent: dict) -> dict:
+    return {n: t for i, (n, t) in enumerate(sorted(up.items())) if i}
+
+
+FAULTS: dict[str, Tamper | str] = {
+    "status without refused": _status(None),
+    "refused not JSON": _status("{not json"),
+    "refused a JSON list": _status("[1, 2]"),
+    "metrics record missing": _drop_metrics,
+    "num_examples missing": _metric(wire.NUM_EXAMPLES, None),
+    "num_examples NaN": _metric(wire.NUM_EXAMPLES, math.nan),
+    "num_examples inf": _metric(wire.NUM_EXAMPLES, math.inf),
+    "num_examples 1e12": _metric(wire.NUM_EXAMPLES, 10**12),
+    "num_examples a float": _metric(wire.NUM_EXAMPLES, 3.5),
+    "num_examples zero": _metric(wire.NUM_EXAMPLES, 0),
+    "epsilon NaN": _metric("epsilon", math.nan),
+    "epsilon negative": _metric("epsilon", -1.0),
+    "rank out of range": _metric(wire.RANK, 99),
+    "update NaN": _first(lambda t: t.fill_(math.nan)),
+    "update inf": _first(lambda t: t.fill_(math.inf)),
+    "update wrong shape": _first(lambda t: t[:, :-1].clone()),
+    "update wrong dtype": _first(lambda t: t.double()),
+    "update tensor missing": _tensors(_missing_tensor),
+    "update x10": _scaled(10.0),
+    "update x1e6": _scaled(1e6),
+    "padded components non-zero": _first(_padded),
+    "crash": "crash",
+    "silent past the timeout": "silent",
+    "duplicate identity": "impostor",
+}
+
+
+class ScalingExecutor:
+    """An in-process executor whose client 3 sends `factor` times its real change (seeded noise,
+    so a run with the attack and a clean run differ only in what client 3 sends)."""
+
+    def __init__(self, inner, factor: float) -> None:  # noqa: ANN001
+        self.inner, self.factor = inner, factor
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - the rest of the executor contract
+        return getattr(self.inner, name)
+
+    def run_round(self, round_num, client_ids, global_state, plan, seeds, on_client=None):  # noqa: ANN001, ANN201
+        results = self.inner.run_round(round_num, client_ids, global_state, plan, seeds, on_client)
+        for result in results:
+            if result.client_id == BAD_CLIENT and hasattr(result, "tensors"):
+                result.tensors = scale_change(result.tensors, dict(global_state.tensors), self.factor, result.rank)
+        return results
+
+
+def scaled_client_accuracy(rounds: int, factor: float = 10.0, spec: Spec | None = None) -> dict:
+    """In process, seeded: the final accuracy clean, with client 3 of 4 scaled x`factor` under the
+    default update bound, and with the bound off (what the attack does unchecked)."""
+    spec = spec or drill_spec(rounds)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="fedpeft-drill-") as tmp:
+        for label, bound, attack in (("clean", 0.0, False), ("x10, default bound", 0.0, True),
+                                     ("x10, bound off", math.inf, True)):  # fmt: skip
+            run_spec = spec.with_flat({"federation.update_bound": bound})
+            fed = Federation.build(run_spec)
+            if attack:
+                fed.executor = ScalingExecutor(fed.executor, factor)
+            result = fed.run(Path(tmp) / label.replace(" ", "-").replace(",", ""))
+            out[label] = {
+                "accuracy": result.history[-1]["accuracy"],
+                "client_3_aggregated": sum(BAD_CLIENT in r["clients"] for r in result.history),
+            }
+    return out
+
+
+def drill_spec(rounds: int) -> Spec:
+    return Spec().with_flat({**DRILL_SPEC, "federation.rounds": rounds})
+
+
+def run_one(spec: Spec, fault: str | None, out: Path) -> dict:
+    grid = LocalGrid(4, state_dir=out / "nodes")
+    kind = FAULTS.get(fault) if fault else None
+    if kind == "crash":
+        grid.crash.add(BAD_NODE)
+    elif kind == "silent":
+        grid.silent.add(BAD_NODE)
+    elif kind == "impostor":
+        grid.add_node(200, BAD_CLIENT)  # claims partition 3, already held by node 103
+    elif kind is not None:
+        grid.tamper[BAD_NODE] = kind
+    row = {"fault": fault or "(clean)", "ended": False, "bad_aggregated": 0, "accuracy": None, "dropped": ""}
+    try:
+        executor = FlowerExecutor(grid, spec, connect_timeout=0)
+        result = Federation.build(spec, executor=executor).run(out / "run")
+    except Exception as exc:  # the drill's failure: a fault that ended the federation
+        row.update(ended=True, error=f"{type(exc).__name__}: {exc}"[:300])
+        return row
+    history = result.history
+    row["accuracy"] = history[-1]["accuracy"]
+    if fault is not None and kind != "impostor":  # every round's reply from node 103 was bad
+        row["bad_aggregated"] = sum(BAD_CLIENT in r["clients"] for r in history)
+        row["dropped"] = history[-1]["dropped"].get(str(BAD_CLIENT), "")[:140]
+    if kind == "impostor":  # the impostor must never have been asked to train
+        row["bad_aggregated"] = sum(1 for nid, t in grid.calls if nid == 200 and t == "train")
+        row["dropped"] = "impostor refused" if not row["bad_aggregated"] else "impostor trained"
+    return row
+
+
+def run_drill(
+    rounds: int = 3, faults: list[str] | None = None, log: Callable[[str], None] = print, scaled: bool = True
+) -> dict:
+    spec = drill_spec(rounds)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedpeft-drill-") as tmp:
+        for i, fault in enumerate([None, *(faults if faults is not None else FAULTS)]):
+            tic = time.perf_counter()
+            row = run_one(spec, fault, Path(tmp) / f"run-{i}")
+            row["seconds"] = time.perf_counter() - tic
+            rows.append(row)
+            acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+            log(f"{row['fault']:28s} ended {row['ended']!s:5s} bad aggregated {row['bad_aggregated']}  accuracy {acc}"
+                f"  {row['dropped'] or row.get('error', '')}")  # fmt: skip
+    clean = rows[0]["accuracy"]
+    scaled = scaled_client_accuracy(rounds) if scaled else {}
+    for label, r in scaled.items():
+        log(
+            f"in process, seeded: {label:20s} accuracy {r['accuracy']:.4f}  client 3 aggregated {r['client_3_aggregated']}x"
+        )
+    return {
+        "scaled_client_in_process": scaled,
+        "spec": spec.to_dict(),
+        "faults_injected": len(rows) - 1,
+        "federations_ended": sum(r["ended"] for r in rows),
+        "bad_updates_aggregated": sum(r["bad_aggregated"] for r in rows),
+        "clean_accuracy": clean,
+        "largest_accuracy_gap": max(abs(r["accuracy"] - clean) for r in rows if r["accuracy"] is not None),
+        "runs": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "fault-drill.json"))
+    parser.add_argument(
+        "--quickstart-seeds", type=int, default=0,
+        help="also measure one x10 client of four on the quickstart (MiniLM cut to 2 layers) over this many seeds",
+    )  # fmt: skip
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.quickstart_seeds:
+        from fedpeft.spec_io import default_spec
+
+        rows = {}
+        for seed in range(args.quickstart_seeds):
+            spec = default_spec().with_flat({"model.layers": 2, "federation.seed": seed})
+            rows[seed] = scaled_client_accuracy(spec.federation.rounds, spec=spec)
+            print(f"quickstart (2 layers) seed {seed}: " + ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in rows[seed].items()),
+                  flush=True)  # fmt: skip
+        Path(args.out).with_name("fault-drill-quickstart.json").write_text(json.dumps(rows, indent=2) + "\n")
+    report = run_drill(args.rounds)
+    print(
+        f"faults injected {report['faults_injected']}, federations ended {report['federations_ended']}, "
+        f"bad updates aggregated {report['bad_updates_aggregated']}, clean accuracy {report['clean_accuracy']:.4f}, "
+        f"largest accuracy gap {report['largest_accuracy_gap']:.4f} (secret noise: runs differ)"
+    )
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    sys.exit(0 if report["federations_ended"] == 0 and report["bad_updates_aggregated"] == 0 else 1)
+
+
+if __name__ == "__main__":
+    main()

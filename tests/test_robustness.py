@@ -1,0 +1,319 @@
+"""One bad node cannot break or poison a federation: malformed replies, hostile numbers and tensors,
+duplicate identities, and the run's own files (a lock, torn files, checkpoint fallback)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fedpeft.strategies import make_strategy
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedpeft.client import LocalTraining
+from fedpeft.config import ConfigError
+from fedpeft.executors import ClientFailure
+from fedpeft.federation import Federation
+from fedpeft.flower import wire
+from fedpeft.flower.executor import FlowerExecutor
+from fedpeft.flower.local import LocalGrid
+from fedpeft.state import AdapterState, ClientUpdate
+from fedpeft.validation import UpdateLimits, dp_update_bound, validate_update
+from tests.conftest import tiny_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- malformed replies never leave the round: a property test over random replies ------------------
+class ReplyGrid(LocalGrid):
+    """One node (partition 0 of 1) whose train reply is whatever the test hands it."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.content: RecordDict | None = None
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id
+            if message.metadata.message_type == "query":
+                replies.append(Message(wire.query_reply(0, 1), reply_to=message))
+            else:
+                replies.append(Message(self.content, reply_to=message))
+        return replies
+
+
+STATE = AdapterState({"l.lora_A.weight": torch.zeros(2, 3), "l.lora_B.weight": torch.zeros(3, 2)}, 2, 2.0, ("l",))
+PLAN = LocalTraining(steps=2, batch_size=4, lr=0.1, trains=frozenset({"A", "B"}), uploads=tuple(STATE.tensors))
+NUMBERS = st.one_of(
+    st.integers(-5, 10**13), st.floats(allow_nan=True, allow_infinity=True), st.just(math.nan), st.just(math.inf)
+)
+
+
+@st.composite
+def replies(draw):  # noqa: ANN001, ANN201
+    """A node's reply, every part of which may be missing, of the wrong type, or hostile."""
+    content = RecordDict()
+    status = draw(st.sampled_from(["ok", "refused", "missing", "no-key", "not-json", "list", "bad-values"]))
+    refused = {"ok": "{}", "refused": '{"0": "spent"}', "not-json": "{oops", "list": "[0]", "bad-values": '{"0": 3}'}
+    if status in refused:
+        content[wire.STATUS] = ConfigRecord({wire.REFUSED: refused[status]})
+    elif status == "no-key":
+        content[wire.STATUS] = ConfigRecord({"other": 1})
+    update = draw(st.sampled_from(["ok", "missing", "wrong-type", "wrong-shape", "nan"]))
+    tensors = {n: t.clone() for n, t in STATE.tensors.items()}
+    if update == "wrong-shape":
+        tensors["l.lora_A.weight"] = torch.zeros(2, 4)
+    if update == "nan":
+        tensors["l.lora_B.weight"][0, 0] = math.nan
+    if update == "wrong-type":
+        content[wire.update_key(0)] = ConfigRecord({"x": 1})
+    elif update != "missing":
+        content[wire.update_key(0)] = ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
+    metrics = draw(st.dictionaries(st.sampled_from([wire.NUM_EXAMPLES, "epsilon", "sigma", wire.RANK, "x"]), NUMBERS))
+    if draw(st.booleans()):
+        content[wire.metrics_key(0)] = MetricRecord(metrics)
+    return content, status, update, metrics
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(replies())
+def test_any_malformed_reply_is_a_failure_with_a_reason_never_an_exception(reply):
+    content, status, update, metrics = reply
+    spec = tiny_spec(federation__clients=1, federation__clients_per_round=1)
+    grid = ReplyGrid()
+    grid.content = content
+    executor = FlowerExecutor(grid, spec, connect_timeout=0)
+    (result,) = executor.run_round(1, [0], STATE, PLAN, {0: 1})
+    limits = UpdateLimits(max_examples=PLAN.batch_size * PLAN.steps, model_rank=2)
+    sound = (
+        status == "ok" and update == "ok" and wire.metrics_key(0) in content
+        and isinstance(metrics.get(wire.NUM_EXAMPLES), int) and 1 <= metrics[wire.NUM_EXAMPLES] <= 8
+        and all(math.isfinite(v) for v in metrics.values())
+        and all(metrics.get(k, 0) >= 0 for k in ("epsilon", "sigma"))
+        and (wire.RANK not in metrics or (isinstance(metrics[wire.RANK], int) and 1 <= metrics[wire.RANK] <= 2))
+    )  # fmt: skip
+    if isinstance(result, ClientFailure):
+        assert result.reason
+        assert not sound or status == "refused"
+        return
+    reason = validate_update(result, list(PLAN.uploads), STATE, limits)
+    assert (reason is None) == sound, (reason, content)
+
+
+def test_a_partition_query_without_config_is_ignored_with_a_reason(tmp_path, caplog):
+    spec = tiny_spec(federation__rounds=1, federation__clients=2, federation__clients_per_round=2)
+    grid = LocalGrid(2)
+    grid.tamper[101] = lambda request, reply: Message(RecordDict(), reply_to=request)
+    original = grid.send_and_receive
+
+    def queries_too(messages, *, timeout=None):  # noqa: ANN001, ANN202
+        out = original(messages, timeout=timeout)
+        return [Message(RecordDict(), reply_to=m) if m.metadata.dst_node_id == 101 else r
+                for m, r in zip(messages, out, strict=True)]  # fmt: skip
+
+    grid.send_and_receive = queries_too
+    result = Federation.build(spec, executor=FlowerExecutor(grid, spec, connect_timeout=0)).run(tmp_path / "run")
+    assert result.history[0]["clients"] == [0]
+    assert "malformed partition reply" in caplog.text
+
+
+# -- hostile numbers and tensors ---------------------------------------------------------------------
+def test_the_dp_bound_holds_for_honest_clients_and_stops_a_scaled_one(tmp_path):
+    """Honest DP-SGD updates sit well inside the bound; the same update x10 does not."""
+    spec = tiny_spec(federation__rounds=2, federation__clients=4, federation__clients_per_round=4, privacy__epsilon=8.0)
+    fed = Federation.build(spec)
+    state = fed.model.state()
+    results = fed.executor.run_round(1, [0, 1, 2, 3], state, fed.plan, {c: 10 + c for c in range(4)})
+    limits = fed._limits
+    for update in results:
+        numel = sum(t.numel() for t in update.tensors.values())
+        norm = math.sqrt(sum(float((t - state.tensors[n]).pow(2).sum()) for n, t in update.tensors.items()))
+        assert norm < limits.bound(update, numel)
+        assert validate_update(update, list(fed.plan.uploads), state, limits) is None
+        scaled = {n: state.tensors[n] + 10 * (t - state.tensors[n]) for n, t in update.tensors.items()}
+        attack = ClientUpdate(update.client_id, update.num_examples, scaled, dict(update.metrics), update.rank)
+        assert "update norm" in validate_update(attack, list(fed.plan.uploads), state, limits)
+
+
+def test_dp_update_bound_is_at_least_the_noise_it_must_admit():
+    # pure noise, no signal: the norm of N(0, S (sigma C)^2 I_d) / E[B] * lr is about lr sigma C sqrt(S d) / E[B]
+    g = torch.Generator().manual_seed(0)
+    lr, steps, clip, sigma, eb, d = 0.5, 10, 1.0, 1.3, 16.0, 5000
+    noise = sum(torch.normal(0, sigma * clip, (d,), generator=g) for _ in range(steps)) * lr / eb
+    assert float(noise.norm()) < dp_update_bound(lr, steps, clip, sigma, eb, d)
+
+
+def test_absurd_numbers_are_rejected():
+    update = ClientUpdate(0, 5, {n: t.clone() for n, t in STATE.tensors.items()})
+    limits = UpdateLimits(max_examples=8, model_rank=2)
+    for bad in (10**12, 3.5, True, 0, -1):
+        update.num_examples = bad
+        assert validate_update(update, list(STATE.tensors), STATE, limits) is not None
+    update.num_examples = 5
+    update.metrics = {"epsilon": math.nan}
+    assert "epsilon" in validate_update(update, list(STATE.tensors), STATE, limits)
+
+
+def test_padded_rank_components_must_be_zero():
+    tensors = {n: t.clone() for n, t in STATE.tensors.items()}
+    tensors["l.lora_A.weight"][1] = 0.5  # the component past rank 1
+    update = ClientUpdate(0, 5, tensors, rank=1)
+    assert "past the client's rank" in validate_update(update, list(STATE.tensors), STATE)
+
+
+# -- robust aggregation, against Flower's reference behaviour (numpy median, scipy trim_mean) ---------
+@pytest.mark.parametrize("name", ["fedavg", "ffa", "fedsvd"])
+@pytest.mark.parametrize("how", ["median", "trimmed-mean"])
+def test_robust_aggregation_matches_numpy_and_scipy(name, how):
+    from scipy.stats import trim_mean
+
+    g = torch.Generator().manual_seed(3)
+    k = 6
+    ups = [ClientUpdate(i, 10 * (i + 1), {n: torch.randn(*t.shape, generator=g) for n, t in STATE.tensors.items()})
+           for i in range(k)]  # fmt: skip
+    ups[0].tensors = {n: t * 1e6 for n, t in ups[0].tensors.items()}  # one attacker
+    strategy = make_strategy(
+        name, {"robust": how, "trim": 0.2, **({"refactor_period": 10} if name == "fedsvd" else {})}
+    )
+    assert not strategy.sum_only
+    uploads = [n for n in STATE.tensors if n in strategy.uploads(STATE, train_head=False)]
+    sent = [ClientUpdate(u.client_id, u.num_examples, {n: u.tensors[n] for n in uploads}) for u in ups]
+    new, _, _ = strategy.aggregate(STATE, sent, 1, {"seed": 0})
+    for n in uploads:
+        stacked = np.stack([u.tensors[n].double().numpy() for u in ups])
+        expected = np.median(stacked, axis=0) if how == "median" else trim_mean(stacked, 0.2, axis=0)
+        np.testing.assert_allclose(new.tensors[n].numpy(), expected, rtol=1e-5, atol=1e-6)
+        assert float(new.tensors[n].abs().max()) < 100  # the attacker did not get through
+
+
+def test_robust_options_are_checked():
+    with pytest.raises(ValueError, match="robust must be one of"):
+        make_strategy("fedavg", {"robust": "mode"})
+    with pytest.raises(ValueError, match="trim"):
+        make_strategy("fedsvd", {"robust": "trimmed-mean", "trim": 0.5})
+
+
+# -- identity -----------------------------------------------------------------------------------------
+def test_a_second_claim_of_a_partition_is_refused_and_logged(tmp_path, caplog):
+    spec = tiny_spec(federation__rounds=2, federation__clients=2, federation__clients_per_round=2)
+    grid = LocalGrid(2)
+    grid.add_node(200, 1)  # an impostor claiming partition 1
+    result = Federation.build(spec, executor=FlowerExecutor(grid, spec, connect_timeout=0)).run(tmp_path / "run")
+    assert all(r["clients"] == [0, 1] for r in result.history)
+    assert not [t for nid, t in grid.calls if nid == 200 and t == "train"]
+    assert "node 200 claims partition 1, already held by node(s) [101]" in caplog.text
+
+
+def test_node_ids_bind_partitions_to_the_operators_nodes(tmp_path, caplog):
+    spec = tiny_spec(federation__rounds=1, federation__clients=2, federation__clients_per_round=2,
+                     federation__node_ids=(100, 555))  # fmt: skip
+    grid = LocalGrid(2)
+    result = Federation.build(spec, executor=FlowerExecutor(grid, spec, connect_timeout=0)).run(tmp_path / "run")
+    assert result.history[0]["clients"] == [0]
+    assert "node 101 claims partition 1, which federation.node_ids binds to 555" in caplog.text
+
+
+# -- the run's own files --------------------------------------------------------------------------------
+def test_a_second_run_on_the_same_out_fails_at_once(tmp_path):
+    out = tmp_path / "run"
+    script = (
+        "import sys, time; sys.path.insert(0, sys.argv[2]); from pathlib import Path;"
+        "from fedpeft.runfiles import locked\nwith locked(Path(sys.argv[1])): print('held', flush=True); time.sleep(30)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script, str(out), str(ROOT)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        tic = time.monotonic()
+        with pytest.raises(ConfigError, match=r"is in use by another run \(pid"):
+            Federation.build(tiny_spec(federation__rounds=1)).run(out)
+        assert time.monotonic() - tic < 30
+        assert out.is_dir()  # the first run's directory is left alone
+    finally:
+        holder.kill()
+
+
+def test_a_torn_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    out = tmp_path / "run"
+    spec = tiny_spec(federation__rounds=3)
+    reference = Federation.build(spec).run(tmp_path / "reference")
+    two = spec.with_flat({"federation.rounds": 2})
+    Federation.build(two).run(out)  # checkpoints after rounds 1 and 2; pretend it was cut before the summary
+    (out / "summary.json").unlink()
+    ckpt = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(ckpt[: len(ckpt) // 2])  # the latest is torn
+    result = Federation.build(two).run(out, resume=True)  # falls back to round 1's, redoes round 2
+    assert "resuming from" in caplog.text
+    assert [r["round"] for r in result.history] == [1, 2]
+    assert result.history[1]["accuracy"] == pytest.approx(reference.history[1]["accuracy"], abs=1e-6)
+    (out / "checkpoint.pt").write_bytes(b"junk")
+    (out / "checkpoint.prev.pt").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="no readable checkpoint"):
+        Federation.build(two).run(out, resume=True)
+
+
+def test_an_unreadable_checkpoint_is_one_line_naming_the_files(tmp_path):
+    from fedpeft.runfiles import load_checkpoint
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x80\x04junk")
+    with pytest.raises(ConfigError, match=r"no readable checkpoint \(.*checkpoint.pt: .*checkpoint.prev.pt: missing\)"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_torn_sweep_json_names_the_file(tmp_path):
+    from fedpeft.sweep import _check_sweep_spec
+
+    (tmp_path / "sweep.json").write_text('{"name": "x", "federation": {')
+    with pytest.raises(ConfigError, match=r"sweep.json is not a readable sweep spec"):
+        _check_sweep_spec(tmp_path, tiny_spec())
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [('{"text": "a", "label": 0}\n"just a string"\n', ":2: expected an object"),
+     ('{"text": "a", "label": 0}\n{"text": null, "label": 1}\n', ":2: text must be a string"),
+     ('{"text": "a", "label": 0}\n{oops\n', ":2: not JSON"),
+     (b'{"text": "a", "label": 0}\n{"text": "\xff", "label": 1}\n', ":2: not UTF-8")],
+    ids=["string-line", "null-text", "bad-json", "bad-utf8"],
+)  # fmt: skip
+def test_data_file_errors_name_file_and_line(tmp_path, text, where):
+    from fedpeft.data import load_file
+
+    path = tmp_path / "mine.jsonl"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match="mine.jsonl" + where):
+        load_file(path, ("negative", "positive"))
+
+
+def test_process_clean_up_signals_only_processes_started_with_our_environment(tmp_path):
+    from fedpeft.deploy import stop_processes_started_with
+
+    mentions = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(tmp_path)])
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env={"FLWR_HOME": str(tmp_path)})
+    try:
+        time.sleep(0.3)
+        assert stop_processes_started_with("FLWR_HOME", str(tmp_path)) == 1
+        assert ours.wait(timeout=10) != 0
+        assert mentions.poll() is None  # it only mentions the path: left alone
+    finally:
+        mentions.kill()
+        ours.kill()
+
+
+# -- the drill, small -------------------------------------------------------------------------------------
+def test_fault_drill_small():
+    spec = importlib.util.spec_from_file_location("fault_drill", ROOT / "scripts" / "fault_drill.py")
+    drill = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(drill)
+    report = drill.run_drill(rounds=1, log=lambda line: None, scaled=False)
+    assert report["faults_injected"] == len(drill.FAULTS)
+    assert report["federations_ended"] == 0, [r for r in report["runs"] if r["ended"]]
+    assert report["bad_updates_aggregated"] == 0, [r for r in report["runs"] if r["bad_aggregated"]]
