@@ -48,14 +48,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     spec = resolve_spec(args.spec, args.set)
     check_names(spec)
     out = _prepare_out(args.out, spec, args.resume)
-    from rich.console import Console
-
     from fedpeft.federation import Federation
-    from fedpeft.progress import ProgressDisplay, final_table
+    from fedpeft.progress import ProgressDisplay, final_table, make_console
     from fedpeft.report import plot_run
     from fedpeft.runfiles import has_checkpoint
 
-    console = Console(stderr=True)
+    console = make_console()
     fed, privacy = spec.federation, spec.privacy
     mode = (
         f"DP-SGD epsilon={privacy.epsilon:g}, delta={privacy.delta:g}, C={privacy.clip:g}"

@@ -206,7 +206,7 @@ def record_spending(budget: ClientBudget | None, update: ClientUpdate) -> None:
         update.metrics["sigma"] = budget.sigma
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: AdaptedModel, state: AdapterState, data: TokenizedData, batch_size: int) -> dict[str, float]:
     """Accuracy and mean cross-entropy of `state` on `data`. Batches group similar lengths, so
     little compute goes to padding."""

@@ -64,6 +64,9 @@ class FederationConfig:
         ),
     )
 
+    eval_every: int = field(
+        default=1, metadata=_help("evaluate the global model every N rounds (the last round always); others log null")
+    )
     update_bound: float = field(
         default=0.0,
         metadata=_help(
@@ -81,6 +84,7 @@ class FederationConfig:
     )
 
     def __post_init__(self) -> None:
+        _require(self.eval_every >= 1, f"federation.eval_every must be >= 1 (got {self.eval_every})")
         _require(self.update_bound >= 0, f"federation.update_bound must be >= 0 (got {self.update_bound})")
         _require(self.timeout > 0, f"federation.timeout must be > 0 seconds (got {self.timeout})")
         _require(self.rounds >= 1, f"federation.rounds must be >= 1 (got {self.rounds})")

@@ -155,8 +155,11 @@ class Federation:
                     "round %d: only %d valid update(s) < min_clients=%d; global adapter unchanged",
                     rnd, len(accepted), fed.min_clients,
                 )  # fmt: skip
-            # evaluate
-            metrics = self._evaluate(run.state)
+            # evaluate (every eval_every rounds, and the last)
+            if rnd % fed.eval_every == 0 or rnd == fed.rounds:
+                metrics = self._evaluate(run.state)
+            else:
+                metrics = {"accuracy": None, "loss": None}
             # account
             for update in accepted:
                 if "epsilon" in update.metrics:
@@ -265,7 +268,7 @@ class Federation:
             "rounds": len(history),
             "accuracy": last["accuracy"],
             "loss": last["loss"],
-            "best_accuracy": max(r["accuracy"] for r in history),
+            "best_accuracy": max(r["accuracy"] for r in history if r["accuracy"] is not None),
             "majority_rate": self.data.majority_rate,
             "epsilon": (max(epsilons.values()) if epsilons else 0.0) if spec.privacy.enabled else None,
             "epsilon_per_client": {str(k): v for k, v in sorted(epsilons.items())} if spec.privacy.enabled else None,

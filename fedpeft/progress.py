@@ -10,21 +10,47 @@ from rich.table import Table
 
 from fedpeft.config import Spec
 
-__all__ = ["ProgressDisplay", "final_table"]
+__all__ = ["ProgressDisplay", "final_table", "fmt_metric", "make_console"]
 
 
 def _eps(value: Any) -> str:
     return "off" if value is None else f"{value:.2f}"
 
 
+def fmt_metric(value: Any, digits: int = 4) -> str:
+    """A metric, or "-" for a round that was not evaluated (federation.eval_every)."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def make_console() -> Console:
+    """The console for progress and results, on stderr. In a terminal: live bars. Redirected to a
+    file or a pipe: plain lines, never wrapped, no control codes."""
+    import sys
+
+    if sys.stderr.isatty():
+        return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True, width=160, no_color=True, highlight=False)
+
+
+PLAIN_EVERY = 5.0  # seconds between progress lines in a log (and a line per finished client when slower)
+
+
 class ProgressDisplay:
     """One bar over every client training of a run or a whole sweep; a line per finished round
-    (`rounds=True`) for a single run."""
+    (`rounds=True`) for a single run. When the console is not a terminal (output goes to a log),
+    plain lines instead of the bar: one per finished client, at most one every PLAIN_EVERY seconds."""
 
     def __init__(self, console: Console, total: int, rounds: bool = True) -> None:
+        import time
+
         self.console = console
         self.total = total
         self.rounds = rounds
+        self.live = console.is_terminal
+        self.done = 0
+        self._clock = time.monotonic
+        self._last = -PLAIN_EVERY
+        self._started = self._clock()
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -38,12 +64,26 @@ class ProgressDisplay:
         self.task = None
 
     def __enter__(self) -> ProgressDisplay:
-        self.progress.__enter__()
-        self.task = self.progress.add_task("starting", total=self.total, status="")
+        if self.live:
+            self.progress.__enter__()
+            self.task = self.progress.add_task("starting", total=self.total, status="")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
+        if self.live:
+            self.progress.__exit__(*exc)
+
+    def skip(self, units: int) -> None:
+        """Count `units` as done already (a resumed sweep's finished cells)."""
+        self.done = units
+        if self.live:
+            self.progress.update(self.task, completed=units)
+
+    def _plain(self, text: str, force: bool = False) -> None:
+        now = self._clock()
+        if force or now - self._last >= PLAIN_EVERY:
+            self._last = now
+            self.console.print(f"{text}  [{self.done}/{self.total}, {now - self._started:.0f}s]", markup=False)
 
     def callbacks(self, spec: Spec, label: str = "", offset: int = 0):  # noqa: ANN201
         """Hooks for one run of `spec`; `offset` units of the bar were done before it."""
@@ -52,6 +92,10 @@ class ProgressDisplay:
         fed = spec.federation
 
         def on_round_start(rnd: int, clients: list[int]) -> None:
+            self.done = offset + (rnd - 1) * fed.clients_per_round
+            if not self.live:
+                self._plain(f"{label}round {rnd}/{fed.rounds}: training clients {clients}", force=True)
+                return
             # a resumed run starts with the finished rounds already counted
             self.progress.update(
                 self.task,
@@ -60,18 +104,29 @@ class ProgressDisplay:
             )
 
         def on_client_done(rnd: int, cid: int) -> None:
+            self.done += 1
+            if not self.live:
+                self._plain(f"{label}round {rnd}/{fed.rounds}: client {cid} done")
+                return
             self.progress.advance(self.task)
 
         def on_round_end(record: dict[str, Any]) -> None:
-            self.progress.update(self.task, status=f"acc {record['accuracy']:.3f}  eps {_eps(record['epsilon_max'])}")
+            if self.live:
+                status = f"acc {fmt_metric(record['accuracy'], 3)}  eps {_eps(record['epsilon_max'])}"
+                self.progress.update(self.task, status=status)
             if not self.rounds:
+                if not self.live:
+                    self._plain(
+                        f"{label}round {record['round']}: accuracy {fmt_metric(record['accuracy'])}", force=True
+                    )
                 return
             dropped = f"  dropped {sorted(int(k) for k in record['dropped'])}" if record["dropped"] else ""
-            self.console.print(
-                f"round {record['round']:>3}: accuracy {record['accuracy']:.4f}  loss {record['loss']:.4f}  "
+            line = (
+                f"round {record['round']:>3}: accuracy {fmt_metric(record['accuracy'])}  loss {fmt_metric(record['loss'])}  "
                 f"epsilon_max {_eps(record['epsilon_max'])}  clients {record['clients']}{dropped}  "
                 f"{record['seconds']:.1f}s"
             )
+            self.console.print(line, markup=False)
 
         return Callbacks(on_round_start, on_client_done, on_round_end)
 
@@ -83,8 +138,8 @@ def final_table(summary: dict[str, Any], history: list[dict[str, Any]]) -> Table
     for r in history:
         table.add_row(
             str(r["round"]),
-            f"{r['accuracy']:.4f}",
-            f"{r['loss']:.4f}",
+            fmt_metric(r["accuracy"]),
+            fmt_metric(r["loss"]),
             _eps(r["epsilon_max"]),
             str(len(r["clients"])),
             f"{r['seconds']:.1f}",

@@ -30,10 +30,12 @@ def plot_run(history: list[dict[str, Any]], path: Path, title: str = "", majorit
 
     rounds = [r["round"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    lines = ax.plot(rounds, [r["accuracy"] for r in history], marker="o", color="tab:blue", label="test accuracy")
+    evaluated = [r for r in history if r["accuracy"] is not None]  # federation.eval_every
+    accuracy = [r["accuracy"] for r in evaluated]
+    lines = ax.plot([r["round"] for r in evaluated], accuracy, marker="o", color="tab:blue", label="test accuracy")
     if majority is not None:
         lines += [ax.axhline(majority, color="grey", linestyle=":", label=f"majority class ({majority:.3f})")]
-    low = min([r["accuracy"] for r in history] + ([majority] if majority is not None else []))
+    low = min(accuracy + ([majority] if majority is not None else []))
     ax.set_ylim(bottom=max(0.0, low - 0.03))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
@@ -252,7 +254,7 @@ def _curves(runs, key: str):  # noqa: ANN001, ANN202
     for strategy in strategies:
         for target in targets:
             cell = [r["history"] for r in runs if r["strategy"] == strategy and r["target"] == target and r["history"]]
-            if not cell or any(h[0].get(key) is None for h in cell):
+            if not cell or any(h[0].get(key) is None for h in cell):  # not evaluated every round
                 continue
             n = min(len(h) for h in cell)
             rounds = [cell[0][i]["round"] for i in range(n)]

@@ -18,7 +18,7 @@ from rich.console import Console
 from fedpeft.build import check_names
 from fedpeft.config import ConfigError, Spec, StrategyConfig
 from fedpeft.federation import Federation
-from fedpeft.progress import ProgressDisplay
+from fedpeft.progress import ProgressDisplay, make_console
 from fedpeft.report import eps_label, write_report
 from fedpeft.runfiles import SUMMARY, has_checkpoint, write_json
 from fedpeft.spec_io import spec_diff
@@ -79,7 +79,7 @@ def _check_sweep_spec(out: Path, spec: Spec) -> None:
 
 def run_sweep(spec: Spec, out: Path, console: Console | None = None) -> dict[str, Path]:
     """Run every unfinished cell of the grid, then write the report. Returns the report's paths."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     grid = cells(spec, out)
     for cell in grid:
         check_names(cell.spec)  # fail before any work
@@ -89,7 +89,7 @@ def run_sweep(spec: Spec, out: Path, console: Console | None = None) -> dict[str
     console.print(f"[bold]sweep[/] {spec.name}: {len(grid)} runs ({sum(done)} already finished) into {out}/")
     tic = time.perf_counter()
     with ProgressDisplay(console, sum(units), rounds=False) as progress:
-        progress.progress.update(progress.task, completed=sum(u for u, d in zip(units, done, strict=True) if d))
+        progress.skip(sum(u for u, d in zip(units, done, strict=True) if d))  # cells finished before
         for i, cell in enumerate(grid):
             if done[i]:
                 continue

@@ -32,6 +32,15 @@ def tiny_spec(**overrides) -> Spec:
     return Spec().with_flat(flat)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _accounting_cache(tmp_path_factory):
+    """Accounting results are cached on disk (fedpeft.privacy.cache): one fresh cache per test session."""
+    import os
+
+    os.environ["FEDPEFT_CACHE_DIR"] = str(tmp_path_factory.mktemp("accounting-cache"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _node_state(tmp_path, monkeypatch):
     """Flower nodes under DP keep ledgers in a default per-user directory: one per test here."""

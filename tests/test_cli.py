@@ -74,3 +74,17 @@ def test_privacy_calculator(capsys):
     assert "epsilon = 7.9" in capsys.readouterr().out
     assert main(["privacy", "--q", "0.01", "--steps", "100", "--epsilon", "3"]) == 0
     assert "sigma = " in capsys.readouterr().out
+
+
+def test_progress_in_a_log_is_plain_lines(tmp_path):
+    """Redirected to a file: no bar, no control codes, no wrapped lines; a line as each round starts."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", *TINY, "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+    log = proc.stderr
+    assert "\x1b[" not in log and "\r" not in log
+    assert "round 1/2: training clients [0, 1, 2, 3]" in log
+    line = next(x for x in log.splitlines() if x.startswith("round   2: accuracy"))
+    assert "epsilon_max" in line and line.rstrip().endswith("s")  # the whole round line on one line

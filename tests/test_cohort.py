@@ -189,3 +189,27 @@ def test_cohort_step_with_every_sample_empty_is_noise_only(fed):
         assert all(torch.equal(update.tensors[n], state.tensors[n]) for n in plan.uploads)
     for update in noisy.run_round(1, [0, 1, 2], state, plan, seeds):
         assert all(not torch.equal(update.tensors[n], state.tensors[n]) for n in plan.uploads)
+
+
+def test_length_buckets_pad_each_group_only_to_its_own_longest():
+    from fedpeft.executors.cohort_layers import length_buckets
+
+    lengths = torch.tensor([5, 30, 7, 12, 30, 6, 9, 28] * 8)
+    parts = length_buckets(lengths, 4)
+    assert len(parts) == 4 and sorted(torch.cat(parts).tolist()) == list(range(64))
+    padded = sum(len(p) * int(lengths[p].max()) for p in parts)
+    assert padded < 0.75 * len(lengths) * int(lengths.max())  # far fewer tokens than one padded batch
+    assert len(length_buckets(lengths[:20], 4)) == 1  # small steps stay one batch
+
+
+def test_cohort_in_four_buckets_still_equals_sequential(fed):
+    federation, state = fed
+    plan = _plan(state, {LORA_A, LORA_B, HEAD}, batch_size=16)  # ~80 examples a step: four buckets
+    seq, coh = _pair(federation, None, 1.0)
+    cids = [0, 1, 2, 3, 4]
+    seeds = {c: 300 + c for c in cids}
+    for e, g in zip(
+        seq.run_round(1, cids, state, plan, seeds), coh.run_round(1, cids, state, plan, seeds), strict=True
+    ):
+        for name in plan.uploads:
+            torch.testing.assert_close(g.tensors[name], e.tensors[name], rtol=1e-4, atol=1e-6)

@@ -215,3 +215,12 @@ def test_frozen_head_stays_at_its_shared_seeded_init(tmp_path):
 def test_missing_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="CUDA is not available; use auto or cpu"):
         Federation.build(tiny_spec(federation__device="cuda"))
+
+
+def test_eval_every_skips_rounds_but_always_evaluates_the_last(tmp_path):
+    spec = tiny_spec(federation__rounds=3, federation__eval_every=2)
+    result = Federation.build(spec).run(tmp_path / "run")
+    assert [r["accuracy"] is None for r in result.history] == [True, False, False]
+    full = Federation.build(tiny_spec(federation__rounds=3)).run(tmp_path / "full")
+    assert result.history[-1]["accuracy"] == full.history[-1]["accuracy"]  # the same run, fewer evaluations
+    assert result.summary["best_accuracy"] == max(r["accuracy"] for r in result.history[1:])

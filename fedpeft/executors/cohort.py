@@ -2,8 +2,9 @@
 
 One frozen base model is shared; every adapted linear layer holds the LoRA factors of all K
 clients stacked ([K, r, d_in] and [K, d_out, r]), and the head is stacked per client too. A step
-runs one forward/backward over every client's Poisson batch at once, packed into one batch with no
-padding rows (owner[i] = the client of example i). Gradients are taken with respect to per-example
+runs every client's Poisson batch at once, packed with no padding rows (owner[i] = the client of
+example i) and grouped into a few buckets by length, each padded only to its own longest example
+(one forward/backward per bucket; `buckets`: on a CPU groups of 16+, on a GPU 4). Gradients are taken with respect to per-example
 copies of the factors (each example gathers its client's factors), so autograd returns every
 example's gradient directly: rank-r factors make these small.
 DP-SGD then runs per client: clip each example's joint gradient norm to C, sum, add Gaussian noise
@@ -28,6 +29,7 @@ from fedpeft.client import ClientRefused, LocalTraining, check_budget, poisson_b
 from fedpeft.config import ModelConfig
 from fedpeft.data.base import TokenizedData
 from fedpeft.executors.base import EXECUTORS, ClientFailure, ClientResult, ClientStore, InProcess
+from fedpeft.executors.cohort_layers import CohortHead, CohortLoRALinear, length_buckets
 from fedpeft.models import MODELS, build_model
 from fedpeft.privacy.accounting import ClientBudget, sample_rate
 from fedpeft.privacy.randomness import gaussian
@@ -36,52 +38,6 @@ from fedpeft.state import HEAD, LORA_A, LORA_B, AdapterState, ClientUpdate, a_na
 __all__ = ["CohortExecutor"]
 
 log = logging.getLogger("fedpeft")
-
-
-class CohortLoRALinear(nn.Module):
-    """A frozen linear layer plus K clients' LoRA factors, applied per example.
-
-    `a` [K, r, d_in] and `b` [K, d_out, r] are the clients' factors; before a forward the executor
-    calls `expand(owner)`, owner[i] being the client of example i of the packed batch.
-    """
-
-    def __init__(self, base: nn.Linear, scale: float, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.base = base
-        self.w0 = base.weight.detach().clone()
-        self.scale = scale
-        self.dropout = dropout
-        self.a: torch.Tensor | None = None  # [K, r, d_in]
-        self.b: torch.Tensor | None = None  # [K, d_out, r]
-        self.a_e: torch.Tensor | None = None  # per-example copies, leaves of the graph: [N, r, d_in]
-        self.b_e: torch.Tensor | None = None
-
-    def expand(self, owner: torch.Tensor, train_a: bool, train_b: bool) -> None:
-        """Per-example copies of the factors: example i uses client owner[i]'s A and B."""
-        self.a_e = self.a[owner].detach().requires_grad_(train_a)  # [N, r, d_in]
-        self.b_e = self.b[owner].detach().requires_grad_(train_b)  # [N, d_out, r]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.einsum("nld,nrd->nlr", F.dropout(x, self.dropout, self.training), self.a_e)
-        return self.base(x) + torch.einsum("nlr,nor->nlo", h, self.b_e) * self.scale
-
-
-class CohortHead(nn.Module):
-    """K clients' linear heads, applied per example (same packing as CohortLoRALinear)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight: torch.Tensor | None = None  # [K, labels, hidden]
-        self.bias: torch.Tensor | None = None  # [K, labels]
-        self.w_e: torch.Tensor | None = None
-        self.b_e: torch.Tensor | None = None
-
-    def expand(self, owner: torch.Tensor, train: bool) -> None:
-        self.w_e = self.weight[owner].detach().requires_grad_(train)  # [N, labels, hidden]
-        self.b_e = self.bias[owner].detach().requires_grad_(train)  # [N, labels]
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("nh,noh->no", pooled, self.w_e) + self.b_e
 
 
 class CohortExecutor(InProcess):
@@ -105,12 +61,16 @@ class CohortExecutor(InProcess):
         device: torch.device | str = "cpu",
         chunk: int = 0,
         secret: bool = False,
+        buckets: int = 0,
     ) -> None:
         self.device = torch.device(device)
         self.store = ClientStore(clients, budgets, ranks)
         self.clip = clip
         self.chunk = chunk
         self.secret = secret  # batches and noise from secret seeds, secure noise (privacy.noise = "secret")
+        # buckets by length: on a CPU, cost follows tokens, so many small buckets (16+ examples each);
+        # on a GPU, a few large ones keep the device busy. 0: choose by device.
+        self.buckets = buckets or (4 if self.device.type == "cuda" else 1 << 20)
         base, _ = build_model(cfg.name, num_labels, cfg.layers, seed)
         self.model = base.to(self.device)
         for p in self.model.parameters():
@@ -189,19 +149,34 @@ class CohortExecutor(InProcess):
         for step in range(plan.steps):
             index = [b[step] for b in batches]
             owner = torch.cat([torch.full((len(i),), j, dtype=torch.long) for j, i in enumerate(index)])
-            if len(owner):  # one packed batch of every client's examples, no padding rows
-                width = max(int(d.attention_mask[i].sum(1).max()) for d, i in zip(data, index, strict=True) if len(i))
-                ids = torch.cat([d.input_ids[i, :width] for d, i in zip(data, index, strict=True)])
-                mask = torch.cat([d.attention_mask[i, :width] for d, i in zip(data, index, strict=True)])
+            if len(owner):  # every client's examples packed (no padding rows), in buckets by length
+                ids = torch.cat([d.input_ids[i] for d, i in zip(data, index, strict=True)])
+                mask = torch.cat([d.attention_mask[i] for d, i in zip(data, index, strict=True)])
                 labels = torch.cat([d.labels[i] for d, i in zip(data, index, strict=True)])
-                ids, mask, labels, owner = (t.to(self.device) for t in (ids, mask, labels, owner))
-                for module in self.layers.values():
-                    module.expand(owner, train_a, train_b)
-                self.head.expand(owner, train_head)
-                per_example = F.cross_entropy(self.model(input_ids=ids, attention_mask=mask), labels, reduction="none")
-                leaves = self._leaves(train_a, train_b, train_head)
-                grads = torch.autograd.grad(per_example.sum(), [leaf for _, leaf in leaves])
-                sums = torch.zeros(k, device=self.device).index_add_(0, owner, per_example.detach())
+                per_leaf: list[list[torch.Tensor]] = []
+                owners, losses_step = [], []
+                for rows in length_buckets(mask.sum(1), self.buckets):
+                    width = int(mask[rows].sum(1).max())
+                    b_ids, b_mask, b_labels, b_owner = (
+                        t.to(self.device) for t in (ids[rows, :width], mask[rows, :width], labels[rows], owner[rows])
+                    )
+                    for module in self.layers.values():
+                        module.expand(b_owner, train_a, train_b)
+                    self.head.expand(b_owner, train_head)
+                    logits = self.model(input_ids=b_ids, attention_mask=b_mask)
+                    per_example = F.cross_entropy(logits, b_labels, reduction="none")
+                    leaves = self._leaves(train_a, train_b, train_head)
+                    grads_b = torch.autograd.grad(per_example.sum(), [leaf for _, leaf in leaves])
+                    per_leaf = (
+                        [[*acc, g] for acc, g in zip(per_leaf, grads_b, strict=True)]
+                        if per_leaf
+                        else [[g] for g in grads_b]
+                    )
+                    owners.append(b_owner)
+                    losses_step.append(per_example.detach())
+                grads = [torch.cat(gs) for gs in per_leaf]
+                owner = torch.cat(owners)
+                sums = torch.zeros(k, device=self.device).index_add_(0, owner, torch.cat(losses_step))
                 for j, i in enumerate(index):
                     if len(i):
                         losses[j].append(float(sums[j]) / len(i))

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpeft.build import check_names
 from fedpeft.federation import Callbacks, Federation
 from fedpeft.flower.executor import FlowerExecutor
+from fedpeft.progress import fmt_metric
 from fedpeft.runfiles import has_checkpoint
 from fedpeft.spec_io import default_spec, spec_from_run_config
 
@@ -32,8 +33,8 @@ def _log_round(record: dict) -> None:
     eps = record.get("epsilon_max")
     missing = ", ".join(f"client {k}: {v}" for k, v in record["dropped"].items())
     log.info(
-        "round %d: accuracy %.4f, loss %.4f%s, %d update(s)%s",
-        record["round"], record["accuracy"], record["loss"],
+        "round %d: accuracy %s, loss %s%s, %d update(s)%s",
+        record["round"], fmt_metric(record["accuracy"]), fmt_metric(record["loss"]),
         f", epsilon {eps:.3f}" if eps is not None else "", len(record["clients"]),
         f"; missing {missing}" if missing else "",
     )  # fmt: skip

@@ -12,6 +12,8 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
+from fedpeft.privacy.cache import cached
+
 __all__ = ["epsilon", "calibrate_budget", "calibrate_sigma", "ClientBudget", "sample_rate"]
 
 Entry = tuple[float, float, int]  # (noise multiplier sigma, sample rate q, steps)
@@ -23,12 +25,7 @@ def _accountant(name: str):  # noqa: ANN202
     return create_accountant(mechanism=name)
 
 
-@functools.lru_cache(maxsize=4096)
-def epsilon(history: tuple[Entry, ...], delta: float, accountant: str = "prv") -> float:
-    """Epsilon at `delta` of the composition of the DP-SGD steps in `history`."""
-    steps = [(s, q, n) for s, q, n in history if n > 0]
-    if not steps:
-        return 0.0
+def _compose(steps: tuple[Entry, ...], delta: float, accountant: str) -> float:
     acc = _accountant(accountant)
     acc.history = list(steps)
     with warnings.catch_warnings():
@@ -36,25 +33,107 @@ def epsilon(history: tuple[Entry, ...], delta: float, accountant: str = "prv") -
         return float(acc.get_epsilon(delta=delta))
 
 
-@functools.lru_cache(maxsize=1024)
-def calibrate_sigma(target_epsilon: float, delta: float, q: float, steps: int, accountant: str = "prv") -> float:
-    """Smallest sigma (to Opacus's 0.01 tolerance in epsilon) with epsilon(sigma, q, steps) <= target."""
+@functools.lru_cache(maxsize=4096)
+def epsilon(history: tuple[Entry, ...], delta: float, accountant: str = "prv") -> float:
+    """Epsilon at `delta` of the composition of the DP-SGD steps in `history` (Opacus's
+    accountant; cached in memory and on disk, fedpeft.privacy.cache)."""
+    steps = tuple((float(s), float(q), int(n)) for s, q, n in history if n > 0)
+    if not steps:
+        return 0.0
+    key = f"eps|{accountant}|{delta!r}|" + ";".join(f"{s!r},{q!r},{n}" for s, q, n in steps)
+    return cached(key, lambda: _compose(steps, delta, accountant))
+
+
+TOLERANCE = 0.01  # calibrated sigma spends between target - 0.01 and target, as Opacus's search
+
+
+_solved: dict[tuple[float, float, int], dict[float, float]] = {}  # (target, delta, steps) -> {q: sigma}
+
+
+def _start(target: float, delta: float, q: float, steps: int) -> tuple[float, float]:
+    """A first guess of the PRV sigma and how far off it may be: a sigma already solved here for a
+    nearby q (clients' sizes differ a little), else the RDP sigma (cheap, close above PRV's)."""
     from opacus.accountants.utils import get_noise_multiplier
 
+    near = _solved.get((target, delta, steps), {})
+    if near:
+        q0 = min(near, key=lambda x: abs(math.log(x / q)))
+        if abs(math.log(q0 / q)) < 0.25:
+            return near[q0], 1.03
+    rdp = float(get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps,
+                                     accountant="rdp", epsilon_tolerance=TOLERANCE))  # fmt: skip
+    return rdp, 1.25
+
+
+def _search_prv(target: float, delta: float, q: float, steps: int) -> float:
+    """The PRV sigma by a bracketed root search: regula falsi (Illinois) on epsilon(sigma) - target,
+    bracketed around a nearby solution or the RDP sigma; a handful of PRV evaluations instead of
+    Opacus's doubling-then-bisection. Returns a sigma whose epsilon is within [target - TOLERANCE,
+    target], never above."""
+
+    def f(sigma: float) -> float:
+        return epsilon(((sigma, q, steps),), delta, "prv") - target
+
+    guess, spread = _start(target, delta, q, steps)
+    hi = guess * spread if spread < 1.25 else guess
+    f_hi = f(hi)
+    while f_hi > 0:  # not high enough: widen upwards
+        hi *= 1.25
+        f_hi = f(hi)
+    lo = hi / spread / spread if spread < 1.25 else hi * 0.8
+    f_lo = f(lo)
+    while f_lo <= 0:
+        hi, f_hi = lo, f_lo
+        if -f_hi <= TOLERANCE:
+            return _remember(target, delta, q, steps, hi)
+        lo *= 0.8
+        f_lo = f(lo)
+    side = 0
+    for _ in range(60):
+        if -f_hi <= TOLERANCE:
+            return _remember(target, delta, q, steps, hi)
+        mid = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
+        if not lo < mid < hi:
+            mid = (lo + hi) / 2
+        f_mid = f(mid)
+        if f_mid > 0:
+            lo, f_lo = mid, f_mid
+            if side == -1:
+                f_hi /= 2
+            side = -1
+        else:
+            hi, f_hi = mid, f_mid
+            if side == 1:
+                f_lo /= 2
+            side = 1
+    return _remember(target, delta, q, steps, hi)
+
+
+def _remember(target: float, delta: float, q: float, steps: int, sigma: float) -> float:
+    _solved.setdefault((target, delta, steps), {})[q] = sigma
+    return sigma
+
+
+def _search(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if accountant == "prv":
+        return _search_prv(target, delta, q, steps)
+    return float(get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps,
+                                      accountant=accountant, epsilon_tolerance=TOLERANCE))  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def calibrate_sigma(target_epsilon: float, delta: float, q: float, steps: int, accountant: str = "prv") -> float:
+    """Smallest sigma (to a 0.01 tolerance in epsilon) with epsilon(sigma, q, steps) <= target;
+    computed once per distinct inputs on this machine (fedpeft.privacy.cache)."""
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target epsilon must be finite and > 0 (got {target_epsilon})")
+    key = f"sigma|{accountant}|{target_epsilon!r}|{delta!r}|{q!r}|{steps}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return float(
-                get_noise_multiplier(
-                    target_epsilon=target_epsilon,
-                    target_delta=delta,
-                    sample_rate=q,
-                    steps=steps,
-                    accountant=accountant,
-                )
-            )
+            return cached(key, lambda: _search(target_epsilon, delta, q, steps, accountant))
         except ValueError as exc:
             raise ValueError(
                 f"cannot reach epsilon={target_epsilon} at delta={delta} with q={q:.4g} over "
