@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fedpeft.config import ConfigError, Spec
 from fedpeft.registry import UnknownNameError
-from fedpeft.spec_io import resolve_spec
+from fedpeft.spec_io import load_spec, parse_overrides, resolve_spec
 
 
 def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
@@ -134,11 +134,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     from fedpeft.privacy.audit import AUDIT_SPEC, audit, format_table
 
-    base = Spec().with_flat(AUDIT_SPEC)
-    if args.spec or args.set:
-        base = (
-            resolve_spec(args.spec, args.set) if args.spec else base.with_flat(resolve_spec(None, args.set).to_flat())
-        )
+    if args.trials < 2:
+        raise ConfigError(f"--trials must be >= 2: half pick each test, half measure it (got {args.trials})")
+    if args.size < 1:
+        raise ConfigError(f"--size must be >= 1 (got {args.size})")
+    bad = [e for e in args.epsilon if not (e > 0 and math.isfinite(e))]
+    if bad:
+        raise ConfigError(f"--epsilon takes finite claims > 0 (got {bad}); --no-noise runs the control")
+    # a spec file, else the tiny audit spec; --set overrides either
+    base = load_spec(args.spec) if args.spec else Spec().with_flat(AUDIT_SPEC)
+    base = base.with_flat(parse_overrides(args.set)) if args.set else base
     runs = [(f"epsilon {e:g}", base.with_flat({"privacy.epsilon": e}), False) for e in args.epsilon]
     runs += [("control: no noise", base, True)] if args.no_noise else []
     results = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import logging
 import math
 import os
 import tempfile
@@ -105,8 +106,6 @@ def has_checkpoint(out: Path) -> bool:
 def load_checkpoint(out: Path) -> dict[str, Any]:
     """The latest readable checkpoint: checkpoint.pt, else (it is torn or missing) the previous
     one, with a warning; a ConfigError naming the files when neither can be read."""
-    import logging
-
     errors = []
     for name in (CHECKPOINT, PREVIOUS):
         path = out / name

@@ -16,7 +16,7 @@ import torch
 
 from fedpeft.state import LORA_A, LORA_B, AdapterState, ClientUpdate, kind_of
 
-__all__ = ["UpdateLimits", "dp_update_bound", "validate_update"]
+__all__ = ["UpdateLimits", "at_rank", "dp_update_bound", "padding", "validate_update"]
 
 TAIL = 6.0  # standard deviations of slack: an honest client exceeds a bound with probability < 1e-8
 
@@ -55,26 +55,27 @@ class UpdateLimits:
         return dp_update_bound(lr, steps, clip, sigma, expected_batch, numel)
 
 
-def _at_rank(tensor: torch.Tensor, kind: str, rank: int | None) -> torch.Tensor:
-    """What a client of `rank` starts from: the sent tensor with the components past its rank zeroed."""
-    tensor = tensor.double()
+def padding(tensor: torch.Tensor, kind: str, rank: int | None) -> torch.Tensor | None:
+    """The components of a LoRA factor past a client's `rank` (rows of A, columns of B), as a view;
+    None for other tensors or when ranks are not heterogeneous."""
     if rank is None or kind not in (LORA_A, LORA_B):
-        return tensor
+        return None
+    return tensor[rank:] if kind == LORA_A else tensor[:, rank:]
+
+
+def at_rank(tensor: torch.Tensor, kind: str, rank: int | None) -> torch.Tensor:
+    """What a client of `rank` starts from: the sent tensor with its padding zeroed (a copy)."""
     tensor = tensor.clone()
-    if kind == LORA_A:
-        tensor[rank:] = 0
-    else:
-        tensor[:, rank:] = 0
+    if (padded := padding(tensor, kind, rank)) is not None:
+        padded.zero_()
     return tensor
 
 
 def _padding_is_zero(update: ClientUpdate) -> str | None:
-    rank = update.rank
     for name, tensor in update.tensors.items():
-        kind = kind_of(name)
-        padded = tensor[rank:] if kind == LORA_A else tensor[:, rank:] if kind == LORA_B else None
+        padded = padding(tensor, kind_of(name), update.rank)
         if padded is not None and padded.numel() and bool(padded.ne(0).any()):
-            return f"{name}: components past the client's rank {rank} are not zero"
+            return f"{name}: components past the client's rank {update.rank} are not zero"
     return None
 
 
@@ -114,7 +115,7 @@ def validate_update(
         numel = sum(update.tensors[n].numel() for n in expected)
         bound = limits.bound(update, numel)
         if bound is not None and math.isfinite(bound):
-            sent = {n: _at_rank(reference.tensors[n], kind_of(n), update.rank) for n in expected}
+            sent = {n: at_rank(reference.tensors[n], kind_of(n), update.rank).double() for n in expected}
             norm = math.sqrt(sum(float((update.tensors[n].double() - sent[n]).pow(2).sum()) for n in expected))
             if norm > bound:
                 return f"update norm {norm:.4g} > bound {bound:.4g} (federation.update_bound)"

@@ -33,6 +33,8 @@ from fedpeft.federation import Federation  # noqa: E402
 from fedpeft.flower import wire  # noqa: E402
 from fedpeft.flower.executor import FlowerExecutor  # noqa: E402
 from fedpeft.flower.local import LocalGrid  # noqa: E402
+from fedpeft.state import LORA_A, LORA_B, kind_of  # noqa: E402
+from fedpeft.validation import at_rank, padding  # noqa: E402
 
 BAD_NODE, BAD_CLIENT = 103, 3
 DRILL_SPEC = {
@@ -95,19 +97,10 @@ def _tensors(change: Callable[[dict, dict], dict]) -> Tamper:
     return tamper
 
 
-def _at_rank(name: str, t: torch.Tensor, rank: int | None) -> torch.Tensor:
-    """What a client of `rank` starts from: the sent factor with its components past `rank` zeroed."""
-    t = t.clone()
-    if rank is not None and name.endswith(".lora_A.weight"):
-        t[rank:] = 0
-    elif rank is not None and name.endswith(".lora_B.weight"):
-        t[:, rank:] = 0
-    return t
-
-
 def scale_change(upload: dict, sent: dict, factor: float, rank: int | None) -> dict:
     """The client's change from where it started, times `factor` (a scaled, finite attack)."""
-    return {n: _at_rank(n, sent[n], rank) + factor * (t - _at_rank(n, sent[n], rank)) for n, t in upload.items()}
+    start = {n: at_rank(sent[n], kind_of(n), rank) for n in upload}
+    return {n: start[n] + factor * (t - start[n]) for n, t in upload.items()}
 
 
 def _scaled(factor: float) -> Tamper:
@@ -124,10 +117,7 @@ def _first(change: Callable[[torch.Tensor], torch.Tensor]) -> Tamper:
 
 def _padded(t: torch.Tensor) -> torch.Tensor:
     t = t.clone()
-    if t.shape[0] == 8:  # lora_A [r, d]: rows past the client's rank 4
-        t[4:] = 0.01
-    else:
-        t[:, 4:] = 0.01
+    padding(t, LORA_A if t.shape[0] == 8 else LORA_B, 4).fill_(0.01)  # past client 3's rank 4
     return t
 
 

@@ -16,7 +16,7 @@ import torch
 from fedpeft.registry import Registry
 from fedpeft.state import HEAD, AdapterState, ClientUpdate, kind_of
 
-__all__ = ["Strategy", "STRATEGIES", "ROBUST", "combine", "weighted_mean", "make_strategy"]
+__all__ = ["Strategy", "STRATEGIES", "ROBUST", "RobustCombine", "combine", "weighted_mean", "make_strategy"]
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
@@ -62,11 +62,27 @@ def combine(updates: list[ClientUpdate], name: str, how: str = "mean", trim: flo
     return ordered[cut : k - cut].mean(dim=0).float()
 
 
-def check_robust(how: str, trim: float) -> None:
-    if how not in ROBUST:
-        raise ValueError(f"robust must be one of {', '.join(ROBUST)} (got {how!r})")
-    if not 0 <= trim < 0.5:
-        raise ValueError(f"trim must be in [0, 0.5) (got {trim})")
+@dataclasses.dataclass(frozen=True)
+class RobustCombine:
+    """Options `robust` (mean | median | trimmed-mean, see `combine`) and `trim`, for strategies
+    whose server step combines each uploaded tensor alone (fedavg, ffa, fedsvd). Only the mean is a
+    sum, so only then is the strategy sum-only (secure aggregation possible)."""
+
+    robust: str = "mean"
+    trim: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.robust not in ROBUST:
+            raise ValueError(f"robust must be one of {', '.join(ROBUST)} (got {self.robust!r})")
+        if not 0 <= self.trim < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5) (got {self.trim})")
+
+    @property
+    def sum_only(self) -> bool:
+        return self.robust == "mean"
+
+    def combine(self, updates: list[ClientUpdate], name: str) -> torch.Tensor:
+        return combine(updates, name, self.robust, self.trim)
 
 
 def average_head(updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:

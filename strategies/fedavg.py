@@ -10,28 +10,18 @@ from dataclasses import dataclass
 
 from fedpeft.state import LORA_A, LORA_B
 
-from .base import STRATEGIES, Strategy, check_robust, combine
+from .base import STRATEGIES, RobustCombine, Strategy
 
 
 @STRATEGIES.register("fedavg")
 @dataclass(frozen=True)
-class FedAvg(Strategy):
+class FedAvg(RobustCombine, Strategy):
     """Options: robust (mean | median | trimmed-mean, see base.combine) and trim."""
-
-    robust: str = "mean"
-    trim: float = 0.2
 
     name = "fedavg"
     trains = frozenset({LORA_A, LORA_B})
 
-    def __post_init__(self) -> None:
-        check_robust(self.robust, self.trim)
-
-    @property
-    def sum_only(self) -> bool:
-        return self.robust == "mean"
-
     def aggregate(self, state, updates, round_num, server_state):
         names = list(updates[0].tensors)
-        new = state.with_tensors({n: combine(updates, n, self.robust, self.trim) for n in names})
+        new = state.with_tensors({n: self.combine(updates, n) for n in names})
         return new, dict(server_state), {}

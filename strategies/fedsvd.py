@@ -13,36 +13,30 @@ from dataclasses import dataclass
 
 from fedpeft.state import LORA_B, a_name, b_name
 
-from .base import STRATEGIES, Strategy, check_robust, combine
+from .base import STRATEGIES, RobustCombine, Strategy
 from .linalg import refactor
 
 
 @STRATEGIES.register("fedsvd")
 @dataclass(frozen=True)
-class FedSVD(Strategy):
+class FedSVD(RobustCombine, Strategy):
     """Options: refactor_period (re-factor every n rounds; the paper finds 1, 2, 5, 10 all work),
     min_norm (skip the re-factor of a layer whose ||B_avg|| is below it: no signal to orient),
     robust (mean | median | trimmed-mean: how the B's are combined, see base.combine) and trim."""
 
     refactor_period: int = 1
     min_norm: float = 1e-8
-    robust: str = "mean"
-    trim: float = 0.2
 
     name = "fedsvd"
     trains = frozenset({LORA_B})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.refactor_period < 1:
             raise ValueError(f"fedsvd refactor_period must be >= 1 (got {self.refactor_period})")
-        check_robust(self.robust, self.trim)
-
-    @property
-    def sum_only(self) -> bool:
-        return self.robust == "mean"
 
     def aggregate(self, state, updates, round_num, server_state):
-        averaged = {n: combine(updates, n, self.robust, self.trim) for n in updates[0].tensors}
+        averaged = {n: self.combine(updates, n) for n in updates[0].tensors}
         new = state.with_tensors(averaged)
         refactored = skipped = 0
         if round_num % self.refactor_period == 0:

@@ -11,27 +11,17 @@ from dataclasses import dataclass
 
 from fedpeft.state import LORA_B
 
-from .base import STRATEGIES, Strategy, check_robust, combine
+from .base import STRATEGIES, RobustCombine, Strategy
 
 
 @STRATEGIES.register("ffa")
 @dataclass(frozen=True)
-class FFALoRA(Strategy):
+class FFALoRA(RobustCombine, Strategy):
     """Options: robust (mean | median | trimmed-mean, see base.combine) and trim."""
-
-    robust: str = "mean"
-    trim: float = 0.2
 
     name = "ffa"
     trains = frozenset({LORA_B})
 
-    def __post_init__(self) -> None:
-        check_robust(self.robust, self.trim)
-
-    @property
-    def sum_only(self) -> bool:
-        return self.robust == "mean"
-
     def aggregate(self, state, updates, round_num, server_state):
-        new = state.with_tensors({n: combine(updates, n, self.robust, self.trim) for n in updates[0].tensors})
+        new = state.with_tensors({n: self.combine(updates, n) for n in updates[0].tensors})
         return new, dict(server_state), {}

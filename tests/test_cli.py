@@ -88,3 +88,18 @@ def test_progress_in_a_log_is_plain_lines(tmp_path):
     assert "round 1/2: training clients [0, 1, 2, 3]" in log
     line = next(x for x in log.splitlines() if x.startswith("round   2: accuracy"))
     assert "epsilon_max" in line and line.rstrip().endswith("s")  # the whole round line on one line
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--trials", "1"], "--trials must be >= 2"),
+        (["--size", "0"], "--size must be >= 1"),
+        (["--epsilon", "inf"], "--epsilon takes finite claims"),
+        (["--size", "100000"], "the audit needs more than 100000 examples"),
+        (["--set", "privacy.clip=-1"], "privacy.clip must be > 0"),
+    ],
+)
+def test_audit_rejects_bad_input_in_one_line(argv, message, capsys):
+    assert main(["audit", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -24,7 +24,7 @@ from fedpeft.executors import ClientFailure
 from fedpeft.federation import Federation
 from fedpeft.flower import wire
 from fedpeft.flower.executor import FlowerExecutor
-from fedpeft.flower.local import LocalGrid
+from fedpeft.flower.local import LocalGrid, pushed
 from fedpeft.state import AdapterState, ClientUpdate
 from fedpeft.validation import UpdateLimits, dp_update_bound, validate_update
 from tests.conftest import tiny_spec
@@ -43,7 +43,7 @@ class ReplyGrid(LocalGrid):
     def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
         replies = []
         for message in messages:
-            message.metadata.__dict__["_message_id"] = message.object_id
+            pushed(message)
             if message.metadata.message_type == "query":
                 replies.append(Message(wire.query_reply(0, 1), reply_to=message))
             else:

@@ -61,16 +61,16 @@ class CohortExecutor(InProcess):
         device: torch.device | str = "cpu",
         chunk: int = 0,
         secret: bool = False,
-        buckets: int = 0,
+        buckets: int | None = 0,
     ) -> None:
         self.device = torch.device(device)
         self.store = ClientStore(clients, budgets, ranks)
         self.clip = clip
         self.chunk = chunk
         self.secret = secret  # batches and noise from secret seeds, secure noise (privacy.noise = "secret")
-        # buckets by length: on a CPU, cost follows tokens, so many small buckets (16+ examples each);
-        # on a GPU, a few large ones keep the device busy. 0: choose by device.
-        self.buckets = buckets or (4 if self.device.type == "cuda" else 1 << 20)
+        # buckets by length: on a CPU, cost follows tokens, so as many as allow 16+ examples each
+        # (None); on a GPU, a few large ones keep the device busy (4). 0: choose by device.
+        self.buckets = buckets if buckets != 0 else (4 if self.device.type == "cuda" else None)
         base, _ = build_model(cfg.name, num_labels, cfg.layers, seed)
         self.model = base.to(self.device)
         for p in self.model.parameters():

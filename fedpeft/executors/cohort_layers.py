@@ -10,11 +10,12 @@ from torch import nn
 __all__ = ["CohortHead", "CohortLoRALinear", "length_buckets"]
 
 
-def length_buckets(lengths: torch.Tensor, buckets: int, smallest: int = 16) -> list[torch.Tensor]:
-    """Rows grouped by length (sorted, then cut into up to `buckets` equal groups of at least
-    `smallest`): each group is padded only to its own longest example, not the cohort's."""
+def length_buckets(lengths: torch.Tensor, buckets: int | None, smallest: int = 16) -> list[torch.Tensor]:
+    """Rows grouped by length (sorted, then cut into up to `buckets` equal groups, None: no limit,
+    of at least `smallest`): each group is padded only to its own longest example, not the cohort's."""
     order = torch.argsort(lengths, stable=True)
-    n = max(1, min(buckets, len(order) // smallest))
+    most = len(order) // smallest
+    n = max(1, min(buckets, most) if buckets is not None else most)
     return [part for part in torch.tensor_split(order, n) if len(part)]
 
 

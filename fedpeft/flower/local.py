@@ -15,7 +15,18 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft.flower import client_app, wire
 
-__all__ = ["LocalGrid"]
+__all__ = ["LocalGrid", "outside_a_supernode", "pushed"]
+
+
+def outside_a_supernode(run_id: int) -> None:
+    """Let Flower build messages in a process that is no SuperLink or SuperNode."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 1, 1
+
+
+def pushed(message: Message) -> Message:
+    """`message` as a grid leaves it on push: with its message id set (replies refer to it)."""
+    message.metadata.__dict__["_message_id"] = message.object_id
+    return message
 
 
 class LocalGrid(Grid):
@@ -27,7 +38,7 @@ class LocalGrid(Grid):
         self, n: int, state_dir: Path | None = None, run_id: int = 7, node_config: dict | None = None,
         app: ClientApp | None = None,
     ) -> None:  # fmt: skip
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 1, 1
+        outside_a_supernode(run_id)
         self.run_id, self.state_dir, self.n = run_id, state_dir, n
         self.app = app or client_app.app
         self.contexts = {100 + k: self._context(100 + k, k, n, node_config) for k in range(n)}
@@ -55,7 +66,7 @@ class LocalGrid(Grid):
         replies = []
         for message in messages:
             nid = message.metadata.dst_node_id
-            message.metadata.__dict__["_message_id"] = message.object_id  # what Flower's grids do on push
+            pushed(message)
             self.calls.append((nid, message.metadata.message_type))
             training = message.metadata.message_type == "train"
             if training and nid in self.silent:

@@ -50,19 +50,20 @@ TOLERANCE = 0.01  # calibrated sigma spends between target - 0.01 and target, as
 _solved: dict[tuple[float, float, int], dict[float, float]] = {}  # (target, delta, steps) -> {q: sigma}
 
 
-def _start(target: float, delta: float, q: float, steps: int) -> tuple[float, float]:
-    """A first guess of the PRV sigma and how far off it may be: a sigma already solved here for a
-    nearby q (clients' sizes differ a little), else the RDP sigma (cheap, close above PRV's)."""
+def _bracket(target: float, delta: float, q: float, steps: int) -> tuple[float, float]:
+    """A first guess (lo, hi) around the PRV sigma: 3% either side of a sigma already solved here
+    for a nearby q (clients' sizes differ a little), else the RDP sigma (cheap, close above PRV's)
+    and 80% of it. The search widens it where the guess is wrong."""
     from opacus.accountants.utils import get_noise_multiplier
 
     near = _solved.get((target, delta, steps), {})
     if near:
         q0 = min(near, key=lambda x: abs(math.log(x / q)))
         if abs(math.log(q0 / q)) < 0.25:
-            return near[q0], 1.03
+            return near[q0] / 1.03, near[q0] * 1.03
     rdp = float(get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps,
                                      accountant="rdp", epsilon_tolerance=TOLERANCE))  # fmt: skip
-    return rdp, 1.25
+    return 0.8 * rdp, rdp
 
 
 def _search_prv(target: float, delta: float, q: float, steps: int) -> float:
@@ -74,13 +75,11 @@ def _search_prv(target: float, delta: float, q: float, steps: int) -> float:
     def f(sigma: float) -> float:
         return epsilon(((sigma, q, steps),), delta, "prv") - target
 
-    guess, spread = _start(target, delta, q, steps)
-    hi = guess * spread if spread < 1.25 else guess
+    lo, hi = _bracket(target, delta, q, steps)
     f_hi = f(hi)
     while f_hi > 0:  # not high enough: widen upwards
-        hi *= 1.25
+        lo, hi = hi, hi * 1.25
         f_hi = f(hi)
-    lo = hi / spread / spread if spread < 1.25 else hi * 0.8
     f_lo = f(lo)
     while f_lo <= 0:
         hi, f_hi = lo, f_lo
@@ -88,23 +87,21 @@ def _search_prv(target: float, delta: float, q: float, steps: int) -> float:
             return _remember(target, delta, q, steps, hi)
         lo *= 0.8
         f_lo = f(lo)
-    side = 0
+    w_lo, w_hi, side = f_lo, f_hi, 0  # Illinois: an end kept twice has its weight halved
     for _ in range(60):
-        if -f_hi <= TOLERANCE:
+        if -f_hi <= TOLERANCE:  # the true epsilon of hi, never a weight
             return _remember(target, delta, q, steps, hi)
-        mid = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
+        mid = (lo * w_hi - hi * w_lo) / (w_hi - w_lo)
         if not lo < mid < hi:
             mid = (lo + hi) / 2
         f_mid = f(mid)
         if f_mid > 0:
-            lo, f_lo = mid, f_mid
-            if side == -1:
-                f_hi /= 2
+            lo, w_lo = mid, f_mid
+            w_hi = w_hi / 2 if side == -1 else w_hi
             side = -1
         else:
-            hi, f_hi = mid, f_mid
-            if side == 1:
-                f_lo /= 2
+            hi, f_hi, w_hi = mid, f_mid, f_mid
+            w_lo = w_lo / 2 if side == 1 else w_lo
             side = 1
     return _remember(target, delta, q, steps, hi)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fedpeft.config import Spec
+from fedpeft.config import ConfigError, Spec
 
 __all__ = ["AUDIT_SPEC", "AuditResult", "audit", "clopper_pearson", "epsilon_lower_bound", "format_table"]
 
@@ -122,21 +122,23 @@ def audit(
 ) -> AuditResult:
     """Play the game `trials` times per side on `spec`'s client training (`size` examples in D)."""
     from flwr.app import Context, Message, MessageType, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from fedpeft.data import DATASETS
     from fedpeft.flower import client_app, wire
+    from fedpeft.flower.local import outside_a_supernode, pushed
     from fedpeft.flower.node import Node
 
     if no_noise:
         spec = spec.with_flat({"privacy.epsilon": math.inf})
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 0, 1, 1  # messages built outside a SuperNode
+    outside_a_supernode(run_id=0)
     claim, delta = spec.privacy.epsilon, spec.privacy.delta
     node = Node()
     spec_json = wire.spec_to_json(spec)
     worker = node.worker(spec_json)
     app = client_app.make_app(node)
     raw = DATASETS.get(spec.data.name)()
+    if len(raw.texts) <= size:
+        raise ConfigError(f"the audit needs more than {size} examples; {spec.data.name} has {len(raw.texts)}")
     texts, labels = raw.texts[:size], raw.labels[:size]
     start = worker.template
     uploads = set(worker.plan.uploads)
@@ -170,8 +172,7 @@ def audit(
             config = {wire.PARTITION_ID: 0, wire.NUM_PARTITIONS: 1, "data-file": str(files[with_canary]),
                       "public-size": size, "state-dir": str(Path(tmp) / "ledgers")}  # fmt: skip
             context = Context(run_id=trial, node_id=1, node_config=config, state=RecordDict(), run_config={})
-            message = Message(wire.train_message(1, [0], spec_json, adapter, [trial]), 1, MessageType.TRAIN)
-            message.metadata.__dict__["_message_id"] = message.object_id  # what a grid sets on push
+            message = pushed(Message(wire.train_message(1, [0], spec_json, adapter, [trial]), 1, MessageType.TRAIN))
             reply = app(message, context)
             result = wire.read_train_reply(reply.content, 0, 1)
             values = {f"reply.{k}": float(v) for k, v in result.metrics.items()}
