@@ -20,13 +20,13 @@ DP_OR_PUBLIC = {wire.DP_OUTPUT, wire.PUBLIC}
 
 
 def _replies(spec, grid: LocalGrid, out) -> list[Message]:  # noqa: ANN001
-    """Every train reply the nodes sent in a run of `spec`."""
+    """Every reply the nodes sent in a run of `spec` (query, train, evaluate)."""
     replies = []
     send = grid.send_and_receive
 
     def recording(messages, *, timeout=None):  # noqa: ANN001, ANN202
         got = send(messages, timeout=timeout)
-        replies.extend(r for r in got if r.metadata.message_type == MessageType.TRAIN and not r.has_error())
+        replies.extend(r for r in got if not r.has_error())
         return got
 
     grid.send_and_receive = recording
@@ -35,7 +35,14 @@ def _replies(spec, grid: LocalGrid, out) -> list[Message]:  # noqa: ANN001
 
 
 def _fields(reply: Message) -> list[str]:
-    """The reply's values as REPLY_FIELDS names them (client ids replaced by <c>)."""
+    """The reply's values as REPLY_FIELDS names them (client ids replaced by <c>; replies other
+    than train prefixed by their message type)."""
+    kind = reply.metadata.message_type
+    prefix = "" if kind == MessageType.TRAIN else f"{kind}:"
+    return [prefix + name for name in _names(reply)]
+
+
+def _names(reply: Message) -> list[str]:
     names = []
     for key, record in reply.content.items():
         if key.startswith("update."):
@@ -54,7 +61,7 @@ def test_every_value_a_node_sends_is_in_the_table(tmp_path, private):
         privacy__epsilon=6.0 if private else float("inf"), model__client_ranks=(2, 4),
     )  # fmt: skip
     replies = _replies(spec, LocalGrid(3), tmp_path / "run")
-    assert len(replies) == 6
+    assert sum(r.metadata.message_type == MessageType.TRAIN for r in replies) == 6
     seen = {name for reply in replies for name in _fields(reply)}
     unknown = seen - set(wire.REPLY_FIELDS)
     assert not unknown, f"values on the wire that the privacy table does not declare: {sorted(unknown)}"
@@ -64,6 +71,17 @@ def test_every_value_a_node_sends_is_in_the_table(tmp_path, private):
         assert {"metrics.<c>.epsilon", "metrics.<c>.num_examples", "update.<c>"} <= seen
     else:
         assert "metrics.<c>.train_loss" in seen  # privacy off: the diagnostics travel
+    assert "query:config.partition-id" in seen
+
+
+def test_personalised_evaluation_replies_are_in_the_table(tmp_path):
+    spec = tiny_spec(federation__rounds=2, federation__clients=2, federation__clients_per_round=2,
+                     strategy__name="fedsa", privacy__epsilon=6.0)  # fmt: skip
+    replies = _replies(spec, LocalGrid(2), tmp_path / "run")
+    seen = {name for reply in replies for name in _fields(reply)}
+    assert "evaluate:metrics.<c>.accuracy" in seen
+    assert seen <= set(wire.REPLY_FIELDS), sorted(seen - set(wire.REPLY_FIELDS))
+    assert {wire.REPLY_FIELDS[name][0] for name in seen} <= DP_OR_PUBLIC
 
 
 def test_under_dp_the_reply_drops_any_value_not_declared_public():

@@ -13,9 +13,10 @@ One RecordDict per message:
   server -> node  evaluate  adapter, config (spec JSON)
   node -> server  evaluate  metrics.<c> (MetricRecord) per client with a personalised model
 
-What may leave a node is written once, in REPLY_FIELDS: every value of a train reply, whether it
-is DP output or a function of public values, and why. Under DP, `train_reply` sends nothing else
-(tests/test_privacy.py walks real replies against the table).
+What may leave a node is written once, in REPLY_FIELDS: every value of a node's replies (train
+replies unprefixed, the others as "query:" and "evaluate:"), whether it is DP output or a function
+of public values, and why. Under DP, `train_reply` sends nothing else (tests/test_privacy.py walks
+real replies of every kind against the table).
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ REPLY_FIELDS: dict[str, tuple[str, str]] = {
     "metrics.<c>.train_loss": (NON_PRIVATE, "mean loss on the sampled batches: a statistic of the private data"),
     "metrics.<c>.examples_seen": (NON_PRIVATE, "how many examples the Poisson samples drew: private"),
     "metrics.<c>.seconds": (NON_PRIVATE, "the client's training time: a timing channel"),
+    "query:config.partition-id": (PUBLIC, "the node's partition: its node config, which the operator sets"),
+    "query:config.num-partitions": (PUBLIC, "how many partitions: node config"),
+    "evaluate:metrics.<c>.accuracy": (
+        DP_OUTPUT,
+        "the personalised model (global adapter + the client's kept tensors, trained by DP-SGD) on the "
+        "server's public test split: post-processing of DP output",
+    ),
+    "evaluate:metrics.<c>.loss": (DP_OUTPUT, "as evaluate:metrics.<c>.accuracy"),
 }
 _METRICS_UNDER_DP = frozenset(
     key.removeprefix("metrics.<c>.")
