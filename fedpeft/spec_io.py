@@ -7,12 +7,11 @@ then checked by the dataclass itself (fedpeft.config), so each error names the k
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from fedpeft.config import SECTIONS, ConfigError, Spec, StrategyConfig
 

@@ -9,10 +9,10 @@ test_flower_runtime.py run the same app through Flower's own runtimes.
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 from flwr.app import Context, RecordDict
 

@@ -47,6 +47,7 @@ from fedpeft.config import ConfigError, Spec
 from fedpeft.data import TokenizedData, load_file, tokenize
 from fedpeft.executors.base import ClientFailure, ClientResult, InProcess
 from fedpeft.flower import wire
+from fedpeft.flower.environment import runtime_install_warning
 from fedpeft.privacy.accounting import ClientBudget
 from fedpeft.runfiles import atomic_write
 from fedpeft.state import AdapterState
@@ -254,6 +255,8 @@ class Node:
     def worker(self, spec_json: str) -> Worker:
         if self._worker is None or self._worker[0] != spec_json:
             self._worker = None  # one federation at a time: free the old model first
+            if warning := runtime_install_warning():
+                log.warning(warning)
             self._worker = (spec_json, Worker.build(wire.spec_from_json(spec_json)))
         return self._worker[1]
 

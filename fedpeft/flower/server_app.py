@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.build import check_names
 from fedpeft.federation import Callbacks, Federation
+from fedpeft.flower.environment import runtime_install_warning
 from fedpeft.flower.executor import FlowerExecutor
 from fedpeft.progress import fmt_metric
 from fedpeft.runfiles import has_checkpoint
@@ -53,6 +54,8 @@ def _show_progress() -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _show_progress()
+    if warning := runtime_install_warning():
+        log.warning(warning)
     spec = spec_from_run_config(context.run_config, default_spec())
     check_names(spec)
     out = Path(str(context.run_config.get("out") or f"runs/{spec.name}-flwr-{context.run_id}")).resolve()
