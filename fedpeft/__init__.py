@@ -13,6 +13,7 @@ The public API, in the order of a run::
 - `STRATEGIES`, `Strategy`, `make_strategy`: the server strategies and their base class.
 - `EXECUTORS`: who trains the sampled clients in process (sequential, cohort).
 - `load_exported`: a finished run's PEFT adapter (and base-weight changes) on its base model.
+- `predict`, `Predictor`: labels with probabilities for new texts from a finished run.
 
 Names load on first use, so ``import fedpeft`` (and the command line's help) stays fast.
 """
@@ -44,11 +45,14 @@ _EXPORTS = {
     "AdapterState": "fedpeft.state",
     "ClientUpdate": "fedpeft.state",
     "load_exported": "fedpeft.adapters",
+    "predict": "fedpeft.inference",
+    "Predictor": "fedpeft.inference",
 }
 
 __all__ = [
-    "EXECUTORS", "STRATEGIES", "AdapterState", "Callbacks", "ClientUpdate", "ConfigError", "Federation", "RunResult",
-    "Spec", "Strategy", "__version__", "default_spec", "load_exported", "load_spec", "make_strategy", "resolve_spec",
+    "EXECUTORS", "STRATEGIES", "AdapterState", "Callbacks", "ClientUpdate", "ConfigError", "Federation", "Predictor",
+    "RunResult", "Spec", "Strategy", "__version__", "default_spec", "load_exported", "load_spec", "make_strategy",
+    "predict", "resolve_spec",
 ]  # fmt: skip
 assert set(__all__) == {"__version__", *_EXPORTS}
 
@@ -57,6 +61,7 @@ if TYPE_CHECKING:
     from fedpeft.config import ConfigError, Spec
     from fedpeft.executors import EXECUTORS
     from fedpeft.federation import Callbacks, Federation, RunResult
+    from fedpeft.inference import Predictor, predict
     from fedpeft.spec_io import default_spec, load_spec, resolve_spec
     from fedpeft.state import AdapterState, ClientUpdate
     from fedpeft.strategies import STRATEGIES, Strategy, make_strategy

@@ -7,6 +7,7 @@ client: it loads the global `AdapterState`, trains, and reads the new tensors ba
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -145,8 +146,9 @@ class AdaptedModel:
         return self.module(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
 
     # ---- export ---------------------------------------------------------------------------
-    def export(self, state: AdapterState, directory: str | Path) -> Path:
-        """Write `state` in the PEFT format (adapter_config.json + adapter_model.safetensors).
+    def export(self, state: AdapterState, directory: str | Path, label_names: Sequence[str] = ()) -> Path:
+        """Write `state` in the PEFT format (adapter_config.json + adapter_model.safetensors), and
+        EXPORT_META: how to rebuild the base model, and the names of the labels (for `predict`).
 
         Strategies that change base weights (fedex, flora) also write EXPORT_BASE: the changes of
         W0, which `load_exported` applies before loading the adapter."""
@@ -170,6 +172,7 @@ class AdaptedModel:
             "num_labels": self.num_labels,
             "seed": self.seed,
             "max_length": self.cfg.max_length,
+            "label_names": list(label_names) or [f"label {i}" for i in range(self.num_labels)],
         }
         (directory / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
         return directory

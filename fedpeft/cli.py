@@ -1,4 +1,4 @@
-"""`fedpeft simulate | sweep | report | privacy | audit | list`: the command line."""
+"""`fedpeft simulate | sweep | report | privacy | audit | predict | list`: the command line."""
 
 from __future__ import annotations
 
@@ -49,9 +49,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     check_names(spec)
     out = _prepare_out(args.out, spec, args.resume)
     from fedpeft.federation import Federation
+    from fedpeft.plots import write_run_plot
     from fedpeft.progress import ProgressDisplay, final_table, make_console
-    from fedpeft.report import plot_run
-    from fedpeft.runfiles import has_checkpoint
+    from fedpeft.runfiles import RESULT_FILES, has_checkpoint
 
     console = make_console()
     fed, privacy = spec.federation, spec.privacy
@@ -81,11 +81,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         else:
             console.print("[yellow]interrupted[/] before the first round finished; nothing was saved")
         return 130
-    plot_run(
-        result.history, out / "accuracy.png", f"{spec.name}: {spec.strategy.name}", result.summary["majority_rate"]
-    )
+    write_run_plot(result, spec, out)
     console.print(final_table(result.summary, result.history))
-    console.print(f"results in {out}/ (summary.json, rounds.jsonl, accuracy.png, PEFT adapter)")
+    console.print(f"results in {out}/ ({', '.join(RESULT_FILES[:3])}, PEFT adapter)")
     return 0
 
 
@@ -164,6 +162,27 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fedpeft.adapters import EXPORT_META
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / EXPORT_META).is_file():
+        raise ConfigError(f"{run_dir} holds no exported model ({EXPORT_META}): give the directory of a finished run")
+    texts = list(args.texts)
+    if args.file:
+        lines = sys.stdin if args.file == "-" else Path(args.file).read_text().splitlines()
+        texts += [line.rstrip("\n") for line in lines if line.strip()]
+    if not texts:
+        raise ConfigError("nothing to predict: give texts as arguments or --file FILE (one text per line, - for stdin)")
+    from fedpeft.inference import Predictor
+
+    predictor = Predictor(run_dir)
+    for p in predictor(texts):
+        others = ", ".join(f"{name} {prob:.3f}" for name, prob in p.probabilities.items())
+        print(f"{p.label}\t{p.probability:.3f}\t{p.text}" if args.tsv else f"{p.label} ({others}): {p.text}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from fedpeft.data import DATASETS
     from fedpeft.models import MODELS
@@ -215,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--no-noise", action="store_true", help="also run the control: privacy off, must show a leak")
     aud.add_argument("--out", help="write the results as JSON here")
     aud.set_defaults(func=cmd_audit)
+
+    pre = sub.add_parser("predict", help="labels and probabilities for texts, from a finished run's model")
+    pre.add_argument("run_dir", help="a finished run's directory (it holds the exported adapter)")
+    pre.add_argument("texts", nargs="*", help="texts to label")
+    pre.add_argument("--file", help="also label each non-empty line of FILE (- for stdin)")
+    pre.add_argument("--tsv", action="store_true", help="print label, probability and text, tab-separated")
+    pre.set_defaults(func=cmd_predict)
 
     lst = sub.add_parser("list", help="list registered models, datasets and strategies")
     lst.set_defaults(func=cmd_list)

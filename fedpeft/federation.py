@@ -190,7 +190,7 @@ class Federation:
                 callbacks.on_round_end(record)
 
         summary = self._summary(run.history, run.epsilons, run.elapsed)
-        self.model.export(run.state, out)
+        self.model.export(run.state, out, label_names=self.data.label_names)
         write_json(out / SUMMARY, summary)
         return RunResult(summary, run.history, run.state)
 

@@ -1,4 +1,4 @@
-"""Results from files: the accuracy plot of a run; tables and plots of a sweep (`fedpeft report`)."""
+"""Results from files: tables and plots of a sweep (`fedpeft report`)."""
 
 from __future__ import annotations
 
@@ -8,61 +8,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_run", "collect", "summarise", "write_report"]
+from fedpeft.plots import pyplot
+
+__all__ = ["collect", "markdown", "summarise", "write_report"]
 
 INF = float("inf")
 
 
-def _pyplot():  # noqa: ANN202
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_run(history: list[dict[str, Any]], path: Path, title: str = "", majority: float | None = None) -> Path:
-    """Test accuracy per round (with the majority-class rate for reference) and, when privacy is
-    on, the epsilon spent so far on a second axis."""
-    plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
-    rounds = [r["round"] for r in history]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    evaluated = [r for r in history if r["accuracy"] is not None]  # federation.eval_every
-    accuracy = [r["accuracy"] for r in evaluated]
-    lines = ax.plot([r["round"] for r in evaluated], accuracy, marker="o", color="tab:blue", label="test accuracy")
-    if majority is not None:
-        lines += [ax.axhline(majority, color="grey", linestyle=":", label=f"majority class ({majority:.3f})")]
-    low = min(accuracy + ([majority] if majority is not None else []))
-    ax.set_ylim(bottom=max(0.0, low - 0.03))
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    eps = [r["epsilon_max"] for r in history]
-    if any(e is not None for e in eps):
-        ax2 = ax.twinx()
-        lines += ax2.plot(
-            rounds,
-            [e or 0.0 for e in eps],
-            marker="s",
-            linestyle="--",
-            color="tab:red",
-            label="epsilon spent (max over clients)",
-        )
-        ax2.set_ylabel("epsilon spent")
-        ax2.set_ylim(bottom=0)
-    ax.legend(lines, [line.get_label() for line in lines], loc="lower right", fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-# ---- sweeps: from result files alone -------------------------------------------------------------
 def _target(summary: dict[str, Any]) -> float:
     eps = summary.get("target_epsilon")
     return INF if eps is None else float(eps)
@@ -140,6 +92,16 @@ def _pm(mean: float, ci: float) -> str:
     return f"{100 * mean:.1f}" + ("" if math.isnan(ci) else f" ± {100 * ci:.1f}")
 
 
+def _byte_unit(megabytes: list[float]) -> tuple[str, float]:
+    """The largest of MB, kB, B in which the biggest value is at least 1 (so no column reads 0.0),
+    and the factor from MB to it."""
+    top = max(megabytes, default=0.0)
+    for unit, per_mb in (("MB", 1.0), ("kB", 1e3)):
+        if top >= 1 / per_mb:
+            return unit, per_mb
+    return "B", 1e6
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """A paper-style table (accuracy per strategy and epsilon) and the detailed table."""
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
@@ -158,16 +120,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     majority = sum(r["majority_rate"] for r in rows) / len(rows)
     lines += ["", f"Majority-class rate of the test splits: {100 * majority:.1f}%.", ""]
+    unit, per_mb = _byte_unit([v for r in rows for v in (r["mbytes_up"], r["mbytes_down"])])
     lines += [
-        "| strategy | ε target | seeds | accuracy (%) | min–max | ε spent (max) | MB up | MB down | seconds |",
+        f"| strategy | ε target | seeds | accuracy (%) | min–max | ε spent (max) | {unit} up | {unit} down | seconds |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         spent = "–" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.2f}"
         lines.append(
             f"| {r['strategy']} | {r['epsilon']} | {r['seeds']} | {_pm(r['accuracy_mean'], r['accuracy_ci95'])} | "
-            f"{100 * r['accuracy_min']:.1f}–{100 * r['accuracy_max']:.1f} | {spent} | {r['mbytes_up']:.1f} | "
-            f"{r['mbytes_down']:.1f} | {r['seconds']:.0f} |"
+            f"{100 * r['accuracy_min']:.1f}–{100 * r['accuracy_max']:.1f} | {spent} | {per_mb * r['mbytes_up']:.1f} | "
+            f"{per_mb * r['mbytes_down']:.1f} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -205,7 +168,7 @@ def paired(runs: list[dict[str, Any]], baseline: str) -> str:
 
 
 def _plot_accuracy_vs_epsilon(runs, rows, path: Path) -> None:  # noqa: ANN001
-    plt = _pyplot()
+    plt = pyplot()
     strategies, targets = _order(runs)
     finite = sorted(e for e in targets if not math.isinf(e))
     xs = {e: i for i, e in enumerate(finite)}
@@ -264,7 +227,9 @@ def _curves(runs, key: str):  # noqa: ANN001, ANN202
 
 
 def _plot_per_epsilon(runs, key: str, ylabel: str, path: Path, scale: float = 1.0, skip_inf: bool = False) -> None:  # noqa: ANN001
-    plt = _pyplot()
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     strategies, targets = _order(runs)
     targets = [t for t in targets if not (skip_inf and math.isinf(t))]
     if not targets:
@@ -289,6 +254,7 @@ def _plot_per_epsilon(runs, key: str, ylabel: str, path: Path, scale: float = 1.
             ax.axhline(target, color="grey", linestyle="--", label="target ε")
             ax.set_ylim(bottom=0)
         ax.set_title("no DP" if math.isinf(target) else f"ε = {target:g}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)

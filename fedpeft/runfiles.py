@@ -24,7 +24,7 @@ import torch
 from fedpeft.config import ConfigError
 
 __all__ = [
-    "CHECKPOINT", "ROUNDS", "SUMMARY", "atomic_write", "jsonable", "load_checkpoint", "save_checkpoint",
+    "CHECKPOINT", "RESULT_FILES", "ROUNDS", "SUMMARY", "atomic_write", "jsonable", "load_checkpoint", "save_checkpoint",
     "write_json", "write_rounds",
 ]  # fmt: skip
 
@@ -33,6 +33,10 @@ PREVIOUS = "checkpoint.prev.pt"  # the one before: a resume falls back to it if 
 ROUNDS = "rounds.jsonl"
 SUMMARY = "summary.json"
 LOCK = ".lock"
+# what a finished run leaves, whoever ran it (`fedpeft simulate`, the Flower ServerApp)
+RESULT_FILES = (
+    SUMMARY, ROUNDS, "accuracy.png", "adapter_config.json", "adapter_model.safetensors", "fedpeft_model.json",
+)  # fmt: skip
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

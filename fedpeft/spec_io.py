@@ -7,7 +7,10 @@ then checked by the dataclass itself (fedpeft.config), so each error names the k
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
+import zlib
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -16,8 +19,8 @@ from typing import Any
 from fedpeft.config import SECTIONS, ConfigError, Spec, StrategyConfig
 
 __all__ = [
-    "APP_KEYS", "DEFAULT_SPEC", "default_spec", "default_spec_path", "load_spec", "parse_overrides", "resolve_spec",
-    "spec_diff", "spec_from_dict", "spec_from_run_config", "to_run_config",
+    "APP_KEYS", "DEFAULT_SPEC", "default_spec", "default_spec_path", "load_spec", "named_for_changes", "parse_overrides",
+    "resolve_spec", "spec_diff", "spec_from_dict", "spec_from_run_config", "to_run_config",
 ]  # fmt: skip
 
 DEFAULT_SPEC = "quickstart.toml"
@@ -171,10 +174,36 @@ def default_spec_path() -> Path:
     return Path(str(resources.files("fedpeft.simulations").joinpath(DEFAULT_SPEC)))
 
 
+def _name_part(key: str, value: Any) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    if isinstance(value, float) and (math.isinf(value) or value == int(value)):
+        value = "inf" if math.isinf(value) else int(value)
+    text = "_".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return text if leaf == "name" else f"{leaf}{text}"
+
+
+def named_for_changes(base: Spec, spec: Spec, limit: int = 64) -> Spec:
+    """`spec` named after what it changes from `base`, so a run's directory, plots and tables say
+    what ran: `quickstart` with model.name=tiny-bert and federation.rounds=3 becomes
+    `quickstart-tiny-bert-rounds3`. A name set explicitly, or no change (outside the [sweep] grid),
+    keeps the name. Long names are cut and end in a short hash of the whole."""
+    before, after = base.to_flat(), spec.to_flat()
+    if after["name"] != before["name"]:
+        return spec
+    changed = [k for k in after if k != "name" and not k.startswith("sweep.") and after[k] != before.get(k)]
+    if not changed:
+        return spec
+    slug = re.sub(r"[^A-Za-z0-9._+-]+", "_", "-".join(_name_part(k, after[k]) for k in changed))
+    if len(slug) > limit:
+        slug = f"{slug[: limit - 9]}-{zlib.crc32(slug.encode()):08x}"
+    return spec.with_flat({"name": f"{spec.name}-{slug}"})
+
+
 def resolve_spec(path: str | Path | None, overrides: list[str]) -> Spec:
-    """A spec file (default: the quickstart) with ``KEY=VALUE`` overrides applied."""
+    """A spec file (default: the quickstart) with ``KEY=VALUE`` overrides applied; overrides that
+    change it rename it after the change (`named_for_changes`) unless they set `name`."""
     spec = load_spec(path or default_spec_path())
-    return spec.with_flat(parse_overrides(overrides)) if overrides else spec
+    return named_for_changes(spec, spec.with_flat(parse_overrides(overrides))) if overrides else spec
 
 
 def default_spec() -> Spec:
@@ -197,6 +226,7 @@ def spec_from_run_config(run_config: Mapping[str, Any], default: Spec) -> Spec:
     flat = {k: v for k, v in run_config.items() if k not in APP_KEYS}
     path = str(run_config.get("spec") or "")
     if not path:
-        return default.with_flat(flat)
+        return named_for_changes(default, default.with_flat(flat))
     defaults = default.to_flat()
-    return load_spec(path).with_flat({k: v for k, v in flat.items() if defaults.get(k) != v})
+    base = load_spec(path)
+    return named_for_changes(base, base.with_flat({k: v for k, v in flat.items() if defaults.get(k) != v}))

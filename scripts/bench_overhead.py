@@ -47,7 +47,7 @@ def federation_run(spec, out: Path) -> tuple[float, dict[str, float]]:  # noqa: 
     import fedpeft.federation as federation
     import fedpeft.privacy.accounting as accounting
     from fedpeft.adapters import AdaptedModel
-    from fedpeft.report import plot_run
+    from fedpeft.plots import plot_run
 
     phases: dict[str, float] = defaultdict(float)
     originals = (build.client_budget, federation.save_checkpoint, federation.write_rounds, AdaptedModel.export)

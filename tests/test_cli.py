@@ -5,6 +5,7 @@ import json
 import pytest
 
 from fedpeft.cli import main
+from fedpeft.runfiles import RESULT_FILES
 
 TINY = [
     "--set",
@@ -51,7 +52,7 @@ def test_simulate_writes_results_and_refuses_to_overwrite(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epsilon"] is None and summary["rounds"] == 2
     assert summary["spec"]["privacy"]["epsilon"] == "inf"  # strict JSON
-    for name in ("rounds.jsonl", "accuracy.png", "adapter_config.json", "adapter_model.safetensors"):
+    for name in RESULT_FILES:
         assert (out / name).is_file(), name
     assert main(["simulate", *TINY, "--out", str(out)]) == 2
     assert "already holds a finished run" in capsys.readouterr().err

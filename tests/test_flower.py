@@ -21,6 +21,7 @@ from fedpeft.config import ConfigError
 from fedpeft.federation import Callbacks, Federation
 from fedpeft.flower.executor import FlowerExecutor
 from fedpeft.flower.local import LocalGrid
+from fedpeft.runfiles import RESULT_FILES
 from fedpeft.spec_io import default_spec, spec_from_run_config, to_run_config
 from tests.conftest import tiny_spec
 
@@ -62,8 +63,8 @@ def test_run_config_overrides_map_onto_spec_keys(tmp_path):
     path = tmp_path / "mine.toml"
     path.write_text('name = "mine"\n[federation]\nrounds = 9\nclients = 6\n[strategy]\nname = "ffa"\n')
     spec = spec_from_run_config({**config, "spec": str(path), "train.lr": 0.1}, default_spec())
-    # the file is the base; only keys set away from the default override it
-    assert (spec.name, spec.federation.rounds, spec.federation.clients) == ("mine", 9, 6)
+    # the file is the base; only keys set away from the default override it, and name the run
+    assert (spec.name, spec.federation.rounds, spec.federation.clients) == ("mine-lr0.1", 9, 6)
     assert (spec.strategy.name, spec.train.lr) == ("ffa", 0.1)
     with pytest.raises(ConfigError, match="federation.rounds must be >= 1"):
         spec_from_run_config({**config, "federation.rounds": 0}, default_spec())
@@ -137,6 +138,18 @@ def test_fewer_nodes_than_clients_each_trains_its_share(tmp_path, executor):
     assert [r["clients"] for r in flower.history] == [r["clients"] for r in reference.history]
     trains = [nid for nid, kind in grid.calls if kind == "train"]
     assert len(trains) == 4  # one message per node per round, not one per client
+
+
+def test_the_server_app_writes_the_same_files_as_simulate(tmp_path):
+    """`flwr run .` ends with the result files of `fedpeft simulate`, accuracy.png included."""
+    from fedpeft.flower import server_app
+
+    spec = tiny_spec(federation__rounds=2)
+    out = tmp_path / "flwr"
+    run_config = {**to_run_config(spec), "out": str(out)}
+    server_app.main(LocalGrid(spec.federation.clients), Context(7, 0, {}, RecordDict(), run_config))
+    missing = [name for name in RESULT_FILES if not (out / name).is_file()]
+    assert not missing, f"the ServerApp did not write {missing}"
 
 
 def test_pyproject_components_are_importable():

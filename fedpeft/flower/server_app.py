@@ -19,6 +19,7 @@ from fedpeft.build import check_names
 from fedpeft.federation import Callbacks, Federation
 from fedpeft.flower.environment import runtime_install_warning
 from fedpeft.flower.executor import FlowerExecutor
+from fedpeft.plots import write_run_plot
 from fedpeft.progress import fmt_metric
 from fedpeft.runfiles import has_checkpoint
 from fedpeft.spec_io import default_spec, spec_from_run_config
@@ -64,6 +65,7 @@ def main(grid: Grid, context: Context) -> None:
     log.info("run %d: %s with %s, writing to %s", context.run_id, spec.name, spec.strategy.name, out)
     federation = Federation.build(spec, executor=FlowerExecutor(grid, spec))
     result = federation.run(out, callbacks=Callbacks(on_round_end=_log_round))
+    write_run_plot(result, spec, out)  # the same files as `fedpeft simulate`
     summary = result.summary
     eps = summary["epsilon"]
     log.info(

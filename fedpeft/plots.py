@@ -1,0 +1,69 @@
+"""The plot of one run: test accuracy per round and the epsilon spent (accuracy.png)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_run", "pyplot", "write_run_plot"]
+
+
+def pyplot():  # noqa: ANN202
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_run(history: list[dict[str, Any]], path: Path, title: str = "", majority: float | None = None) -> Path:
+    """Test accuracy per round (with the majority-class rate for reference) and, when privacy is
+    on, the epsilon spent so far on a second axis."""
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    rounds = [r["round"] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    evaluated = [r for r in history if r["accuracy"] is not None]  # federation.eval_every
+    accuracy = [r["accuracy"] for r in evaluated]
+    lines = ax.plot([r["round"] for r in evaluated], accuracy, marker="o", color="tab:blue", label="test accuracy")
+    if majority is not None:
+        lines += [ax.axhline(majority, color="grey", linestyle=":", label=f"majority class ({majority:.3f})")]
+    low = min(accuracy + ([majority] if majority is not None else []))
+    ax.set_ylim(bottom=max(0.0, low - 0.03))
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    eps = [r["epsilon_max"] for r in history]
+    if any(e is not None for e in eps):
+        ax2 = ax.twinx()
+        lines += ax2.plot(
+            rounds,
+            [e or 0.0 for e in eps],
+            marker="s",
+            linestyle="--",
+            color="tab:red",
+            label="epsilon spent (max over clients)",
+        )
+        ax2.set_ylabel("epsilon spent")
+        ax2.set_ylim(bottom=0)
+    # below the axes, where it covers no data
+    ax.legend(
+        lines, [line.get_label() for line in lines], loc="upper center", bbox_to_anchor=(0.5, -0.14),
+        ncol=len(lines), fontsize=8, frameon=False,
+    )  # fmt: skip
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ---- sweeps: from result files alone -------------------------------------------------------------
+def write_run_plot(result: Any, spec: Any, out: Path) -> Path:
+    """accuracy.png of a finished run (a `RunResult` of `spec`), as `fedpeft simulate` and the
+    Flower ServerApp both write it."""
+    title = f"{spec.name}: {spec.strategy.name}"
+    return plot_run(result.history, Path(out) / "accuracy.png", title, result.summary["majority_rate"])
