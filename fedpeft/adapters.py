@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fedpeft.config import ModelConfig
-from fedpeft.models import MODELS, Tokenizer, build_model
+from fedpeft.models import MODELS, Tokenizer, build_model, label_name_head
 from fedpeft.state import BASE, HEAD, LORA_A, LORA_B, AdapterState, base_name, kind_of, lora_layers
 
 __all__ = ["AdaptedModel", "load_exported", "EXPORT_META"]
@@ -47,7 +47,9 @@ def _normalise(peft_name: str) -> str | None:
 class AdaptedModel:
     """A classifier with LoRA adapters injected by PEFT; the head is a PEFT `modules_to_save`."""
 
-    def __init__(self, cfg: ModelConfig, num_labels: int, seed: int, device: str = "cpu") -> None:
+    def __init__(
+        self, cfg: ModelConfig, num_labels: int, seed: int, device: str = "cpu", label_names: Sequence[str] = ()
+    ) -> None:
         from peft import LoraConfig, get_peft_model
 
         self.device = resolve_device(device)
@@ -55,6 +57,10 @@ class AdaptedModel:
         self.num_labels = num_labels
         self.seed = seed
         base, self.tokenizer = build_model(cfg.name, num_labels, cfg.layers, seed)
+        if cfg.head_init == "label-names":
+            if not label_names:
+                raise ValueError("model.head_init = label-names needs the dataset's label names")
+            label_name_head(base, self.tokenizer, tuple(label_names))
         self.targets = cfg.targets or MODELS.get(cfg.name).default_targets
         lora = LoraConfig(
             r=cfg.rank,
@@ -123,6 +129,21 @@ class AdaptedModel:
                 param[rank:].zero_()
             elif kind_of(name) == LORA_B:
                 param[:, rank:].zero_()
+
+    @torch.no_grad()
+    def relative_change(self, state: AdapterState) -> float:
+        """How far `state` moves the adapted layers: the mean over layers of ||W - W0|| / ||W0||
+        (Frobenius), W - W0 = s B A plus any base change; from the factors when there is none."""
+        ratios = []
+        for layer, w0 in self._w0.items():
+            b, a = state.B(layer).double(), state.A(layer).double()
+            delta = state.tensors.get(base_name(layer))
+            if delta is None:  # ||s B A||^2 = s^2 tr((B^T B)(A A^T)), r x r
+                change = state.scale * float(torch.trace((b.T @ b) @ (a @ a.T)).clamp_min(0).sqrt())
+            else:
+                change = float((delta.double() + state.scale * b @ a).norm())
+            ratios.append(change / float(w0.double().norm()))
+        return sum(ratios) / len(ratios)
 
     def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         return {n: self._params[n].detach().to("cpu", torch.float32).clone() for n in names}

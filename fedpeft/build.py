@@ -85,6 +85,8 @@ def build_parts(spec: Spec) -> Parts:
     strategy = make_strategy(spec.strategy.name, spec.strategy.kwargs)
     fed = spec.federation
     raw = DATASETS.get(spec.data.name)()
-    model = AdaptedModel(spec.model, num_labels=len(raw.label_names), seed=fed.seed, device=fed.device)
+    model = AdaptedModel(
+        spec.model, num_labels=len(raw.label_names), seed=fed.seed, device=fed.device, label_names=raw.label_names
+    )
     data = prepare(spec.data, fed.clients, model.tokenizer, spec.model.max_length, fed.seed, raw=raw)
     return Parts(spec, strategy, model, data, make_plan(spec, strategy, model.state()))

@@ -103,7 +103,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from fedpeft.report import write_report
 
-    paths = write_report(Path(args.dir), Path(args.out) if args.out else None)
+    paths = write_report(Path(args.dir), Path(args.out) if args.out else None, args.baseline or None)
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -214,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="tables (CSV, Markdown) and plots of every finished run under DIR")
     rep.add_argument("dir", help="a sweep's (or any) directory of runs")
     rep.add_argument("--out", help="where to write the report (default: DIR)")
+    rep.add_argument(
+        "--baseline",
+        action="append",
+        metavar="STRATEGY",
+        help="paired differences against it (repeatable; default fedavg)",
+    )
     rep.set_defaults(func=cmd_report)
 
     priv = sub.add_parser("privacy", help="calibrate sigma for a target epsilon, or compute epsilon")

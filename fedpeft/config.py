@@ -119,6 +119,13 @@ class ModelConfig:
     train_head: bool = field(
         default=True, metadata=_help("train the classifier head (else frozen at a shared seeded init)")
     )
+    head_init: str = field(
+        default="random",
+        metadata=_help(
+            "the head before training: random (seeded) or label-names (rows = the base encoder's centred, "
+            "unit-norm embeddings of the label names: public information)"
+        ),
+    )
     client_ranks: tuple[int, ...] = field(
         default=(),
         metadata={
@@ -140,6 +147,10 @@ class ModelConfig:
             "model.rank is the largest rank, the one every factor is padded to",
         )
         _require(self.max_length >= 4, f"model.max_length must be >= 4 (got {self.max_length})")
+        _require(
+            self.head_init in ("random", "label-names"),
+            f"model.head_init must be random or label-names (got {self.head_init!r})",
+        )
 
 
 def client_rank(cfg: ModelConfig, client_id: int) -> int | None:

@@ -177,6 +177,7 @@ class Federation:
                 "train_loss": _mean([u.metrics.get("train_loss", math.nan) for u in accepted]),
                 "bytes_up": sum(self._upload_bytes(u, run.state) for u in accepted),
                 "bytes_down": bytes_down,
+                "adapter_change": self.model.relative_change(run.state),  # mean ||W - W0|| / ||W0||
                 "seconds": time.perf_counter() - tic,
                 "train_seconds": train_seconds,  # the executor's part: sending, client training, receiving
                 **{f"strategy.{k}": v for k, v in strategy_metrics.items()},
@@ -269,6 +270,9 @@ class Federation:
             "accuracy": last["accuracy"],
             "loss": last["loss"],
             "best_accuracy": max(r["accuracy"] for r in history if r["accuracy"] is not None),
+            # the mean of the last three evaluated rounds: less of one round's luck than the final
+            "accuracy_last3": _mean([r["accuracy"] for r in history if r["accuracy"] is not None][-3:]),
+            "adapter_change": last.get("adapter_change"),
             "majority_rate": self.data.majority_rate,
             "epsilon": (max(epsilons.values()) if epsilons else 0.0) if spec.privacy.enabled else None,
             "epsilon_per_client": {str(k): v for k, v in sorted(epsilons.items())} if spec.privacy.enabled else None,

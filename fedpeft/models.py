@@ -18,7 +18,7 @@ from torch import nn
 
 from fedpeft.registry import Registry
 
-__all__ = ["MODELS", "ModelEntry", "MeanPoolClassifier", "HashTokenizer", "Tokenizer", "build_model"]
+__all__ = ["MODELS", "ModelEntry", "MeanPoolClassifier", "HashTokenizer", "Tokenizer", "build_model", "label_name_head"]
 
 
 class Tokenizer(Protocol):
@@ -207,3 +207,19 @@ def build_model(name: str, num_labels: int, layers: int, seed: int) -> tuple[Mea
         backbone, hidden, tokenizer = entry.build(num_labels, layers)
         model = MeanPoolClassifier(backbone, hidden, num_labels)
     return model, tokenizer
+
+
+@torch.no_grad()
+def label_name_head(model: MeanPoolClassifier, tokenizer: Tokenizer, label_names: tuple[str, ...]) -> None:
+    """Set the head from public information only: row c is the encoder's mean-pooled embedding of
+    label name c, centred over the labels and scaled to unit norm; the bias is zero. With the head
+    frozen, every change in accuracy comes from the adapters."""
+    if len(label_names) != model.head.out_features:
+        raise ValueError(f"{len(label_names)} label names for a head of {model.head.out_features} outputs")
+    ids, mask = tokenizer.encode_batch([name.replace("_", " ").replace("-", " ") for name in label_names], 16)
+    hidden = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    rows = pooled - pooled.mean(0, keepdim=True)
+    model.head.weight.copy_(rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    model.head.bias.zero_()

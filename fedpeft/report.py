@@ -68,6 +68,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if not cell:
                 continue
             acc = [r["accuracy"] for r in cell]
+            last3 = [r.get("accuracy_last3") for r in cell]
+            change = [r.get("adapter_change") for r in cell]
             spent = [r["epsilon"] for r in cell if r.get("epsilon") is not None]
             rows.append(
                 {
@@ -78,6 +80,9 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "accuracy_ci95": _ci95(acc),
                     "accuracy_min": min(acc),
                     "accuracy_max": max(acc),
+                    "accuracy_last3_mean": _mean_or_nan(last3),
+                    "accuracy_last3_ci95": _ci95(last3) if None not in last3 else math.nan,
+                    "adapter_change": _mean_or_nan(change),  # mean ||W - W0|| / ||W0|| at the end
                     "epsilon_spent": max(spent) if spent else None,
                     "majority_rate": sum(r["majority_rate"] for r in cell) / len(cell),
                     "mbytes_up": sum(r["bytes_up"] for r in cell) / len(cell) / 1e6,
@@ -86,6 +91,24 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _mean_or_nan(values: list[float | None]) -> float:
+    return math.nan if not values or None in values else sum(values) / len(values)
+
+
+def detectable(diffs: list[float], power: float = 0.8, alpha: float = 0.05) -> float:
+    """The smallest true mean paired difference a two-sided paired t-test at `alpha` detects with
+    probability `power`, at the spread of `diffs` and their number: (t_{1-alpha/2} + t_power) sd / sqrt(n)
+    (the usual normal-approximation formula with Student t quantiles); nan below 2 values."""
+    n = len(diffs)
+    if n < 2:
+        return math.nan
+    from scipy.stats import t
+
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    return float(t.ppf(1 - alpha / 2, n - 1) + t.ppf(power, n - 1)) * sd / math.sqrt(n)
 
 
 def _pm(mean: float, ci: float) -> str:
@@ -122,27 +145,36 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines += ["", f"Majority-class rate of the test splits: {100 * majority:.1f}%.", ""]
     unit, per_mb = _byte_unit([v for r in rows for v in (r["mbytes_up"], r["mbytes_down"])])
     lines += [
-        f"| strategy | ε target | seeds | accuracy (%) | min–max | ε spent (max) | {unit} up | {unit} down | seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Last 3 rounds: the mean accuracy of the last three evaluated rounds. ‖ΔW‖/‖W0‖: how far the final "
+        "adapter moves the adapted weights (mean over layers).",
+        "",
+        f"| strategy | ε target | seeds | accuracy (%) | min–max | last 3 rounds (%) | ‖ΔW‖/‖W0‖ | ε spent (max) "
+        f"| {unit} up | {unit} down | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         spent = "–" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.2f}"
+        last3 = "–" if math.isnan(r["accuracy_last3_mean"]) else _pm(r["accuracy_last3_mean"], r["accuracy_last3_ci95"])
+        change = "–" if math.isnan(r["adapter_change"]) else f"{r['adapter_change']:.2g}"
         lines.append(
             f"| {r['strategy']} | {r['epsilon']} | {r['seeds']} | {_pm(r['accuracy_mean'], r['accuracy_ci95'])} | "
-            f"{100 * r['accuracy_min']:.1f}–{100 * r['accuracy_max']:.1f} | {spent} | {per_mb * r['mbytes_up']:.1f} | "
-            f"{per_mb * r['mbytes_down']:.1f} | {r['seconds']:.0f} |"
+            f"{100 * r['accuracy_min']:.1f}–{100 * r['accuracy_max']:.1f} | {last3} | {change} | {spent} | "
+            f"{per_mb * r['mbytes_up']:.1f} | {per_mb * r['mbytes_down']:.1f} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def paired(runs: list[dict[str, Any]], baseline: str) -> str:
-    """Markdown: each strategy minus `baseline`, paired by seed (same data split and client
-    sampling), per budget: mean difference in points with its 95% CI, and how many seeds favour it."""
+def paired(runs: list[dict[str, Any]], baseline: str, key: str = "accuracy", what: str = "final accuracy") -> str:
+    """Markdown: each strategy minus `baseline` in `key`, paired by seed (same data split and
+    client sampling), per budget: mean difference in points with its 95% CI, how many seeds favour
+    it, and the design's power: the smallest difference it detects (`detectable`, 80%, 5%)."""
     strategies, targets = _order(runs)
-    acc = {(r["strategy"], r["target"], r["seed"]): r["accuracy"] for r in runs}
+    acc = {(r["strategy"], r["target"], r["seed"]): r.get(key) for r in runs if r.get(key) is not None}
     head = ["strategy"] + [("no DP" if math.isinf(t) else f"ε = {t:g}") for t in targets]
     lines = [
-        f"Difference to {baseline} in points, paired by seed (mean ± 95% CI; seeds where it is ahead):",
+        f"Difference to {baseline} in {what}, points, paired by seed (mean ± 95% CI; seeds where it is ahead; "
+        "MDE = the smallest true difference this many seeds detect with 80% power at the 5% level, at the "
+        "observed spread):",
         "",
         "| " + " | ".join(head) + " |",
         "|---|" + "---:|" * len(targets),
@@ -157,11 +189,13 @@ def paired(runs: list[dict[str, Any]], baseline: str) -> str:
             if not d:
                 cells.append("")
                 continue
-            ci = _ci95(d)
+            ci, mde = _ci95(d), detectable(d)
             cells.append(
                 f"{sum(d) / len(d):+.1f}"
                 + ("" if math.isnan(ci) else f" ± {ci:.1f}")
-                + f" ({sum(x > 0 for x in d)}/{len(d)})"
+                + f" ({sum(x > 0 for x in d)}/{len(d)}"
+                + ("" if math.isnan(mde) else f"; MDE {mde:.1f}")
+                + ")"
             )
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -267,7 +301,7 @@ def _plot_per_epsilon(runs, key: str, ylabel: str, path: Path, scale: float = 1.
     plt.close(fig)
 
 
-def write_report(directory: Path, out: Path | None = None) -> dict[str, Path]:
+def write_report(directory: Path, out: Path | None = None, baselines: list[str] | None = None) -> dict[str, Path]:
     """Tables (CSV, Markdown) and plots (PNG) of every finished run under `directory`."""
     directory = Path(directory)
     out = Path(out) if out is not None else directory
@@ -283,9 +317,17 @@ def write_report(directory: Path, out: Path | None = None) -> dict[str, Path]:
         writer.writerows(rows)
     text = markdown(rows)
     strategies = [r["strategy"] for r in rows]
-    baseline = "fedavg" if "fedavg" in strategies else strategies[0]
-    if len(set(strategies)) > 1 and len({r["seed"] for r in runs if "seed" in r}) > 0:
+    unknown = [b for b in baselines or [] if b not in strategies]
+    if unknown:
+        raise ValueError(
+            f"baseline {unknown[0]!r} is not a strategy of these runs ({', '.join(dict.fromkeys(strategies))})"
+        )
+    for baseline in baselines or ["fedavg" if "fedavg" in strategies else strategies[0]]:
+        if len(set(strategies)) < 2 or not any("seed" in r for r in runs):
+            break
         text += "\n" + paired(runs, baseline)
+        if all(r.get("accuracy_last3") is not None for r in runs):
+            text += "\n" + paired(runs, baseline, "accuracy_last3", "accuracy over the last 3 rounds")
     paths["markdown"].write_text(text)
     paths["accuracy_vs_epsilon"] = out / "accuracy_vs_epsilon.png"
     _plot_accuracy_vs_epsilon(runs, rows, paths["accuracy_vs_epsilon"])

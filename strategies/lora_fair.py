@@ -2,9 +2,14 @@
 
 Bian et al., "LoRA-FAIR: Federated LoRA Fine-Tuning with Aggregation and Initialization
 Refinement", ICCV 2025. The server finds
-    dB = argmin  1 - cos(dW*, (B_avg + dB) A_avg) + lambda * ||dB||_F^2,   dW* = sum_k p_k B_k A_k,
+    dB = argmin  1 - cos(dW*, (B_avg + dB) A_avg) + lambda * ||dB||_F^2 / ||B_avg||_F^2,
+    dW* = sum_k p_k B_k A_k,
 and broadcasts A_avg and B_avg + dB; W0 never changes. It needs every client's factors (not
-secure-aggregation compatible).
+secure-aggregation compatible). The paper writes the regulariser as lambda * ||dB||^2; the cosine
+is scale-free, so in absolute units lambda would mean nothing without the scale of B (at this
+project's ||B|| ~ 0.01, lambda = 0.01 would act as 0; with B x 100 the correction would vanish).
+Relative to ||B_avg||^2 the objective, and so dB / ||B_avg||, does not change when every B_k is
+scaled (tested); lambda weighs the squared relative size of the correction against the cosine.
 
 Choices where the paper leaves room (the official code was not available): the cosine is over
 the flattened matrices; dB starts at zero; Adam runs `steps` steps on dB / rms(B_avg), so the
@@ -87,13 +92,14 @@ class LoRAFAIR(Strategy):
     def _cosine(self, u, v, b, a):  # noqa: ANN001, ANN202
         scale = b.pow(2).mean((-1, -2), keepdim=True).sqrt()
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        b_sq = scale.pow(2).flatten() * b[0].numel()  # ||B_avg||^2 per layer (1 per entry where B_avg = 0)
         x = torch.zeros_like(b, requires_grad=True)
         optimizer = torch.optim.Adam([x], lr=self.lr)
         with torch.enable_grad():
             for _ in range(self.steps):
                 optimizer.zero_grad()
                 db = scale * x
-                loss = (1 - cosine(u, v, b + db, a) + self.lam * db.pow(2).sum((-1, -2))).sum()
+                loss = (1 - cosine(u, v, b + db, a) + self.lam * db.pow(2).sum((-1, -2)) / b_sq).sum()
                 loss.backward()
                 optimizer.step()
         return (scale * x).detach()

@@ -106,12 +106,24 @@ def test_report_of_an_empty_directory_is_an_error(tmp_path, capsys):
 
 
 def test_paired_differences_are_per_seed():
-    from fedpeft.report import paired
+    from fedpeft.report import detectable, paired
 
     runs = [
         {"strategy": s, "target": 3.0, "seed": seed, "accuracy": acc}
         for s, seed, acc in [("fedavg", 0, 0.60), ("fedavg", 1, 0.70), ("fedsvd", 0, 0.63), ("fedsvd", 1, 0.71)]
     ]
     text = paired(runs, "fedavg")
-    half = _ci95([3.0, 1.0])
-    assert f"| fedsvd | +2.0 ± {half:.1f} (2/2) |" in text
+    half, mde = _ci95([3.0, 1.0]), detectable([3.0, 1.0])
+    assert f"| fedsvd | +2.0 ± {half:.1f} (2/2; MDE {mde:.1f}) |" in text
+
+
+def test_the_detectable_difference_is_the_paired_t_tests_power_formula():
+    """n = 5, sd = 1: (t_0.975,4 + t_0.8,4) / sqrt(5) = (2.776 + 0.941) / 2.236 = 1.662; it shrinks
+    as 1/sqrt(n) (roughly) with more seeds, and a larger spread needs a larger difference."""
+    from fedpeft.report import detectable
+
+    diffs = [x - 3 for x in (1.0, 2.0, 3.0, 4.0, 5.0)]  # sd = sqrt(2.5)
+    assert detectable([d / 2.5**0.5 for d in diffs]) == pytest.approx(1.662, abs=2e-3)
+    assert detectable([2 * d for d in diffs]) == pytest.approx(2 * detectable(diffs))
+    assert detectable(diffs * 4) < detectable(diffs) / 1.9
+    assert math.isnan(detectable([1.0]))

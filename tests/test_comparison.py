@@ -1,0 +1,51 @@
+"""What the strategy comparison measures with (issue 15): a head set from public information and
+frozen, so accuracy moves only with the adapters, and how far the adapters moved the weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedpeft.adapters import AdaptedModel
+from fedpeft.build import build_parts
+from fedpeft.config import ConfigError, ModelConfig
+from fedpeft.federation import Federation
+from fedpeft.models import build_model, label_name_head
+from fedpeft.state import base_name
+from tests.conftest import tiny_spec
+
+
+def test_a_label_name_head_is_public_centred_unit_rows_and_stays_frozen(tmp_path):
+    spec = tiny_spec(model__head_init="label-names", model__train_head=False, federation__rounds=2)
+    parts = build_parts(spec)
+    head = parts.model.state().tensors
+    w, b = head["head.weight"], head["head.bias"]
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(w.shape[0]))
+    assert torch.equal(b, torch.zeros_like(b)) and float(w.sum(0).abs().max()) < 1e-5  # centred (2 labels)
+    base, tok = build_model("tiny-bert", 2, 0, seed=spec.federation.seed)  # the shared base, nothing else
+    label_name_head(base, tok, parts.data.label_names)
+    assert torch.equal(base.head.weight.detach(), w)
+    result = Federation.build(spec).run(tmp_path / "run")
+    assert torch.equal(result.state.tensors["head.weight"], w) and result.summary["adapter_change"] > 0
+    with pytest.raises(ConfigError, match="model.head_init must be random or label-names"):
+        tiny_spec(model__head_init="names")
+
+
+def test_relative_change_is_the_dense_norm_ratio():
+    model = AdaptedModel(ModelConfig(name="tiny-bert", max_length=24, alpha=16.0), num_labels=2, seed=0)
+    state = model.state()
+    g = torch.Generator().manual_seed(0)
+    layers = state.layers
+    tensors = {f"{la}.lora_B.weight": torch.randn(state.B(la).shape, generator=g) for la in layers}
+    state = state.with_tensors(tensors)
+    delta = torch.randn(model._w0[layers[0]].shape, generator=g) * 0.1  # a base change on one layer
+    with_base = state.with_tensors({base_name(layers[0]): delta}, new=True)
+    for st in (state, with_base):
+        dense = []
+        for la in layers:
+            change = st.scale * st.B(la).double() @ st.A(la).double()
+            if base_name(la) in st.tensors:
+                change = change + st.tensors[base_name(la)].double()
+            dense.append(float(change.norm() / model._w0[la].double().norm()))
+        assert model.relative_change(st) == pytest.approx(sum(dense) / len(dense), rel=1e-6)
+    assert model.relative_change(model.state()) == 0.0  # B = 0: no change yet
