@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fedpeft.config import ModelConfig
+from fedpeft.data.base import TokenizedData
 from fedpeft.models import MODELS, Tokenizer, build_model, label_name_head
 from fedpeft.state import BASE, HEAD, LORA_A, LORA_B, AdapterState, base_name, kind_of, lora_layers
 
@@ -129,6 +130,40 @@ class AdaptedModel:
                 param[rank:].zero_()
             elif kind_of(name) == LORA_B:
                 param[:, rank:].zero_()
+
+    def fit_head(self, data: TokenizedData, l2: float = 1e-3, steps: int = 100) -> None:
+        """Set the head to the L2-regularised logistic regression (L-BFGS, float64) of `data`'s
+        labels on the base encoder's mean-pooled features (the adapter must be zero: B = 0), for a
+        head from public data, not the clients'. Deterministic for the same data and model."""
+        if any(float(p.abs().max()) > 0 for n, p in self._params.items() if kind_of(n) == LORA_B):
+            raise RuntimeError("fit_head runs on the base model: every B must still be zero")
+        classifier = self.module.base_model.model
+        training = self.module.training
+        self.module.eval()  # no dropout in the features
+        with torch.no_grad():
+            feats = []
+            for start in range(0, len(data), 256):
+                ids, mask = data.input_ids[start : start + 256], data.attention_mask[start : start + 256]
+                hidden = classifier.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+                m = mask.to(self.device).unsqueeze(-1).to(hidden.last_hidden_state.dtype)
+                feats.append(((hidden.last_hidden_state * m).sum(1) / m.sum(1).clamp_min(1.0)).double().cpu())
+        self.module.train(training)
+        x, y = torch.cat(feats), data.labels
+        w = torch.zeros(self.num_labels, x.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(self.num_labels, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+        def loss() -> torch.Tensor:
+            optimizer.zero_grad()
+            value = nn.functional.cross_entropy(x @ w.T + b, y) + l2 * w.pow(2).sum()
+            value.backward()
+            return value
+
+        with torch.enable_grad():
+            optimizer.step(loss)
+        with torch.no_grad():
+            self._params["head.weight"].copy_(w.detach().float())
+            self._params["head.bias"].copy_(b.detach().float())
 
     @torch.no_grad()
     def relative_change(self, state: AdapterState) -> float:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from fedpeft.adapters import AdaptedModel
 from fedpeft.client import LocalTraining
-from fedpeft.config import Spec
+from fedpeft.config import ConfigError, Spec
 from fedpeft.data import DATASETS, FederatedData, TokenizedData, prepare
 from fedpeft.executors import EXECUTORS, Executor
 from fedpeft.models import MODELS
@@ -89,4 +89,10 @@ def build_parts(spec: Spec) -> Parts:
         spec.model, num_labels=len(raw.label_names), seed=fed.seed, device=fed.device, label_names=raw.label_names
     )
     data = prepare(spec.data, fed.clients, model.tokenizer, spec.model.max_length, fed.seed, raw=raw)
+    if spec.model.head_init == "public":
+        if data.public is None:
+            raise ConfigError(
+                "model.head_init = public fits the head on the server's public examples: set data.public_size"
+            )
+        model.fit_head(data.public)
     return Parts(spec, strategy, model, data, make_plan(spec, strategy, model.state()))

@@ -122,8 +122,9 @@ class ModelConfig:
     head_init: str = field(
         default="random",
         metadata=_help(
-            "the head before training: random (seeded) or label-names (rows = the base encoder's centred, "
-            "unit-norm embeddings of the label names: public information)"
+            "the head before training: random (seeded), label-names (rows = the base encoder's centred, "
+            "unit-norm embeddings of the label names) or public (logistic regression on the base encoder's "
+            "features of the server's data.public_size examples); all three use no client's data"
         ),
     )
     client_ranks: tuple[int, ...] = field(
@@ -148,8 +149,8 @@ class ModelConfig:
         )
         _require(self.max_length >= 4, f"model.max_length must be >= 4 (got {self.max_length})")
         _require(
-            self.head_init in ("random", "label-names"),
-            f"model.head_init must be random or label-names (got {self.head_init!r})",
+            self.head_init in ("random", "label-names", "public"),
+            f"model.head_init must be random, label-names or public (got {self.head_init!r})",
         )
 
 
@@ -165,6 +166,13 @@ class DataConfig:
     dirichlet_alpha: float = field(default=0.5, metadata=_help("label-skew concentration (dirichlet)"))
     test_size: int = field(default=1000, metadata=_help("examples held out on the server for evaluation"))
     max_examples: int = field(default=0, metadata=_help("use at most this many training examples; 0 = all"))
+    public_size: int = field(
+        default=0,
+        metadata=_help(
+            "examples the server holds beside its test split, no client's: model.head_init = public fits the "
+            "head on them"
+        ),
+    )
 
     def __post_init__(self) -> None:
         valid = ("iid", "dirichlet", "natural")
@@ -175,6 +183,7 @@ class DataConfig:
         _require(self.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0 (got {self.dirichlet_alpha})")
         _require(self.test_size >= 1, f"data.test_size must be >= 1 (got {self.test_size})")
         _require(self.max_examples >= 0, f"data.max_examples must be >= 0 (got {self.max_examples})")
+        _require(self.public_size >= 0, f"data.public_size must be >= 0 (got {self.public_size})")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import torch
 
 from fedpeft.adapters import AdaptedModel
 from fedpeft.build import build_parts
+from fedpeft.client import evaluate
 from fedpeft.config import ConfigError, ModelConfig
 from fedpeft.federation import Federation
 from fedpeft.models import build_model, label_name_head
@@ -27,7 +28,7 @@ def test_a_label_name_head_is_public_centred_unit_rows_and_stays_frozen(tmp_path
     assert torch.equal(base.head.weight.detach(), w)
     result = Federation.build(spec).run(tmp_path / "run")
     assert torch.equal(result.state.tensors["head.weight"], w) and result.summary["adapter_change"] > 0
-    with pytest.raises(ConfigError, match="model.head_init must be random or label-names"):
+    with pytest.raises(ConfigError, match="model.head_init must be random, label-names or public"):
         tiny_spec(model__head_init="names")
 
 
@@ -49,3 +50,23 @@ def test_relative_change_is_the_dense_norm_ratio():
             dense.append(float(change.norm() / model._w0[la].double().norm()))
         assert model.relative_change(st) == pytest.approx(sum(dense) / len(dense), rel=1e-6)
     assert model.relative_change(model.state()) == 0.0  # B = 0: no change yet
+
+
+def test_a_public_head_is_fitted_on_server_data_no_client_holds(tmp_path):
+    spec = tiny_spec(model__head_init="public", model__train_head=False, data__public_size=300, federation__rounds=1)
+    parts = build_parts(spec)
+    public, test = parts.data.public, parts.data.test
+    assert len(public) == 300
+    rows = {tuple(r) for r in public.input_ids.tolist()}
+    assert not rows & {tuple(r) for c in parts.data.clients for r in c.input_ids.tolist()}  # no client's
+    head = parts.model.state().tensors
+    assert float(head["head.weight"].abs().max()) > 0
+    fitted = evaluate(parts.model, parts.model.state(), public, 256)["accuracy"]
+    chance = parts.data.public.labels.bincount().max().item() / len(public)
+    assert fitted > chance + 0.05, "the fitted head does not fit its own data"
+    assert torch.equal(build_parts(spec).model.state().tensors["head.weight"], head["head.weight"])  # repeatable
+    baseline = build_parts(tiny_spec()).data  # public_size 0 keeps the split it always had
+    same = build_parts(tiny_spec(data__public_size=0)).data
+    assert torch.equal(baseline.test.input_ids, same.test.input_ids) and len(test) == len(baseline.test)
+    with pytest.raises(ConfigError, match="set data.public_size"):
+        build_parts(tiny_spec(model__head_init="public"))

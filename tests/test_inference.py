@@ -96,7 +96,8 @@ def test_the_simulate_directory_carries_the_name(tmp_path, monkeypatch, capsys):
 def _row(up_mb: float, down_mb: float) -> dict:
     return {
         "strategy": "fedsvd", "epsilon": "8", "seeds": 1, "accuracy_mean": 0.7, "accuracy_ci95": float("nan"),
-        "accuracy_min": 0.7, "accuracy_max": 0.7, "epsilon_spent": 8.0, "mbytes_up": up_mb, "mbytes_down": down_mb,
+        "accuracy_min": 0.7, "accuracy_max": 0.7, "accuracy_last3_mean": 0.7, "accuracy_last3_ci95": float("nan"),
+        "adapter_change": 0.01, "epsilon_spent": 8.0, "mbytes_up": up_mb, "mbytes_down": down_mb,
         "seconds": 10.0, "majority_rate": 0.5,
     }  # fmt: skip
 

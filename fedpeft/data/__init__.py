@@ -99,10 +99,12 @@ def prepare(
     `raw` is the loaded dataset `cfg.name`; it is loaded here when not given."""
     raw = raw if raw is not None else DATASETS.get(cfg.name)()
     n = len(raw.texts)
-    if cfg.test_size >= n:
-        raise ValueError(f"data.test_size={cfg.test_size} leaves no training data ({n} examples)")
+    held = cfg.test_size + cfg.public_size
+    if held >= n:
+        raise ValueError(f"data.test_size + data.public_size = {held} leaves no training data ({n} examples)")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    test_rows, pool = order[: cfg.test_size], sorted(order[cfg.test_size :])
+    test_rows, pool = order[: cfg.test_size], sorted(order[held:])
+    public_rows = order[cfg.test_size : held]
     if cfg.max_examples:
         keep = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1))[: cfg.max_examples]
         pool = sorted(pool[i] for i in keep.tolist())
@@ -118,4 +120,5 @@ def prepare(
     )
     pool_t = torch.tensor(pool, dtype=torch.long)
     clients = [everything.select(pool_t[torch.tensor(rows, dtype=torch.long)]) for rows in parts]
-    return FederatedData(clients, everything.select(torch.tensor(test_rows)), raw.label_names)
+    public = everything.select(torch.tensor(public_rows, dtype=torch.long)) if public_rows else None
+    return FederatedData(clients, everything.select(torch.tensor(test_rows)), raw.label_names, public)

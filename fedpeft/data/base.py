@@ -51,6 +51,7 @@ class FederatedData:
     clients: list[TokenizedData]
     test: TokenizedData
     label_names: tuple[str, ...]
+    public: TokenizedData | None = None  # data.public_size examples on the server, no client's
 
     @property
     def num_labels(self) -> int:
