@@ -68,3 +68,24 @@ def test_load_spec_errors(tmp_path):
     ok.write_text("[federation]\nrounds = 2\n[privacy]\nepsilon = inf\n")
     spec = load_spec(ok)
     assert spec.name == "mine" and spec.federation.rounds == 2 and not spec.privacy.enabled
+
+
+def test_the_readme_lists_every_spec_key():
+    """README's key list (between "Keys are" and "Values are read as TOML") names every field of
+    every section, so a new key cannot go undocumented there."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from fedpeft.config import SECTIONS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme[readme.index("Keys are `section.field`") : readme.index("Values are read as TOML")]
+    missing = []
+    for section, klass in SECTIONS.items():
+        found = re.search(rf"`{section}\.([^`]*)`", block)
+        listed = set(re.findall(r"[a-z_]+", found.group(1))) if found else set()
+        missing += [
+            f"{section}.{f.name}" for f in dataclasses.fields(klass) if f.name != "options" and f.name not in listed
+        ]
+    assert not missing, f"README's key list lacks {missing}"
