@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     for d in dirs:
         lr = float(d.name.removeprefix("lr-"))
         table[lr] = {
-            f"{r['strategy']} ε={eps_label(r['target'])}": (r["accuracy_last3"], r["adapter_change"]) for r in collect(d)
+            f"{r['strategy']} ε={eps_label(r['target'])}": (r["accuracy_last3"], r["adapter_change"])
+            for r in collect(d)
         }
     cells = sorted({c for row in table.values() for c in row})
     complete = {lr: row for lr, row in table.items() if set(row) == set(cells)}
