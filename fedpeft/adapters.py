@@ -15,7 +15,7 @@ from torch import nn
 
 from fedpeft.config import ModelConfig
 from fedpeft.data.base import TokenizedData
-from fedpeft.models import MODELS, Tokenizer, build_model, label_name_head
+from fedpeft.models import MODELS, Tokenizer, build_model, label_name_rows
 from fedpeft.state import BASE, HEAD, LORA_A, LORA_B, AdapterState, base_name, kind_of, lora_layers
 
 __all__ = ["AdaptedModel", "load_exported", "EXPORT_META"]
@@ -48,9 +48,7 @@ def _normalise(peft_name: str) -> str | None:
 class AdaptedModel:
     """A classifier with LoRA adapters injected by PEFT; the head is a PEFT `modules_to_save`."""
 
-    def __init__(
-        self, cfg: ModelConfig, num_labels: int, seed: int, device: str = "cpu", label_names: Sequence[str] = ()
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, num_labels: int, seed: int, device: str = "cpu") -> None:
         from peft import LoraConfig, get_peft_model
 
         self.device = resolve_device(device)
@@ -58,10 +56,6 @@ class AdaptedModel:
         self.num_labels = num_labels
         self.seed = seed
         base, self.tokenizer = build_model(cfg.name, num_labels, cfg.layers, seed)
-        if cfg.head_init == "label-names":
-            if not label_names:
-                raise ValueError("model.head_init = label-names needs the dataset's label names")
-            label_name_head(base, self.tokenizer, tuple(label_names))
         self.targets = cfg.targets or MODELS.get(cfg.name).default_targets
         lora = LoraConfig(
             r=cfg.rank,
@@ -88,6 +82,7 @@ class AdaptedModel:
         for layer in lora_layers(list(self._params)):
             weight = modules[f"base_model.model.{layer}"].base_layer.weight
             self._base[layer], self._w0[layer] = weight, weight.detach().clone()
+        self._w0_norm = {layer: float(w0.double().norm()) for layer, w0 in self._w0.items()}  # for relative_change
         self._base_applied: set[str] = set()
         self.set_trainable(set())
 
@@ -131,53 +126,67 @@ class AdaptedModel:
             elif kind_of(name) == LORA_B:
                 param[:, rank:].zero_()
 
-    def fit_head(self, data: TokenizedData, l2: float = 1e-3, steps: int = 100) -> None:
-        """Set the head to the L2-regularised logistic regression (L-BFGS, float64) of `data`'s
-        labels on the base encoder's mean-pooled features (the adapter must be zero: B = 0), for a
-        head from public data, not the clients'. Deterministic for the same data and model."""
+    def init_head(self, how: str, label_names: Sequence[str], public: TokenizedData | None = None) -> None:
+        """Set the head before round 1 from public information (`model.head_init`): "random"
+        keeps the seeded init; "label-names" takes `label_name_rows` (bias 0); "public" fits the
+        L2-regularised logistic regression (L-BFGS, float64) of `public`'s labels on the base
+        encoder's features. Both read the base model (every B is still 0), without dropout, and are
+        deterministic for the same model and data."""
+        if how == "random":
+            return
         if any(float(p.abs().max()) > 0 for n, p in self._params.items() if kind_of(n) == LORA_B):
-            raise RuntimeError("fit_head runs on the base model: every B must still be zero")
+            raise RuntimeError("the head is set from the base model: every B must still be zero")
         classifier = self.module.base_model.model
         training = self.module.training
-        self.module.eval()  # no dropout in the features
+        self.module.eval()
+        try:
+            if how == "label-names":
+                weight = label_name_rows(classifier, self.tokenizer, tuple(label_names))
+                bias = torch.zeros(self.num_labels)
+            else:
+                weight, bias = self._logistic_head(classifier, public)
+        finally:
+            self.module.train(training)
         with torch.no_grad():
-            feats = []
-            for start in range(0, len(data), 256):
-                ids, mask = data.input_ids[start : start + 256], data.attention_mask[start : start + 256]
-                hidden = classifier.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
-                m = mask.to(self.device).unsqueeze(-1).to(hidden.last_hidden_state.dtype)
-                feats.append(((hidden.last_hidden_state * m).sum(1) / m.sum(1).clamp_min(1.0)).double().cpu())
-        self.module.train(training)
-        x, y = torch.cat(feats), data.labels
+            self._params["head.weight"].copy_(weight)
+            self._params["head.bias"].copy_(bias)
+
+    def _logistic_head(
+        self, classifier: nn.Module, data: TokenizedData, l2: float = 1e-3, steps: int = 100
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            x = torch.cat([
+                classifier.features(data.input_ids[i : i + 256].to(self.device),
+                                    data.attention_mask[i : i + 256].to(self.device)).double().cpu()
+                for i in range(0, len(data), 256)
+            ])  # fmt: skip
         w = torch.zeros(self.num_labels, x.shape[1], dtype=torch.float64, requires_grad=True)
         b = torch.zeros(self.num_labels, dtype=torch.float64, requires_grad=True)
         optimizer = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
 
         def loss() -> torch.Tensor:
             optimizer.zero_grad()
-            value = nn.functional.cross_entropy(x @ w.T + b, y) + l2 * w.pow(2).sum()
+            value = nn.functional.cross_entropy(x @ w.T + b, data.labels) + l2 * w.pow(2).sum()
             value.backward()
             return value
 
         with torch.enable_grad():
             optimizer.step(loss)
-        with torch.no_grad():
-            self._params["head.weight"].copy_(w.detach().float())
-            self._params["head.bias"].copy_(b.detach().float())
+        return w.detach().float(), b.detach().float()
 
     @torch.no_grad()
     def relative_change(self, state: AdapterState) -> float:
         """How far `state` moves the adapted layers: the mean over layers of ||W - W0|| / ||W0||
         (Frobenius), W - W0 = s B A plus any base change; from the factors when there is none."""
         ratios = []
-        for layer, w0 in self._w0.items():
+        for layer, w0_norm in self._w0_norm.items():
             b, a = state.B(layer).double(), state.A(layer).double()
             delta = state.tensors.get(base_name(layer))
             if delta is None:  # ||s B A||^2 = s^2 tr((B^T B)(A A^T)), r x r
                 change = state.scale * float(torch.trace((b.T @ b) @ (a @ a.T)).clamp_min(0).sqrt())
             else:
                 change = float((delta.double() + state.scale * b @ a).norm())
-            ratios.append(change / float(w0.double().norm()))
+            ratios.append(change / w0_norm)
         return sum(ratios) / len(ratios)
 
     def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -228,10 +237,15 @@ class AdaptedModel:
             "num_labels": self.num_labels,
             "seed": self.seed,
             "max_length": self.cfg.max_length,
-            "label_names": list(label_names) or [f"label {i}" for i in range(self.num_labels)],
+            "label_names": list(label_names) or default_label_names(self.num_labels),
         }
         (directory / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
         return directory
+
+
+def default_label_names(num_labels: int) -> list[str]:
+    """Names for labels that have none (an export written before label names were recorded)."""
+    return [f"label {i}" for i in range(num_labels)]
 
 
 def load_exported(directory: str | Path) -> tuple[nn.Module, Tokenizer]:

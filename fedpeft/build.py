@@ -85,14 +85,11 @@ def build_parts(spec: Spec) -> Parts:
     strategy = make_strategy(spec.strategy.name, spec.strategy.kwargs)
     fed = spec.federation
     raw = DATASETS.get(spec.data.name)()
-    model = AdaptedModel(
-        spec.model, num_labels=len(raw.label_names), seed=fed.seed, device=fed.device, label_names=raw.label_names
-    )
+    model = AdaptedModel(spec.model, num_labels=len(raw.label_names), seed=fed.seed, device=fed.device)
     data = prepare(spec.data, fed.clients, model.tokenizer, spec.model.max_length, fed.seed, raw=raw)
-    if spec.model.head_init == "public":
-        if data.public is None:
-            raise ConfigError(
-                "model.head_init = public fits the head on the server's public examples: set data.public_size"
-            )
-        model.fit_head(data.public)
+    if spec.model.head_init == "public" and data.public is None:
+        raise ConfigError(
+            "model.head_init = public fits the head on the server's public examples: set data.public_size"
+        )
+    model.init_head(spec.model.head_init, data.label_names, data.public)
     return Parts(spec, strategy, model, data, make_plan(spec, strategy, model.state()))

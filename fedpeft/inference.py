@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fedpeft.adapters import EXPORT_META, load_exported
+from fedpeft.adapters import EXPORT_META, default_label_names, load_exported
 
 __all__ = ["Prediction", "Predictor", "predict"]
 
@@ -37,7 +37,7 @@ class Predictor:
         self.model, self.tokenizer = load_exported(run_dir)
         meta = json.loads((run_dir / EXPORT_META).read_text())
         self.max_length = int(meta["max_length"])
-        self.label_names = list(meta.get("label_names") or [f"label {i}" for i in range(meta["num_labels"])])
+        self.label_names = list(meta.get("label_names") or default_label_names(meta["num_labels"]))
 
     @torch.inference_mode()
     def __call__(self, texts: Sequence[str], batch_size: int = 64) -> list[Prediction]:

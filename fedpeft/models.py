@@ -18,7 +18,7 @@ from torch import nn
 
 from fedpeft.registry import Registry
 
-__all__ = ["MODELS", "ModelEntry", "MeanPoolClassifier", "HashTokenizer", "Tokenizer", "build_model", "label_name_head"]
+__all__ = ["MODELS", "ModelEntry", "MeanPoolClassifier", "HashTokenizer", "Tokenizer", "build_model", "label_name_rows"]
 
 
 class Tokenizer(Protocol):
@@ -40,11 +40,14 @@ class MeanPoolClassifier(nn.Module):
         self.backbone = backbone
         self.head = nn.Linear(hidden_size, num_labels)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The pooled representation the head reads: mean of the last hidden states over real tokens."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return self.head(pooled)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(input_ids, attention_mask))
 
 
 class HFTokenizer:
@@ -210,16 +213,13 @@ def build_model(name: str, num_labels: int, layers: int, seed: int) -> tuple[Mea
 
 
 @torch.no_grad()
-def label_name_head(model: MeanPoolClassifier, tokenizer: Tokenizer, label_names: tuple[str, ...]) -> None:
-    """Set the head from public information only: row c is the encoder's mean-pooled embedding of
-    label name c, centred over the labels and scaled to unit norm; the bias is zero. With the head
-    frozen, every change in accuracy comes from the adapters."""
+def label_name_rows(model: MeanPoolClassifier, tokenizer: Tokenizer, label_names: tuple[str, ...]) -> torch.Tensor:
+    """A head's weight from public information only: row c is the encoder's mean-pooled embedding
+    of label name c, centred over the labels and scaled to unit norm (the bias is then zero). With
+    the head frozen, every change in accuracy comes from the adapters."""
     if len(label_names) != model.head.out_features:
         raise ValueError(f"{len(label_names)} label names for a head of {model.head.out_features} outputs")
     ids, mask = tokenizer.encode_batch([name.replace("_", " ").replace("-", " ") for name in label_names], 16)
-    hidden = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    pooled = model.features(ids, mask)
     rows = pooled - pooled.mean(0, keepdim=True)
-    model.head.weight.copy_(rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
-    model.head.bias.zero_()
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -39,15 +39,21 @@ def collect(directory: Path) -> list[dict[str, Any]]:
     return runs
 
 
+def _sd(values: list[float]) -> float:
+    """The sample standard deviation (n - 1); nan for fewer than two values."""
+    if len(values) < 2:
+        return math.nan
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 def _ci95(values: list[float]) -> float:
     """Half-width of the 95% confidence interval of the mean (Student t); nan for one value."""
     if len(values) < 2:
         return math.nan
     from scipy.stats import t
 
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return float(t.ppf(0.975, len(values) - 1)) * sd / math.sqrt(len(values))
+    return float(t.ppf(0.975, len(values) - 1)) * _sd(values) / math.sqrt(len(values))
 
 
 def _order(runs: list[dict[str, Any]]) -> tuple[list[str], list[float]]:
@@ -106,9 +112,7 @@ def detectable(diffs: list[float], power: float = 0.8, alpha: float = 0.05) -> f
         return math.nan
     from scipy.stats import t
 
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    return float(t.ppf(1 - alpha / 2, n - 1) + t.ppf(power, n - 1)) * sd / math.sqrt(n)
+    return float(t.ppf(1 - alpha / 2, n - 1) + t.ppf(power, n - 1)) * _sd(diffs) / math.sqrt(n)
 
 
 def _pm(mean: float, ci: float) -> str:
@@ -238,10 +242,7 @@ def _plot_accuracy_vs_epsilon(runs, rows, path: Path) -> None:  # noqa: ANN001
 
 
 def _stderr(values: list[float]) -> float:
-    if len(values) < 2:
-        return math.nan
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+    return _sd(values) / math.sqrt(len(values)) if len(values) >= 2 else math.nan
 
 
 def _curves(runs, key: str):  # noqa: ANN001, ANN202
@@ -322,9 +323,8 @@ def write_report(directory: Path, out: Path | None = None, baselines: list[str] 
         raise ValueError(
             f"baseline {unknown[0]!r} is not a strategy of these runs ({', '.join(dict.fromkeys(strategies))})"
         )
-    for baseline in baselines or ["fedavg" if "fedavg" in strategies else strategies[0]]:
-        if len(set(strategies)) < 2 or not any("seed" in r for r in runs):
-            break
+    comparable = len(set(strategies)) > 1 and any("seed" in r for r in runs)
+    for baseline in (baselines or ["fedavg" if "fedavg" in strategies else strategies[0]]) if comparable else []:
         text += "\n" + paired(runs, baseline)
         if all(r.get("accuracy_last3") is not None for r in runs):
             text += "\n" + paired(runs, baseline, "accuracy_last3", "accuracy over the last 3 rounds")

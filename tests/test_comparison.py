@@ -11,7 +11,7 @@ from fedpeft.build import build_parts
 from fedpeft.client import evaluate
 from fedpeft.config import ConfigError, ModelConfig
 from fedpeft.federation import Federation
-from fedpeft.models import build_model, label_name_head
+from fedpeft.models import build_model, label_name_rows
 from fedpeft.state import base_name
 from tests.conftest import tiny_spec
 
@@ -24,8 +24,7 @@ def test_a_label_name_head_is_public_centred_unit_rows_and_stays_frozen(tmp_path
     torch.testing.assert_close(w.norm(dim=1), torch.ones(w.shape[0]))
     assert torch.equal(b, torch.zeros_like(b)) and float(w.sum(0).abs().max()) < 1e-5  # centred (2 labels)
     base, tok = build_model("tiny-bert", 2, 0, seed=spec.federation.seed)  # the shared base, nothing else
-    label_name_head(base, tok, parts.data.label_names)
-    assert torch.equal(base.head.weight.detach(), w)
+    assert torch.equal(label_name_rows(base.eval(), tok, parts.data.label_names), w)
     result = Federation.build(spec).run(tmp_path / "run")
     assert torch.equal(result.state.tensors["head.weight"], w) and result.summary["adapter_change"] > 0
     with pytest.raises(ConfigError, match="model.head_init must be random, label-names or public"):
