@@ -169,6 +169,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not (run_dir / EXPORT_META).is_file():
         raise ConfigError(f"{run_dir} holds no exported model ({EXPORT_META}): give the directory of a finished run")
     texts = list(args.texts)
+    if args.file and args.file != "-" and not Path(args.file).is_file():
+        raise ConfigError(f"--file {args.file}: no such file")
     if args.file:
         lines = sys.stdin if args.file == "-" else Path(args.file).read_text().splitlines()
         texts += [line.rstrip("\n") for line in lines if line.strip()]

@@ -55,6 +55,8 @@ def test_predict_command_prints_one_line_per_text(run_dir, tmp_path, capsys):
     assert "holds no exported model" in capsys.readouterr().err
     assert main(["predict", str(run_dir)]) == 2
     assert "nothing to predict" in capsys.readouterr().err
+    assert main(["predict", str(run_dir), "--file", str(tmp_path / "missing.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", MODELS.names())
