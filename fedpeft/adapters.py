@@ -1,6 +1,7 @@
-"""LoRA injection through PEFT, which tensors train, get/set of the adapter state, PEFT export.
+"""Adapter injection (LoRA through PEFT, or a linear family of fedpeft.families), which tensors
+train, get/set of the adapter state, export (PEFT's format for LoRA).
 
-`AdaptedModel` owns one PEFT-wrapped classifier. The in-process executor reuses it for every
+`AdaptedModel` owns one adapted classifier. The in-process executor reuses it for every
 client: it loads the global `AdapterState`, trains, and reads the new tensors back.
 """
 
@@ -15,8 +16,20 @@ from torch import nn
 
 from fedpeft.config import ModelConfig
 from fedpeft.data.base import TokenizedData
+from fedpeft.families import family_of, inject, load_family, save_family
 from fedpeft.models import MODELS, Tokenizer, build_model, label_name_rows
-from fedpeft.state import BASE, HEAD, LORA_A, LORA_B, AdapterState, base_name, kind_of, lora_layers
+from fedpeft.state import (
+    BASE,
+    HEAD,
+    LORA_A,
+    LORA_B,
+    THETA,
+    AdapterState,
+    adapted_layers,
+    base_name,
+    kind_of,
+    theta_name,
+)
 
 __all__ = ["AdaptedModel", "load_exported", "EXPORT_META"]
 
@@ -35,8 +48,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _normalise(peft_name: str) -> str | None:
-    """PEFT parameter name -> normalised adapter name, or None for frozen base weights."""
+def _normalise(peft_name: str, peft: bool = True) -> str | None:
+    """Parameter name -> normalised adapter name, or None for frozen base weights. Without PEFT
+    (a linear family) names are the classifier's own: `<layer>.theta.weight`, `head.*`."""
+    if not peft:
+        return peft_name if kind_of(peft_name) == THETA or peft_name.startswith("head.") else None
     name = peft_name.removeprefix("base_model.model.")
     if ".lora_A." in name or ".lora_B." in name:
         return name.replace(f".{ADAPTER_NAME}.", ".")
@@ -46,17 +62,44 @@ def _normalise(peft_name: str) -> str | None:
 
 
 class AdaptedModel:
-    """A classifier with LoRA adapters injected by PEFT; the head is a PEFT `modules_to_save`."""
+    """A classifier with adapters of the spec's family (`model.adapter`): LoRA injected by PEFT,
+    the head a PEFT `modules_to_save`; or a linear family's layers put in place of the targets."""
 
     def __init__(self, cfg: ModelConfig, num_labels: int, seed: int, device: str = "cpu") -> None:
-        from peft import LoraConfig, get_peft_model
-
         self.device = resolve_device(device)
         self.cfg = cfg
         self.num_labels = num_labels
         self.seed = seed
         base, self.tokenizer = build_model(cfg.name, num_labels, cfg.layers, seed)
         self.targets = cfg.targets or MODELS.get(cfg.name).default_targets
+        self.family = family_of(cfg.adapter)
+        if self.family.linear:
+            inject(base, cfg.adapter, tuple(self.targets), cfg.rank, cfg.alpha / cfg.rank, cfg.dropout, seed)
+            self.module, self.classifier, prefix = base.to(self.device), base, ""
+        else:
+            self.module = self._peft(base, cfg, seed)
+            self.classifier, prefix = self.module.base_model.model, "base_model.model."
+        self._params: dict[str, nn.Parameter] = {}
+        for peft_name, param in self.module.named_parameters():
+            name = _normalise(peft_name, peft=not self.family.linear)
+            if name is not None:
+                self._params[name] = param
+        if not any(kind_of(n) != HEAD for n in self._params):
+            raise ValueError(f"no layer matched model.targets={list(self.targets)} in model {cfg.name!r}")
+        # frozen base weights of the adapted layers, kept to apply base-weight changes exactly
+        modules = dict(self.module.named_modules())
+        self._base: dict[str, nn.Parameter] = {}
+        self._w0: dict[str, torch.Tensor] = {}
+        for layer in adapted_layers(list(self._params)):
+            weight = modules[prefix + layer].base_layer.weight
+            self._base[layer], self._w0[layer] = weight, weight.detach().clone()
+        self._w0_norm = {layer: float(w0.double().norm()) for layer, w0 in self._w0.items()}  # for relative_change
+        self._base_applied: set[str] = set()
+        self.set_trainable(set())
+
+    def _peft(self, base: nn.Module, cfg: ModelConfig, seed: int) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
         lora = LoraConfig(
             r=cfg.rank,
             lora_alpha=cfg.alpha,
@@ -67,24 +110,7 @@ class AdaptedModel:
         base.name_or_path = cfg.name  # PEFT records it as base_model_name_or_path
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)  # the shared initial A (PEFT: kaiming-uniform; B = 0)
-            self.module = get_peft_model(base, lora).to(self.device)
-        self._params: dict[str, nn.Parameter] = {}
-        for peft_name, param in self.module.named_parameters():
-            name = _normalise(peft_name)
-            if name is not None:
-                self._params[name] = param
-        if not any(kind_of(n) != HEAD for n in self._params):
-            raise ValueError(f"no LoRA layer matched model.targets={list(self.targets)} in model {cfg.name!r}")
-        # frozen base weights of the adapted layers, kept to apply base-weight changes exactly
-        modules = dict(self.module.named_modules())
-        self._base: dict[str, nn.Parameter] = {}
-        self._w0: dict[str, torch.Tensor] = {}
-        for layer in lora_layers(list(self._params)):
-            weight = modules[f"base_model.model.{layer}"].base_layer.weight
-            self._base[layer], self._w0[layer] = weight, weight.detach().clone()
-        self._w0_norm = {layer: float(w0.double().norm()) for layer, w0 in self._w0.items()}  # for relative_change
-        self._base_applied: set[str] = set()
-        self.set_trainable(set())
+            return get_peft_model(base, lora).to(self.device)
 
     # ---- adapter state --------------------------------------------------------------------
     @property
@@ -118,6 +144,8 @@ class AdaptedModel:
     @torch.no_grad()
     def truncate_rank(self, rank: int) -> None:
         """Zero every LoRA component past `rank` (rows of A, columns of B)."""
+        if self.family.linear:
+            raise ValueError(f"heterogeneous ranks are LoRA's; model.adapter = {self.cfg.adapter!r} has none")
         if not 1 <= rank <= self.cfg.rank:
             raise ValueError(f"client rank must be in [1, {self.cfg.rank}] (got {rank})")
         for name, param in self._params.items():
@@ -134,9 +162,9 @@ class AdaptedModel:
         deterministic for the same model and data."""
         if how == "random":
             return
-        if any(float(p.abs().max()) > 0 for n, p in self._params.items() if kind_of(n) == LORA_B):
-            raise RuntimeError("the head is set from the base model: every B must still be zero")
-        classifier = self.module.base_model.model
+        if any(float(p.abs().max()) > 0 for n, p in self._params.items() if kind_of(n) in (LORA_B, THETA)):
+            raise RuntimeError("the head is set from the base model: the adapter must still be zero")
+        classifier = self.classifier
         training = self.module.training
         self.module.eval()
         try:
@@ -177,9 +205,13 @@ class AdaptedModel:
     @torch.no_grad()
     def relative_change(self, state: AdapterState) -> float:
         """How far `state` moves the adapted layers: the mean over layers of ||W - W0|| / ||W0||
-        (Frobenius), W - W0 = s B A plus any base change; from the factors when there is none."""
+        (Frobenius), W - W0 = s B A plus any base change; from the factors when there is none.
+        For a linear family, s ||theta|| (L is an isometry)."""
         ratios = []
         for layer, w0_norm in self._w0_norm.items():
+            if self.family.linear:
+                ratios.append(state.scale * float(state.tensors[theta_name(layer)].double().norm()) / w0_norm)
+                continue
             b, a = state.B(layer).double(), state.A(layer).double()
             delta = state.tensors.get(base_name(layer))
             if delta is None:  # ||s B A||^2 = s^2 tr((B^T B)(A A^T)), r x r
@@ -214,6 +246,7 @@ class AdaptedModel:
     def export(self, state: AdapterState, directory: str | Path, label_names: Sequence[str] = ()) -> Path:
         """Write `state` in the PEFT format (adapter_config.json + adapter_model.safetensors), and
         EXPORT_META: how to rebuild the base model, and the names of the labels (for `predict`).
+        A linear family writes the same two files in the layout of `families.save_family`.
 
         Strategies that change base weights (fedex, flora) also write EXPORT_BASE: the changes of
         W0, which `load_exported` applies before loading the adapter."""
@@ -223,8 +256,12 @@ class AdaptedModel:
         with torch.no_grad():  # save the adapter over the original W0; base changes go separately
             for layer in self._base_applied:
                 self._base[layer].copy_(self._w0[layer])
-        self.module.save_pretrained(str(directory), save_embedding_layers=False)
-        (directory / "README.md").unlink(missing_ok=True)  # PEFT's generic model card
+        if self.family.linear:
+            config = {"r": self.cfg.rank, "alpha": self.cfg.alpha, "target_modules": list(self.targets)}
+            save_family(self.module, directory, self.cfg.adapter, config)
+        else:
+            self.module.save_pretrained(str(directory), save_embedding_layers=False)
+            (directory / "README.md").unlink(missing_ok=True)  # PEFT's generic model card
         deltas = {n: t.contiguous() for n, t in state.tensors.items() if kind_of(n) == BASE}
         if deltas:
             from safetensors.torch import save_file
@@ -236,6 +273,7 @@ class AdaptedModel:
             "layers": self.cfg.layers,
             "num_labels": self.num_labels,
             "seed": self.seed,
+            "adapter": self.cfg.adapter,
             "max_length": self.cfg.max_length,
             "label_names": list(label_names) or default_label_names(self.num_labels),
         }
@@ -250,7 +288,8 @@ def default_label_names(num_labels: int) -> list[str]:
 
 def load_exported(directory: str | Path) -> tuple[nn.Module, Tokenizer]:
     """Load an exported federated adapter: rebuild the offline base model, then
-    `PeftModel.from_pretrained(base, directory)`. Returns (model in eval mode, tokenizer)."""
+    `PeftModel.from_pretrained(base, directory)` (a linear family: `families.load_family`).
+    Returns (model in eval mode, tokenizer)."""
     from peft import PeftModel
 
     directory = Path(directory)
@@ -259,6 +298,8 @@ def load_exported(directory: str | Path) -> tuple[nn.Module, Tokenizer]:
         raise FileNotFoundError(f"{directory} has no {EXPORT_META}; is it a fedpeft export?")
     meta = json.loads(meta_path.read_text())
     base, tokenizer = build_model(meta["model"], meta["num_labels"], meta["layers"], meta["seed"])
+    if family_of(meta.get("adapter", "lora")).linear:
+        return load_family(base, directory, meta["seed"]).eval(), tokenizer
     if (directory / EXPORT_BASE).is_file():
         from safetensors.torch import load_file
 

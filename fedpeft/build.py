@@ -13,6 +13,7 @@ from fedpeft.client import LocalTraining
 from fedpeft.config import ConfigError, Spec
 from fedpeft.data import DATASETS, FederatedData, TokenizedData, prepare
 from fedpeft.executors import EXECUTORS, Executor
+from fedpeft.families import FAMILIES
 from fedpeft.models import MODELS
 from fedpeft.privacy.accounting import ClientBudget, calibrate_budget
 from fedpeft.state import HEAD, AdapterState, kind_of
@@ -22,11 +23,28 @@ __all__ = ["Parts", "build_parts", "check_names", "client_budget", "client_budge
 
 
 def check_names(spec: Spec) -> None:
-    """Unknown registry names fail before any work, each listing the valid ones."""
+    """Unknown registry names fail before any work, each listing the valid ones, and so does an
+    adapter family that the strategy or the executor cannot run."""
     MODELS.get(spec.model.name)
     DATASETS.get(spec.data.name)
-    STRATEGIES.get(spec.strategy.name)
+    strategy = STRATEGIES.get(spec.strategy.name)
     EXECUTORS.get(spec.federation.executor)
+    family = FAMILIES.get(spec.model.adapter)
+    if not family.linear:
+        return
+    if not strategy.any_family:
+        valid = ", ".join(n for n in STRATEGIES.names() if STRATEGIES.get(n).any_family)
+        raise ConfigError(
+            f"strategy {spec.strategy.name!r} works on LoRA's factors B and A; model.adapter = {family.name!r} "
+            f"trains one tensor whose weight change is linear, so plain averaging is exact: use {valid}"
+        )
+    if spec.model.client_ranks:
+        raise ConfigError(f"model.client_ranks are LoRA ranks; model.adapter = {family.name!r} has none")
+    if spec.federation.executor == "cohort":
+        raise ConfigError(
+            f"the cohort executor packs LoRA factors only; model.adapter = {family.name!r} needs "
+            "federation.executor = sequential"
+        )
 
 
 def make_plan(spec: Spec, strategy: Strategy, state: AdapterState) -> LocalTraining:

@@ -187,12 +187,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from fedpeft.data import DATASETS
+    from fedpeft.families import FAMILIES
     from fedpeft.models import MODELS
     from fedpeft.strategies import STRATEGIES
 
     print("models:     " + ", ".join(MODELS.names()))
     print("datasets:   " + ", ".join(DATASETS.names()))
     print("strategies: " + ", ".join(STRATEGIES.names()))
+    linear = ", ".join(n for n in STRATEGIES.names() if STRATEGIES.get(n).any_family)
+    print(
+        "adapters:   " + ", ".join(FAMILIES.names()) + f"  (model.adapter; {linear} runs every family, the rest LoRA)"
+    )
+    for name in FAMILIES.names():
+        print(f"  {name:<6} {FAMILIES.get(name).summary}")
     return 0
 
 
@@ -250,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--tsv", action="store_true", help="print label, probability and text, tab-separated")
     pre.set_defaults(func=cmd_predict)
 
-    lst = sub.add_parser("list", help="list registered models, datasets and strategies")
+    lst = sub.add_parser("list", help="list registered models, datasets, strategies and adapter families")
     lst.set_defaults(func=cmd_list)
     return parser
 

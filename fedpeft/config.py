@@ -127,6 +127,14 @@ class ModelConfig:
             "features of the server's data.public_size examples); all three use no client's data"
         ),
     )
+    adapter: str = field(
+        default="lora",
+        metadata=_help(
+            "adapter family: lora (PEFT), or one whose delta W is linear in what it trains, so averaging is "
+            "exact: svd (r singular values of W0), core (r x r core in W0's top-r singular frames), paca (r "
+            "random columns of W0); `fedpeft list` shows them"
+        ),
+    )
     client_ranks: tuple[int, ...] = field(
         default=(),
         metadata={

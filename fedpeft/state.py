@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 __all__ = [
-    "AdapterState", "ClientUpdate", "LORA_A", "LORA_B", "HEAD", "BASE",
-    "lora_layers", "kind_of", "a_name", "b_name", "base_name",
+    "AdapterState", "ClientUpdate", "LORA_A", "LORA_B", "HEAD", "BASE", "THETA",
+    "lora_layers", "adapted_layers", "kind_of", "a_name", "b_name", "base_name", "theta_name",
 ]  # fmt: skip
 
 # What a parameter is, as strategies see it. Defined once; used in upload declarations.
@@ -21,10 +21,12 @@ LORA_A = "A"
 LORA_B = "B"
 HEAD = "head"
 BASE = "base"  # cumulative change of a frozen base weight (FedEx-LoRA, FLoRA), dense d_out x d_in
+THETA = "theta"  # what a linear adapter family trains (fedpeft.families): delta W = s L(theta), L linear
 
 
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
+_THETA_SUFFIX = ".theta.weight"
 
 
 def a_name(layer: str) -> str:
@@ -37,12 +39,19 @@ def b_name(layer: str) -> str:
     return layer + _B_SUFFIX
 
 
+def theta_name(layer: str) -> str:
+    """Name of what a linear adapter family trains in an adapted layer."""
+    return layer + _THETA_SUFFIX
+
+
 def kind_of(name: str) -> str:
-    """Kind of a normalised parameter name: A, B, head or base."""
+    """Kind of a normalised parameter name: A, B, theta, head or base."""
     if name.endswith(_A_SUFFIX):
         return LORA_A
     if name.endswith(_B_SUFFIX):
         return LORA_B
+    if name.endswith(_THETA_SUFFIX):
+        return THETA
     if name.endswith(".base_delta"):
         return BASE
     return HEAD
@@ -56,6 +65,12 @@ def base_name(layer: str) -> str:
 def lora_layers(names: Iterator[str] | list[str]) -> list[str]:
     """Prefixes of the adapted layers (``...query``), in order, each having an A and a B."""
     return [n[: -len(_A_SUFFIX)] for n in names if n.endswith(_A_SUFFIX)]
+
+
+def adapted_layers(names: Iterator[str] | list[str]) -> list[str]:
+    """Prefixes of the adapted layers of any adapter family (LoRA's A, or a family's theta), in order."""
+    names = list(names)
+    return lora_layers(names) + [n[: -len(_THETA_SUFFIX)] for n in names if n.endswith(_THETA_SUFFIX)]
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,9 @@ class Strategy(ABC):
     trains: ClassVar[frozenset[str]]  # LoRA factor kinds the clients train: subset of {A, B}
     sum_only: ClassVar[bool]  # server step needs only sum_k p_k * upload_k (secure aggregation ok)
     personal: ClassVar[frozenset[str]] = frozenset()  # kinds each client keeps across rounds, never sent
+    # True: the server step treats every uploaded tensor alike, so it is right for any adapter family
+    # (fedpeft.families), not only LoRA's factors
+    any_family: ClassVar[bool] = False
 
     def base_change_rank(self, num_updates: int, rank: int) -> int:
         """Rank of the factored change to each frozen base weight that one aggregation of

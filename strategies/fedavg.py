@@ -1,4 +1,5 @@
 """FedAvg on LoRA (FedIT): clients train A and B; the server averages each factor separately.
+For a linear adapter family (fedpeft.families) it averages theta, which is exact.
 
 Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning" (FedIT),
 ICASSP 2024. Averaging the factors is not averaging the products: B_avg A_avg != sum_k p_k B_k A_k.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedpeft.state import LORA_A, LORA_B
+from fedpeft.state import LORA_A, LORA_B, THETA
 
 from .base import STRATEGIES, RobustCombine, Strategy
 
@@ -19,7 +20,8 @@ class FedAvg(RobustCombine, Strategy):
     """Options: robust (mean | median | trimmed-mean, see base.combine) and trim."""
 
     name = "fedavg"
-    trains = frozenset({LORA_A, LORA_B})
+    trains = frozenset({LORA_A, LORA_B, THETA})
+    any_family = True
 
     def aggregate(self, state, updates, round_num, server_state):
         names = list(updates[0].tensors)
