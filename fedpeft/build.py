@@ -40,11 +40,6 @@ def check_names(spec: Spec) -> None:
         )
     if spec.model.client_ranks:
         raise ConfigError(f"model.client_ranks are LoRA ranks; model.adapter = {family.name!r} has none")
-    if spec.federation.executor == "cohort":
-        raise ConfigError(
-            f"the cohort executor packs LoRA factors only; model.adapter = {family.name!r} needs "
-            "federation.executor = sequential"
-        )
 
 
 def make_plan(spec: Spec, strategy: Strategy, state: AdapterState) -> LocalTraining:

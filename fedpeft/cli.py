@@ -103,7 +103,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from fedpeft.report import write_report
 
-    paths = write_report(Path(args.dir), Path(args.out) if args.out else None, args.baseline or None)
+    paths = write_report([Path(d) for d in args.dir], Path(args.out) if args.out else None, args.baseline or None)
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -221,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     swp.set_defaults(func=cmd_sweep)
 
     rep = sub.add_parser("report", help="tables (CSV, Markdown) and plots of every finished run under DIR")
-    rep.add_argument("dir", help="a sweep's (or any) directory of runs")
-    rep.add_argument("--out", help="where to write the report (default: DIR)")
+    rep.add_argument("dir", nargs="+", help="a sweep's (or any) directory of runs; several make one table")
+    rep.add_argument("--out", help="where to write the report (default: the first DIR)")
     rep.add_argument(
         "--baseline",
         action="append",

@@ -128,12 +128,7 @@ class ModelConfig:
         ),
     )
     adapter: str = field(
-        default="lora",
-        metadata=_help(
-            "adapter family: lora (PEFT), or one whose delta W is linear in what it trains, so averaging is "
-            "exact: svd (r singular values of W0), core (r x r core in W0's top-r singular frames), paca (r "
-            "random columns of W0); `fedpeft list` shows them"
-        ),
+        default="lora", metadata=_help("adapter family: lora, or svd | core | paca (linear; `fedpeft list`)")
     )
     client_ranks: tuple[int, ...] = field(
         default=(),
@@ -261,6 +256,9 @@ class SweepConfig:
     """The grid of `fedpeft sweep`: every strategy x epsilon x seed. Empty = the spec's own value."""
 
     strategies: tuple[str, ...] = field(default=(), metadata=_help("strategy names to compare"))
+    adapters: tuple[str, ...] = field(
+        default=(), metadata=_help("adapter families to compare; a linear one pairs only with fedavg")
+    )
     epsilons: tuple[float, ...] = field(
         default=(), metadata={"help": "target epsilons; inf = privacy off", "item": float}
     )
@@ -269,7 +267,9 @@ class SweepConfig:
     def __post_init__(self) -> None:
         _require(all(e > 0 for e in self.epsilons), f"sweep.epsilons must be > 0 or inf (got {list(self.epsilons)})")
         _require(all(s >= 0 for s in self.seeds), f"sweep.seeds must be >= 0 (got {list(self.seeds)})")
-        for name, values in (("strategies", self.strategies), ("epsilons", self.epsilons), ("seeds", self.seeds)):
+        for name, values in (
+            ("strategies", self.strategies), ("adapters", self.adapters), ("epsilons", self.epsilons), ("seeds", self.seeds)
+        ):  # fmt: skip
             _require(len(set(values)) == len(values), f"sweep.{name} has duplicates: {list(values)}")
 
 

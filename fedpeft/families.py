@@ -105,7 +105,8 @@ def top_singular_frames(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, 
 
 class FamilyLinear(nn.Module):
     """A frozen nn.Linear `base_layer` plus s L(theta) x. Subclasses build `theta` and the frozen
-    buffers of L in `setup`, and define `adapter(x)` = L(theta) x and `delta()` = L(theta)."""
+    buffers of L in `setup`, and define `adapter(x)` = L(theta) x, `delta()` = L(theta), and
+    `batched(x, thetas)`: example i's L(thetas[i]) x[i] (the cohort executor's per-example thetas)."""
 
     def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float, seed: int) -> None:
         super().__init__()
@@ -120,6 +121,9 @@ class FamilyLinear(nn.Module):
         raise NotImplementedError
 
     def delta(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batched(self, x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +143,9 @@ class SVDLinear(FamilyLinear):
     def delta(self) -> torch.Tensor:
         return (self.u * self.theta.weight) @ self.v.T
 
+    def batched(self, x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:  # thetas [N, r]
+        return ((x @ self.v) * thetas[:, None, :]) @ self.u.T
+
 
 class CoreLinear(FamilyLinear):
     def setup(self, weight: torch.Tensor, seed: int) -> None:
@@ -153,6 +160,9 @@ class CoreLinear(FamilyLinear):
 
     def delta(self) -> torch.Tensor:
         return self.u @ self.theta.weight @ self.v.T
+
+    def batched(self, x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:  # thetas [N, r, r]
+        return torch.einsum("nli,noi->nlo", x @ self.v, thetas) @ self.u.T
 
 
 class PaCALinear(FamilyLinear):
@@ -172,6 +182,9 @@ class PaCALinear(FamilyLinear):
         out = self.theta.weight.new_zeros(self.base_layer.weight.shape)
         out[:, self.columns] = self.theta.weight
         return out
+
+    def batched(self, x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:  # thetas [N, d_out, r]
+        return torch.einsum("nli,noi->nlo", x.index_select(-1, self.columns), thetas)
 
 
 FAMILIES.register("lora")(
@@ -206,16 +219,28 @@ def replace_linear(model: nn.Module, targets: tuple[str, ...], make: Callable[[s
 
 
 def inject(
-    model: nn.Module, family: str, targets: tuple[str, ...], rank: int, scale: float, dropout: float, seed: int
-) -> dict[str, FamilyLinear]:
-    """Put a linear family's layer in place of each target; layer i's public seed is seed + 1 + i
-    (PaCA's columns). The frozen base weights stay as they were."""
+    model: nn.Module,
+    family: str,
+    targets: tuple[str, ...],
+    rank: int,
+    scale: float,
+    dropout: float,
+    seed: int,
+    wrap: Callable[[FamilyLinear], nn.Module] | None = None,
+) -> dict[str, nn.Module]:
+    """Put a linear family's layer (or `wrap` of it) in place of each target; layer i's public
+    seed is seed + 1 + i (PaCA's columns). The frozen base weights stay as they were."""
     klass = family_of(family).layer
     if klass is None:
         raise ValueError("inject builds the linear families; LoRA is injected by PEFT")
     _register_opacus()
     index = iter(range(10**9))
-    return replace_linear(model, targets, lambda _, child: klass(child, rank, scale, dropout, seed + 1 + next(index)))
+
+    def make(_: str, child: nn.Linear) -> nn.Module:
+        layer = klass(child, rank, scale, dropout, seed + 1 + next(index))
+        return wrap(layer) if wrap is not None else layer
+
+    return replace_linear(model, targets, make)
 
 
 # ---- export: a documented safetensors layout (PEFT has no such adapter types) -------------------

@@ -266,6 +266,11 @@ class Federation:
         return {
             "name": spec.name,
             "strategy": spec.strategy.name,
+            "adapter": spec.model.adapter,
+            # per client: every tensor of the kinds it trains (the head too, when the spec trains it)
+            "trained_parameters": sum(
+                t.numel() for n, t in self.model.state().tensors.items() if kind_of(n) in self.plan.trains
+            ),
             "rounds": len(history),
             "accuracy": last["accuracy"],
             "loss": last["loss"],

@@ -1,11 +1,13 @@
-"""The plot of one run: test accuracy per round and the epsilon spent (accuracy.png)."""
+"""Plots: one run's test accuracy per round and epsilon spent (accuracy.png), and a sweep's
+accuracy against the privacy budget."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_run", "pyplot", "write_run_plot"]
+__all__ = ["plot_accuracy_vs_epsilon", "plot_run", "pyplot", "write_run_plot"]
 
 
 def pyplot():  # noqa: ANN202
@@ -67,3 +69,41 @@ def write_run_plot(result: Any, spec: Any, out: Path) -> Path:
     Flower ServerApp both write it."""
     title = f"{spec.name}: {spec.strategy.name}"
     return plot_run(result.history, Path(out) / "accuracy.png", title, result.summary["majority_rate"])
+
+
+def plot_accuracy_vs_epsilon(
+    rows: list[dict[str, Any]], strategies: list[str], targets: list[float], path: Path
+) -> None:
+    """A sweep's final accuracy (mean ± 95% CI) per strategy against the privacy budget."""
+    plt = pyplot()
+    finite = sorted(e for e in targets if not math.isinf(e))
+    xs = {e: i for i, e in enumerate(finite)}
+    if any(math.isinf(e) for e in targets):
+        xs[math.inf] = len(finite)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=130)
+    width = 0.08
+    for k, strategy in enumerate(strategies):
+        points = sorted(
+            (
+                (xs[float("inf") if r["epsilon"] == "inf" else float(r["epsilon"])], r)
+                for r in rows
+                if r["strategy"] == strategy
+            ),
+            key=lambda p: p[0],
+        )
+        x = [p + (k - (len(strategies) - 1) / 2) * width for p, _ in points]
+        y = [100 * r["accuracy_mean"] for _, r in points]
+        err = [0 if math.isnan(r["accuracy_ci95"]) else 100 * r["accuracy_ci95"] for _, r in points]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=strategy)
+    majority = sum(r["majority_rate"] for r in rows) / len(rows)
+    ax.axhline(100 * majority, color="grey", linestyle=":", label="majority class")
+    ax.set_xticks(sorted(xs.values()), [("no DP" if math.isinf(e) else f"ε = {e:g}") for e in sorted(xs, key=xs.get)])
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(0.0, low), min(100.0, high))  # a CI past 0 or 100 is cut at the axis
+    ax.set_xlabel("privacy budget (per client, δ fixed)")
+    ax.set_ylabel("final test accuracy (%), mean ± 95% CI")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -8,9 +8,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedpeft.plots import pyplot
+from fedpeft.plots import plot_accuracy_vs_epsilon, pyplot
 
-__all__ = ["collect", "markdown", "summarise", "write_report"]
+__all__ = ["collect", "markdown", "run_label", "summarise", "write_report"]
 
 INF = float("inf")
 
@@ -24,6 +24,11 @@ def eps_label(eps: float) -> str:
     return "inf" if math.isinf(eps) else f"{eps:g}"
 
 
+def run_label(strategy: str, adapter: str | None) -> str:
+    """How tables name a run: its strategy, with `+family` for an adapter family other than LoRA."""
+    return strategy if adapter in (None, "lora") else f"{strategy}+{adapter}"
+
+
 def collect(directory: Path) -> list[dict[str, Any]]:
     """Every finished run under `directory` (a summary.json, its rounds.jsonl beside it)."""
     runs = []
@@ -31,10 +36,15 @@ def collect(directory: Path) -> list[dict[str, Any]]:
         summary = json.loads(path.read_text())
         rounds_file = path.with_name("rounds.jsonl")
         history = [json.loads(line) for line in rounds_file.read_text().splitlines()] if rounds_file.exists() else []
-        runs.append({**summary, "target": _target(summary), "history": history, "dir": str(path.parent)})
+        label = run_label(summary["strategy"], summary.get("adapter"))
+        runs.append(
+            {**summary, "strategy": label, "target": _target(summary), "history": history, "dir": str(path.parent)}
+        )
     sweep_file = Path(directory) / "sweep.json"
-    if sweep_file.exists():  # a sweep's tables list strategies in the order its spec gives
-        order = json.loads(sweep_file.read_text()).get("sweep", {}).get("strategies") or []
+    if sweep_file.exists():  # a sweep's tables list strategies (and families) in the order its spec gives
+        spec = json.loads(sweep_file.read_text())
+        adapters = spec.get("sweep", {}).get("adapters") or [spec.get("model", {}).get("adapter")]
+        order = [run_label(s, a) for a in adapters for s in spec.get("sweep", {}).get("strategies") or []]
         runs.sort(key=lambda r: order.index(r["strategy"]) if r["strategy"] in order else len(order))
     return runs
 
@@ -77,6 +87,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             last3 = [r.get("accuracy_last3") for r in cell]
             change = [r.get("adapter_change") for r in cell]
             spent = [r["epsilon"] for r in cell if r.get("epsilon") is not None]
+            trained = [r.get("trained_parameters") for r in cell]
             rows.append(
                 {
                     "strategy": strategy,
@@ -89,6 +100,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "accuracy_last3_mean": _mean_or_nan(last3),
                     "accuracy_last3_ci95": _ci95(last3) if None not in last3 else math.nan,
                     "adapter_change": _mean_or_nan(change),  # mean ||W - W0|| / ||W0|| at the end
+                    "trained_parameters": _mean_or_nan(trained),  # per client
                     "epsilon_spent": max(spent) if spent else None,
                     "majority_rate": sum(r["majority_rate"] for r in cell) / len(cell),
                     "mbytes_up": sum(r["bytes_up"] for r in cell) / len(cell) / 1e6,
@@ -150,20 +162,22 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     unit, per_mb = _byte_unit([v for r in rows for v in (r["mbytes_up"], r["mbytes_down"])])
     lines += [
         "Last 3 rounds: the mean accuracy of the last three evaluated rounds. ‖ΔW‖/‖W0‖: how far the final "
-        "adapter moves the adapted weights (mean over layers).",
+        "adapter moves the adapted weights (mean over layers). Trained: parameters each client trains. "
+        f"{unit} up and down: the whole run's traffic, all clients.",
         "",
-        f"| strategy | ε target | seeds | accuracy (%) | min–max | last 3 rounds (%) | ‖ΔW‖/‖W0‖ | ε spent (max) "
-        f"| {unit} up | {unit} down | seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| strategy | ε target | seeds | accuracy (%) | min–max | last 3 rounds (%) | ‖ΔW‖/‖W0‖ | trained "
+        f"| ε spent (max) | {unit} up | {unit} down | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         spent = "–" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.2f}"
         last3 = "–" if math.isnan(r["accuracy_last3_mean"]) else _pm(r["accuracy_last3_mean"], r["accuracy_last3_ci95"])
         change = "–" if math.isnan(r["adapter_change"]) else f"{r['adapter_change']:.2g}"
+        trained = "–" if math.isnan(r.get("trained_parameters", math.nan)) else f"{r['trained_parameters']:,.0f}"
         lines.append(
             f"| {r['strategy']} | {r['epsilon']} | {r['seeds']} | {_pm(r['accuracy_mean'], r['accuracy_ci95'])} | "
-            f"{100 * r['accuracy_min']:.1f}–{100 * r['accuracy_max']:.1f} | {last3} | {change} | {spent} | "
-            f"{per_mb * r['mbytes_up']:.1f} | {per_mb * r['mbytes_down']:.1f} | {r['seconds']:.0f} |"
+            f"{100 * r['accuracy_min']:.1f}–{100 * r['accuracy_max']:.1f} | {last3} | {change} | {trained} | {spent} | "
+            f"{per_mb * r['mbytes_up']:.3g} | {per_mb * r['mbytes_down']:.3g} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -203,42 +217,6 @@ def paired(runs: list[dict[str, Any]], baseline: str, key: str = "accuracy", wha
             )
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _plot_accuracy_vs_epsilon(runs, rows, path: Path) -> None:  # noqa: ANN001
-    plt = pyplot()
-    strategies, targets = _order(runs)
-    finite = sorted(e for e in targets if not math.isinf(e))
-    xs = {e: i for i, e in enumerate(finite)}
-    if any(math.isinf(e) for e in targets):
-        xs[INF] = len(finite)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=130)
-    width = 0.08
-    for k, strategy in enumerate(strategies):
-        points = sorted(
-            (
-                (xs[float("inf") if r["epsilon"] == "inf" else float(r["epsilon"])], r)
-                for r in rows
-                if r["strategy"] == strategy
-            ),
-            key=lambda p: p[0],
-        )
-        x = [p + (k - (len(strategies) - 1) / 2) * width for p, _ in points]
-        y = [100 * r["accuracy_mean"] for _, r in points]
-        err = [0 if math.isnan(r["accuracy_ci95"]) else 100 * r["accuracy_ci95"] for _, r in points]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=strategy)
-    majority = sum(r["majority_rate"] for r in rows) / len(rows)
-    ax.axhline(100 * majority, color="grey", linestyle=":", label="majority class")
-    ax.set_xticks(sorted(xs.values()), [("no DP" if math.isinf(e) else f"ε = {e:g}") for e in sorted(xs, key=xs.get)])
-    low, high = ax.get_ylim()
-    ax.set_ylim(max(0.0, low), min(100.0, high))  # a CI past 0 or 100 is cut at the axis
-    ax.set_xlabel("privacy budget (per client, δ fixed)")
-    ax.set_ylabel("final test accuracy (%), mean ± 95% CI")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def _stderr(values: list[float]) -> float:
@@ -302,13 +280,16 @@ def _plot_per_epsilon(runs, key: str, ylabel: str, path: Path, scale: float = 1.
     plt.close(fig)
 
 
-def write_report(directory: Path, out: Path | None = None, baselines: list[str] | None = None) -> dict[str, Path]:
-    """Tables (CSV, Markdown) and plots (PNG) of every finished run under `directory`."""
-    directory = Path(directory)
-    out = Path(out) if out is not None else directory
-    runs = collect(directory)
+def write_report(
+    directory: Path | list[Path], out: Path | None = None, baselines: list[str] | None = None
+) -> dict[str, Path]:
+    """Tables (CSV, Markdown) and plots (PNG) of every finished run under `directory` (or under
+    each of several, e.g. a sweep and its ablation: one table; written to `out`, default the first)."""
+    directories = [Path(d) for d in directory] if isinstance(directory, list) else [Path(directory)]
+    out = Path(out) if out is not None else directories[0]
+    runs = [run for d in directories for run in collect(d)]
     if not runs:
-        raise ValueError(f"no finished runs (summary.json) under {directory}")
+        raise ValueError(f"no finished runs (summary.json) under {', '.join(map(str, directories))}")
     out.mkdir(parents=True, exist_ok=True)
     rows = summarise(runs)
     paths = {"csv": out / "results.csv", "markdown": out / "results.md"}
@@ -330,7 +311,7 @@ def write_report(directory: Path, out: Path | None = None, baselines: list[str] 
             text += "\n" + paired(runs, baseline, "accuracy_last3", "accuracy over the last 3 rounds")
     paths["markdown"].write_text(text)
     paths["accuracy_vs_epsilon"] = out / "accuracy_vs_epsilon.png"
-    _plot_accuracy_vs_epsilon(runs, rows, paths["accuracy_vs_epsilon"])
+    plot_accuracy_vs_epsilon(rows, *_order(runs), paths["accuracy_vs_epsilon"])
     paths["accuracy_vs_round"] = out / "accuracy_vs_round.png"
     _plot_per_epsilon(runs, "accuracy", "test accuracy (%), mean ± std. error", paths["accuracy_vs_round"], scale=100)
     if any(not math.isinf(r["target"]) for r in runs):

@@ -1,7 +1,8 @@
-"""`fedpeft sweep`: strategies x epsilons x seeds in one process, resumable, then the report.
+"""`fedpeft sweep`: strategies (x adapter families) x epsilons x seeds in one process, resumable,
+then the report.
 
 Every cell is an ordinary run (the same files as `fedpeft simulate`) in
-DIR/<strategy>/eps-<epsilon>/seed-<seed>/. A finished cell (summary.json) is skipped, an
+DIR/<strategy>/eps-<epsilon>/seed-<seed>/ (DIR/<strategy>+<family>/... for a linear family). A finished cell (summary.json) is skipped, an
 interrupted one (checkpoint.pt) resumes, so a sweep started again loses nothing. The spec of the
 sweep is written to DIR/sweep.json; a second start with a different spec is refused.
 """
@@ -17,11 +18,13 @@ from rich.console import Console
 
 from fedpeft.build import check_names
 from fedpeft.config import ConfigError, Spec, StrategyConfig
+from fedpeft.families import FAMILIES
 from fedpeft.federation import Federation
 from fedpeft.progress import ProgressDisplay, make_console
-from fedpeft.report import eps_label, write_report
+from fedpeft.report import eps_label, run_label, write_report
 from fedpeft.runfiles import SUMMARY, has_checkpoint, write_json
 from fedpeft.spec_io import spec_diff
+from fedpeft.strategies import STRATEGIES
 
 __all__ = ["Cell", "cells", "run_sweep"]
 
@@ -35,26 +38,36 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{self.spec.strategy.name} ε={eps_label(self.spec.privacy.epsilon)} seed {self.spec.federation.seed}"
+        eps, seed = eps_label(self.spec.privacy.epsilon), self.spec.federation.seed
+        return f"{run_label(self.spec.strategy.name, self.spec.model.adapter)} ε={eps} seed {seed}"
 
 
 def cells(spec: Spec, out: Path) -> list[Cell]:
-    """The grid, in the order it runs: seeds outermost, so a partial sweep has whole seeds."""
+    """The grid, in the order it runs: seeds outermost, so a partial sweep has whole seeds. With
+    `sweep.adapters`, a linear family pairs only with the strategies that run any family; LoRA
+    cells keep the directory DIR/<strategy>/..., a family's is DIR/<strategy>+<family>/..."""
     sweep = spec.sweep
     strategies = sweep.strategies or (spec.strategy.name,)
+    adapters = sweep.adapters or (spec.model.adapter,)
     epsilons = sweep.epsilons or (spec.privacy.epsilon,)
     seeds = sweep.seeds or (spec.federation.seed,)
+    pairs = [(s, a) for a in adapters for s in strategies if not FAMILIES.get(a).linear or STRATEGIES.get(s).any_family]
+    if not pairs:
+        raise ConfigError(
+            f"no strategy of sweep.strategies {list(strategies)} runs the adapter families {list(adapters)}; "
+            "the linear families run with fedavg"
+        )
     grid = []
     for seed in seeds:
         for epsilon in epsilons:
-            for strategy in strategies:
+            for strategy, adapter in pairs:
                 # [strategy] options belong to the spec's own strategy; other strategies run with defaults
                 options = spec.strategy.options if strategy == spec.strategy.name else ()
                 cell_spec = replace(
-                    spec.with_flat({"privacy.epsilon": epsilon, "federation.seed": seed}),
+                    spec.with_flat({"privacy.epsilon": epsilon, "federation.seed": seed, "model.adapter": adapter}),
                     strategy=StrategyConfig(name=strategy, options=options),
                 )
-                path = out / strategy / f"eps-{eps_label(epsilon)}" / f"seed-{seed}"
+                path = out / run_label(strategy, adapter) / f"eps-{eps_label(epsilon)}" / f"seed-{seed}"
                 grid.append(Cell(cell_spec, path))
     return grid
 

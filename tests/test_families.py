@@ -189,7 +189,6 @@ def test_flower_path_equals_in_process_for_a_family(tmp_path):
     [
         ({"strategy__name": "fedsvd"}, "works on LoRA's factors.*use fedavg"),
         ({"strategy__name": "ffa"}, "works on LoRA's factors"),
-        ({"federation__executor": "cohort"}, "federation.executor = sequential"),
         ({"model__client_ranks": (2, 4)}, "client_ranks are LoRA ranks"),
         ({"model__adapter": "dora"}, "unknown adapter family 'dora'; valid: core, lora, paca, svd"),
     ],
@@ -198,3 +197,64 @@ def test_what_cannot_run_a_family_says_why(overrides, message):
     spec = tiny_spec(**{"model__adapter": "svd", **overrides})
     with pytest.raises((ConfigError, ValueError), match=message):
         check_names(spec)
+
+
+@pytest.mark.parametrize("family", LINEAR)
+@pytest.mark.parametrize("private", [False, True], ids=["plain", "dp-sigma0"])
+def test_cohort_equals_sequential_for_a_family(family, private):
+    """The cohort executor's per-example thetas (`FamilyLinear.batched`) against the reference path,
+    clipping active under DP (sigma 0)."""
+    from fedpeft.executors import SequentialExecutor
+    from fedpeft.executors.cohort import CohortExecutor
+    from fedpeft.privacy.accounting import ClientBudget
+
+    spec = tiny_spec(model__adapter=family, model__rank=4, federation__clients=4)
+    federation = Federation.build(spec)
+    state = _random_state(federation.model, 4, scale=0.1)
+    uploads = tuple(n for n in state.tensors if kind_of(n) in (THETA, HEAD))
+    plan = LocalTraining(steps=3, batch_size=8, lr=0.5, trains=frozenset({THETA, HEAD}), uploads=uploads)
+    budgets = [[ClientBudget(c, 0.0, 0.0, 1e9, 1e-5, "rdp") for c in range(4)] for _ in range(2)]
+    clip = 0.05 if private else 1.0
+    clients = federation.data.clients
+    seq = SequentialExecutor(federation.model, clients, budgets[0] if private else None, clip)
+    coh = CohortExecutor(spec.model, 2, spec.federation.seed, clients, budgets[1] if private else None, clip)
+    seeds = {c: 50 + c for c in range(4)}
+    expected = seq.run_round(1, [0, 1, 2, 3], state, plan, seeds)
+    got = coh.run_round(1, [0, 1, 2, 3], state, plan, seeds)
+    for e, g in zip(expected, got, strict=True):
+        for name in uploads:
+            assert not torch.equal(e.tensors[name], state.tensors[name]), f"{name} did not train"
+            torch.testing.assert_close(g.tensors[name], e.tensors[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_sweep_over_families_pairs_them_with_fedavg_and_reports_them(tmp_path, capsys):
+    from fedpeft.report import collect
+    from fedpeft.sweep import cells, run_sweep
+
+    spec = tiny_spec(
+        sweep__strategies=["fedavg", "ffa"], sweep__adapters=["lora", "svd"], sweep__seeds=[0],
+        federation__rounds=1, train__local_steps=2, model__rank=4,
+    )  # fmt: skip
+    grid = cells(spec, tmp_path / "sweep")
+    assert [(c.spec.strategy.name, c.spec.model.adapter) for c in grid] == [
+        ("fedavg", "lora"),
+        ("ffa", "lora"),
+        ("fedavg", "svd"),
+    ]
+    assert grid[2].path == tmp_path / "sweep" / "fedavg+svd" / "eps-inf" / "seed-0"
+    with pytest.raises(ConfigError, match="runs the adapter families"):
+        cells(spec.with_flat({"sweep.strategies": ["ffa"], "sweep.adapters": ["svd"]}), tmp_path / "none")
+    run_sweep(spec, tmp_path / "sweep")
+    runs = {r["strategy"]: r for r in collect(tmp_path / "sweep")}
+    assert list(runs) == ["fedavg", "ffa", "fedavg+svd"]
+    head = 32 * 2 + 2  # tiny-bert's head trains too
+    assert runs["fedavg+svd"]["trained_parameters"] == 4 * FAMILIES.get("svd").size(32, 32, 4) + head
+    assert runs["fedavg"]["trained_parameters"] == 4 * FAMILIES.get("lora").size(32, 32, 4) + head
+    # one table from two directories: `fedpeft report A B --out C`
+    single = tiny_spec(model__adapter="paca", federation__rounds=1, train__local_steps=2, model__rank=4)
+    Federation.build(single).run(tmp_path / "extra" / "paca-run")
+    assert main(["report", str(tmp_path / "sweep"), str(tmp_path / "extra"), "--out", str(tmp_path / "both")]) == 0
+    table = (tmp_path / "both" / "results.md").read_text()
+    for label in ("| fedavg |", "| ffa |", "| fedavg+svd |", "| fedavg+paca |"):
+        assert label in table
+    assert f"| {4 * 4 * 32 + head:,} |" in table  # paca's trained count, in the detailed table

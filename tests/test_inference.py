@@ -107,7 +107,7 @@ def _row(up_mb: float, down_mb: float) -> dict:
 @pytest.mark.parametrize(
     ("up", "down", "header", "cells"),
     [(3.2, 1.5, "MB up | MB down", "3.2 | 1.5"), (0.0123, 0.0456, "kB up | kB down", "12.3 | 45.6"),
-     (2e-4, 1e-4, "B up | B down", "200.0 | 100.0")],
+     (2e-4, 1e-4, "B up | B down", "200 | 100"), (2.4, 0.0015, "MB up | MB down", "2.4 | 0.0015")],
 )  # fmt: skip
 def test_report_bytes_in_a_unit_that_fits(up, down, header, cells):
     table = markdown([_row(up, down)])

@@ -23,19 +23,27 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fedpeft.client import ClientRefused, LocalTraining, check_budget, poisson_batches, record_spending
 from fedpeft.config import ModelConfig
 from fedpeft.data.base import TokenizedData
 from fedpeft.executors.base import EXECUTORS, ClientFailure, ClientResult, ClientStore, InProcess
-from fedpeft.executors.cohort_layers import CohortHead, CohortLoRALinear, length_buckets
+from fedpeft.executors.cohort_layers import (
+    CohortFamilyLinear,
+    CohortHead,
+    CohortLinear,
+    CohortLoRALinear,
+    length_buckets,
+)
+from fedpeft.families import family_of, inject, replace_linear
 from fedpeft.models import MODELS, build_model
 from fedpeft.privacy.accounting import ClientBudget, sample_rate
 from fedpeft.privacy.randomness import gaussian
-from fedpeft.state import HEAD, LORA_A, LORA_B, AdapterState, ClientUpdate, a_name, b_name, base_name
+from fedpeft.state import HEAD, LORA_A, LORA_B, THETA, AdapterState, ClientUpdate, a_name, b_name, base_name, theta_name
 
 __all__ = ["CohortExecutor"]
+
+_NAME = {LORA_A: a_name, LORA_B: b_name, THETA: theta_name}  # (kind, layer) -> the tensor's name
 
 log = logging.getLogger("fedpeft")
 
@@ -75,16 +83,15 @@ class CohortExecutor(InProcess):
         self.model = base.to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        targets = cfg.targets or MODELS.get(cfg.name).default_targets
+        targets = tuple(cfg.targets or MODELS.get(cfg.name).default_targets)
         scale = cfg.alpha / cfg.rank
-        self.layers: dict[str, CohortLoRALinear] = {}
-        for name, module in list(self.model.named_modules()):
-            for child_name, child in list(module.named_children()):
-                full = f"{name}.{child_name}" if name else child_name
-                if isinstance(child, nn.Linear) and child_name in targets and not full.startswith("head"):
-                    layer = CohortLoRALinear(child, scale, cfg.dropout)
-                    setattr(module, child_name, layer)
-                    self.layers[full] = layer
+        self.layers: dict[str, CohortLinear]
+        if family_of(cfg.adapter).linear:  # the same layers (frames, PaCA's columns) as AdaptedModel's
+            self.layers = inject(
+                self.model, cfg.adapter, targets, cfg.rank, scale, cfg.dropout, seed, CohortFamilyLinear
+            )
+        else:
+            self.layers = replace_linear(self.model, targets, lambda _, c: CohortLoRALinear(c, scale, cfg.dropout))
         self.head = CohortHead()
         self.model.head = self.head
 
@@ -93,8 +100,8 @@ class CohortExecutor(InProcess):
         """Stack the clients' starting tensors into the cohort layers (float32, on device)."""
         dev = self.device
         for layer, module in self.layers.items():
-            module.a = torch.stack([s.tensors[a_name(layer)] for s in starts]).to(dev)
-            module.b = torch.stack([s.tensors[b_name(layer)] for s in starts]).to(dev)
+            for kind in module.kinds:
+                module.stacks[kind] = torch.stack([s.tensors[_NAME[kind](layer)] for s in starts]).to(dev)
             delta = starts[0].tensors.get(base_name(layer))  # base changes are global, the same for all
             with torch.no_grad():
                 module.base.weight.copy_(module.w0 + delta.to(dev) if delta is not None else module.w0)
@@ -105,8 +112,7 @@ class CohortExecutor(InProcess):
         """name -> the stacked [K, ...] tensor (views into the cohort layers)."""
         out: dict[str, torch.Tensor] = {}
         for layer, module in self.layers.items():
-            out[a_name(layer)] = module.a
-            out[b_name(layer)] = module.b
+            out.update({_NAME[kind](layer): module.stacks[kind] for kind in module.kinds})
         out["head.weight"], out["head.bias"] = self.head.weight, self.head.bias
         return out
 
@@ -115,8 +121,8 @@ class CohortExecutor(InProcess):
             if rank is None:
                 continue
             for module in self.layers.values():
-                module.a[k, rank:] = 0
-                module.b[k, :, rank:] = 0
+                module.stacks[LORA_A][k, rank:] = 0
+                module.stacks[LORA_B][k, :, rank:] = 0
 
     def _train_chunk(
         self,
@@ -143,7 +149,7 @@ class CohortExecutor(InProcess):
             for d, q, s in zip(data, qs, seeds, strict=True)
         ]
         noise_gens = [torch.Generator(device=self.device).manual_seed(s + 1) for s in seeds]
-        train_a, train_b, train_head = LORA_A in plan.trains, LORA_B in plan.trains, HEAD in plan.trains
+        trains, train_head = plan.trains, HEAD in plan.trains
         losses = [[] for _ in range(k)]
         self.model.train()  # dropout as on the reference path
         for step in range(plan.steps):
@@ -161,11 +167,11 @@ class CohortExecutor(InProcess):
                         t.to(self.device) for t in (ids[rows, :width], mask[rows, :width], labels[rows], owner[rows])
                     )
                     for module in self.layers.values():
-                        module.expand(b_owner, train_a, train_b)
+                        module.expand(b_owner, trains)
                     self.head.expand(b_owner, train_head)
                     logits = self.model(input_ids=b_ids, attention_mask=b_mask)
                     per_example = F.cross_entropy(logits, b_labels, reduction="none")
-                    leaves = self._leaves(train_a, train_b, train_head)
+                    leaves = self._leaves(trains)
                     grads_b = torch.autograd.grad(per_example.sum(), [leaf for _, leaf in leaves])
                     per_leaf = (
                         [[*acc, g] for acc, g in zip(per_leaf, grads_b, strict=True)]
@@ -181,7 +187,7 @@ class CohortExecutor(InProcess):
                     if len(i):
                         losses[j].append(float(sums[j]) / len(i))
             else:  # every client drew an empty Poisson sample: a noise-only step
-                leaves = [(p, None) for p, _ in self._leaves(train_a, train_b, train_head, expanded=False)]
+                leaves = [(p, None) for p, _ in self._leaves(trains, expanded=False)]
                 grads = [p.new_zeros((0, *p.shape[1:])) for p, _ in leaves]
             with torch.no_grad():
                 self._step(leaves, grads, owner.to(self.device), expected, plan.lr, sigmas, noise_gens)
@@ -211,17 +217,14 @@ class CohortExecutor(InProcess):
             )
         return updates
 
-    def _leaves(
-        self, train_a: bool, train_b: bool, train_head: bool, expanded: bool = True
-    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _leaves(self, trains: frozenset[str], expanded: bool = True) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """(stacked parameter [K, ...], its per-example leaf [N, ...]) for every trained tensor."""
         leaves = []
         for module in self.layers.values():
-            if train_a:
-                leaves.append((module.a, module.a_e if expanded else None))
-            if train_b:
-                leaves.append((module.b, module.b_e if expanded else None))
-        if train_head:
+            for kind in module.kinds:
+                if kind in trains:
+                    leaves.append((module.stacks[kind], module.leaves[kind] if expanded else None))
+        if HEAD in trains:
             leaves += [
                 (self.head.weight, self.head.w_e if expanded else None),
                 (self.head.bias, self.head.b_e if expanded else None),

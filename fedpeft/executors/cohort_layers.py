@@ -1,4 +1,4 @@
-"""The cohort executor's layers: K clients' LoRA factors and heads applied per example, and the
+"""The cohort executor's layers: K clients' adapter tensors and heads applied per example, and the
 grouping of a packed batch into buckets by length."""
 
 from __future__ import annotations
@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CohortHead", "CohortLoRALinear", "length_buckets"]
+from fedpeft.families import FamilyLinear
+from fedpeft.state import LORA_A, LORA_B, THETA
+
+__all__ = ["CohortHead", "CohortLinear", "CohortLoRALinear", "CohortFamilyLinear", "length_buckets"]
 
 
 def length_buckets(lengths: torch.Tensor, buckets: int | None, smallest: int = 16) -> list[torch.Tensor]:
@@ -19,32 +22,56 @@ def length_buckets(lengths: torch.Tensor, buckets: int | None, smallest: int = 1
     return [part for part in torch.tensor_split(order, n) if len(part)]
 
 
-class CohortLoRALinear(nn.Module):
-    """A frozen linear layer plus K clients' LoRA factors, applied per example.
+class CohortLinear(nn.Module):
+    """A frozen linear layer plus K clients' adapter tensors, applied per example.
 
-    `a` [K, r, d_in] and `b` [K, d_out, r] are the clients' factors; before a forward the executor
-    calls `expand(owner)`, owner[i] being the client of example i of the packed batch.
-    """
+    `stacks[kind]` holds the clients' tensors of each kind the layer has ([K, ...]); before a
+    forward the executor calls `expand(owner, trains)`, owner[i] being the client of example i of
+    the packed batch: `leaves[kind]` [N, ...] are then per-example copies, leaves of the graph, so
+    autograd returns each example's gradient."""
 
-    def __init__(self, base: nn.Linear, scale: float, dropout: float = 0.0) -> None:
+    kinds: tuple[str, ...] = ()
+
+    def __init__(self, base: nn.Linear) -> None:
         super().__init__()
         self.base = base
         self.w0 = base.weight.detach().clone()
+        self.stacks: dict[str, torch.Tensor] = {}
+        self.leaves: dict[str, torch.Tensor] = {}
+
+    def expand(self, owner: torch.Tensor, trains: frozenset[str] | set[str]) -> None:
+        self.leaves = {k: self.stacks[k][owner].detach().requires_grad_(k in trains) for k in self.kinds}
+
+
+class CohortLoRALinear(CohortLinear):
+    """LoRA: `stacks[A]` [K, r, d_in] and `stacks[B]` [K, d_out, r]."""
+
+    kinds = (LORA_A, LORA_B)
+
+    def __init__(self, base: nn.Linear, scale: float, dropout: float = 0.0) -> None:
+        super().__init__(base)
         self.scale = scale
         self.dropout = dropout
-        self.a: torch.Tensor | None = None  # [K, r, d_in]
-        self.b: torch.Tensor | None = None  # [K, d_out, r]
-        self.a_e: torch.Tensor | None = None  # per-example copies, leaves of the graph: [N, r, d_in]
-        self.b_e: torch.Tensor | None = None
-
-    def expand(self, owner: torch.Tensor, train_a: bool, train_b: bool) -> None:
-        """Per-example copies of the factors: example i uses client owner[i]'s A and B."""
-        self.a_e = self.a[owner].detach().requires_grad_(train_a)  # [N, r, d_in]
-        self.b_e = self.b[owner].detach().requires_grad_(train_b)  # [N, d_out, r]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.einsum("nld,nrd->nlr", F.dropout(x, self.dropout, self.training), self.a_e)
-        return self.base(x) + torch.einsum("nlr,nor->nlo", h, self.b_e) * self.scale
+        a, b = self.leaves[LORA_A], self.leaves[LORA_B]
+        h = torch.einsum("nld,nrd->nlr", F.dropout(x, self.dropout, self.training), a)
+        return self.base(x) + torch.einsum("nlr,nor->nlo", h, b) * self.scale
+
+
+class CohortFamilyLinear(CohortLinear):
+    """A linear adapter family's layer (fedpeft.families) with `stacks[THETA]` [K, *theta's shape]."""
+
+    kinds = (THETA,)
+
+    def __init__(self, layer: FamilyLinear) -> None:
+        super().__init__(layer.base_layer)
+        self.layer = layer  # its frozen frames; its own theta is unused here
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        x_in = F.dropout(x, layer.dropout, self.training)
+        return self.base(x) + layer.scale * layer.batched(x_in, self.leaves[THETA])
 
 
 class CohortHead(nn.Module):
