@@ -12,7 +12,7 @@ The public API, in the order of a run::
 - `Federation`, `RunResult`: build a federation from a spec and run its rounds.
 - `STRATEGIES`, `Strategy`, `make_strategy`: the server strategies and their base class.
 - `EXECUTORS`: who trains the sampled clients in process (sequential, cohort).
-- `load_exported`: a finished run's PEFT adapter (and base-weight changes) on its base model.
+- `load_exported`: a finished run's exported adapter (and base-weight changes) on its base model.
 - `predict`, `Predictor`: labels with probabilities for new texts from a finished run.
 
 Names load on first use, so ``import fedpeft`` (and the command line's help) stays fast.

@@ -83,7 +83,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return 130
     write_run_plot(result, spec, out)
     console.print(final_table(result.summary, result.history))
-    console.print(f"results in {out}/ ({', '.join(RESULT_FILES[:3])}, PEFT adapter)")
+    exported = "PEFT adapter" if spec.model.adapter == "lora" else f"{spec.model.adapter} adapter"
+    console.print(f"results in {out}/ ({', '.join(RESULT_FILES[:3])}, {exported})")
     return 0
 
 
