@@ -80,6 +80,9 @@ def test_adapted_layer_equals_dense_w0_plus_delta(family):
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
         # isometry: ||L(theta)||_F = ||theta||
         assert float(layer.delta().norm()) == pytest.approx(float(theta.norm()), rel=1e-5)
+    # the reported weight change is the dense one: mean over layers of ||s delta W|| / ||W0||
+    dense_change = sum(float((m.scale * m.delta()).norm() / m.base_layer.weight.norm()) for m in layers.values())
+    assert model.relative_change(state) == pytest.approx(dense_change / len(layers), rel=1e-5)
     # PaCA's columns differ between layers (each layer's own public seed)
     if family == "paca":
         assert len({tuple(m.columns.tolist()) for m in layers.values()}) > 1
