@@ -29,6 +29,12 @@ def check_names(spec: Spec) -> None:
     DATASETS.get(spec.data.name)
     strategy = STRATEGIES.get(spec.strategy.name)
     EXECUTORS.get(spec.federation.executor)
+    if spec.privacy.client_enabled and not make_strategy(spec.strategy.name, spec.strategy.kwargs).sum_only:
+        valid = ", ".join(n for n in STRATEGIES.names() if _sum_only(n))
+        raise ConfigError(
+            f"client-level DP (privacy.client_epsilon) noises the sum of the clients' updates, so it needs a "
+            f"strategy whose server step uses only that sum; {spec.strategy.name!r} does not: use {valid}"
+        )
     family = FAMILIES.get(spec.model.adapter)
     if not family.linear:
         return
@@ -40,6 +46,10 @@ def check_names(spec: Spec) -> None:
         )
     if spec.model.client_ranks:
         raise ConfigError(f"model.client_ranks are LoRA ranks; model.adapter = {family.name!r} has none")
+
+
+def _sum_only(name: str) -> bool:
+    return bool(make_strategy(name).sum_only)
 
 
 def make_plan(spec: Spec, strategy: Strategy, state: AdapterState) -> LocalTraining:

@@ -55,11 +55,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     console = make_console()
     fed, privacy = spec.federation, spec.privacy
-    mode = (
-        f"DP-SGD epsilon={privacy.epsilon:g}, delta={privacy.delta:g}, C={privacy.clip:g}"
-        if privacy.enabled
-        else "privacy off"
+    modes = (
+        [f"DP-SGD epsilon={privacy.epsilon:g}, delta={privacy.delta:g}, C={privacy.clip:g}"] if privacy.enabled else []
     )
+    if privacy.client_enabled:
+        modes.append(
+            f"client-level DP epsilon={privacy.client_epsilon:g}, delta={privacy.delta:g}, S={privacy.client_clip:g}"
+        )
+    mode = "; ".join(modes) or "privacy off"
     console.print(
         f"[bold]fedpeft[/] {spec.name}: {spec.strategy.name} on {spec.model.name} / {spec.data.name}, "
         f"{fed.clients} clients ({fed.clients_per_round} per round), {fed.rounds} rounds, {mode}"

@@ -15,18 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "ConfigError",
-    "FederationConfig",
-    "ModelConfig",
-    "DataConfig",
-    "StrategyConfig",
-    "PrivacyConfig",
-    "TrainConfig",
-    "SweepConfig",
-    "Spec",
-    "SECTIONS",
-    "client_rank",
-]
+    "ConfigError", "FederationConfig", "ModelConfig", "DataConfig", "StrategyConfig", "PrivacyConfig",
+    "TrainConfig", "SweepConfig", "Spec", "SECTIONS", "client_rank",
+]  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -205,8 +196,12 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    epsilon: float = field(default=8.0, metadata=_help("target epsilon per client; inf = privacy off"))
-    delta: float = field(default=1e-5, metadata=_help("target delta per client"))
+    epsilon: float = field(default=8.0, metadata=_help("sample-level target epsilon per client; inf = off"))
+    delta: float = field(default=1e-5, metadata=_help("target delta (sample- and client-level)"))
+    client_epsilon: float = field(
+        default=math.inf, metadata=_help("client-level (DP-FedAvg) target epsilon of the run; inf = off")
+    )
+    client_clip: float = field(default=1.0, metadata=_help("client-level: clip norm S of each client's update"))
     clip: float = field(default=2.0, metadata=_help("per-example gradient clipping norm C"))
     accountant: str = field(default="prv", metadata=_help("prv (tighter) | rdp"))
     noise: str = field(
@@ -224,6 +219,8 @@ class PrivacyConfig:
         )
         _require(0 < self.delta < 1, f"privacy.delta must be in (0, 1) (got {self.delta})")
         _require(self.clip > 0, f"privacy.clip must be > 0 (got {self.clip})")
+        _require(self.client_epsilon > 0, f"privacy.client_epsilon must be > 0 or inf (got {self.client_epsilon})")
+        _require(self.client_clip > 0, f"privacy.client_clip must be > 0 (got {self.client_clip})")
         _require(
             self.accountant in ("prv", "rdp"),
             f"privacy.accountant must be prv or rdp (got {self.accountant!r})",
@@ -233,6 +230,10 @@ class PrivacyConfig:
     @property
     def enabled(self) -> bool:
         return math.isfinite(self.epsilon)
+
+    @property
+    def client_enabled(self) -> bool:
+        return math.isfinite(self.client_epsilon)
 
 
 @dataclass(frozen=True)

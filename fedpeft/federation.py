@@ -28,6 +28,7 @@ from fedpeft.config import ConfigError, Spec, client_rank
 from fedpeft.data import FederatedData
 from fedpeft.executors import ClientFailure, Executor
 from fedpeft.privacy.accounting import calibrate_sigma
+from fedpeft.privacy.client_level import ClientLevelDP
 from fedpeft.runfiles import SUMMARY, has_checkpoint, load_checkpoint, locked, save_checkpoint, write_json, write_rounds
 from fedpeft.spec_io import spec_diff
 from fedpeft.state import BASE, LORA_A, LORA_B, AdapterState, ClientUpdate, kind_of
@@ -89,6 +90,7 @@ class Federation:
     executor: Executor
     plan: LocalTraining
     sigmas: list[float] | None = field(default=None)
+    client_dp: ClientLevelDP | None = field(default=None)  # client-level DP-FedAvg (privacy.client_epsilon)
 
     @classmethod
     def build(cls, spec: Spec, executor: Executor | None = None) -> Federation:
@@ -98,7 +100,8 @@ class Federation:
         if executor is None:
             executor = make_executor(spec, parts.model, parts.data.clients, parts.data.num_labels, budgets)
         sigmas = [b.sigma for b in budgets] if budgets else None
-        return cls(spec, parts.model, parts.data, parts.strategy, executor, parts.plan, sigmas)
+        client_dp = ClientLevelDP.from_spec(spec)
+        return cls(spec, parts.model, parts.data, parts.strategy, executor, parts.plan, sigmas, client_dp)
 
     # ---------------------------------------------------------------------------------------
     def run(self, out: Path, resume: bool = False, callbacks: Callbacks | None = None) -> RunResult:
@@ -128,8 +131,11 @@ class Federation:
 
         for rnd in range(len(run.history) + 1, fed.rounds + 1):
             tic = time.perf_counter()
-            # sample
-            sampled = sample_clients(fed.seed, rnd, fed.clients, fed.clients_per_round)
+            # sample (Poisson under client-level DP, as its accountant assumes)
+            if self.client_dp is not None:
+                sampled = self.client_dp.sample(seed_for(fed.seed, rnd, 0))
+            else:
+                sampled = sample_clients(fed.seed, rnd, fed.clients, fed.clients_per_round)
             if callbacks.on_round_start:
                 callbacks.on_round_start(rnd, sampled)
             # train
@@ -143,10 +149,14 @@ class Federation:
             accepted, dropped = self._validate(rnd, results, run.state)
             # aggregate
             strategy_metrics: dict[str, float] = {}
-            aggregated = len(accepted) >= fed.min_clients
-            if aggregated:
+            aggregated = len(accepted) >= fed.min_clients or self.client_dp is not None
+            if aggregated:  # under client-level DP: one noised mean of the clipped updates, even of none
+                updates = accepted
+                if self.client_dp is not None:
+                    seed = seed_for(fed.seed, rnd, 0, 1)
+                    updates = [self.client_dp.aggregate(accepted, run.state, list(self.plan.uploads), seed)]
                 run.state, run.server_state, strategy_metrics = self.strategy.aggregate(
-                    run.state, accepted, rnd, run.server_state
+                    run.state, updates, rnd, run.server_state
                 )
                 run.base_bytes.append(self._base_change_bytes(run.state, len(accepted)))
             else:
@@ -171,6 +181,7 @@ class Federation:
                 "round": rnd,
                 **metrics,
                 "epsilon_max": max(run.epsilons.values()) if run.epsilons else (0.0 if self.sigmas else None),
+                "client_epsilon": self.client_dp.epsilon(rnd) if self.client_dp is not None else None,
                 "clients": [u.client_id for u in accepted],
                 "dropped": {str(k): v for k, v in dropped.items()},
                 "aggregated": aggregated,
@@ -282,6 +293,10 @@ class Federation:
             "epsilon": (max(epsilons.values()) if epsilons else 0.0) if spec.privacy.enabled else None,
             "epsilon_per_client": {str(k): v for k, v in sorted(epsilons.items())} if spec.privacy.enabled else None,
             "target_epsilon": spec.privacy.epsilon if spec.privacy.enabled else None,
+            # client-level DP-FedAvg: epsilon of the whole run for any one client's data, and its z
+            "client_epsilon": self.client_dp.epsilon(len(history)) if self.client_dp is not None else None,
+            "client_target_epsilon": spec.privacy.client_epsilon if self.client_dp is not None else None,
+            "client_noise_multiplier": self.client_dp.noise_multiplier if self.client_dp is not None else None,
             "delta": spec.privacy.delta if spec.privacy.enabled else None,
             "sigma_per_client": self.sigmas,
             # where the clients' batches and DP noise came from: seeded (reproducible from the spec,

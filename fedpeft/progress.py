@@ -149,6 +149,10 @@ def final_table(summary: dict[str, Any], history: list[dict[str, Any]]) -> Table
         if summary["epsilon"] is None
         else f"epsilon {summary['epsilon']:.3f} (target {summary['target_epsilon']:g}) at delta {summary['delta']:g}"
     )
+    if summary.get("client_epsilon") is not None:
+        eps = ("" if summary["epsilon"] is None else eps + "; ") + (
+            f"client-level epsilon {summary['client_epsilon']:.3f} (target {summary['client_target_epsilon']:g})"
+        )
     table.caption = (
         f"final accuracy {summary['accuracy']:.4f} (majority class {summary['majority_rate']:.4f}); {eps}; "
         f"{summary['seconds']:.0f}s"

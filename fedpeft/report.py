@@ -24,9 +24,11 @@ def eps_label(eps: float) -> str:
     return "inf" if math.isinf(eps) else f"{eps:g}"
 
 
-def run_label(strategy: str, adapter: str | None) -> str:
-    """How tables name a run: its strategy, with `+family` for an adapter family other than LoRA."""
-    return strategy if adapter in (None, "lora") else f"{strategy}+{adapter}"
+def run_label(strategy: str, adapter: str | None, client_epsilon: float | None = None) -> str:
+    """How tables name a run: its strategy, with `+family` for an adapter family other than LoRA
+    and the client-level target epsilon when client-level DP is on (columns are sample-level)."""
+    label = strategy if adapter in (None, "lora") else f"{strategy}+{adapter}"
+    return label if client_epsilon is None else f"{label} (client ε={client_epsilon:g})"
 
 
 def collect(directory: Path) -> list[dict[str, Any]]:
@@ -36,7 +38,7 @@ def collect(directory: Path) -> list[dict[str, Any]]:
         summary = json.loads(path.read_text())
         rounds_file = path.with_name("rounds.jsonl")
         history = [json.loads(line) for line in rounds_file.read_text().splitlines()] if rounds_file.exists() else []
-        label = run_label(summary["strategy"], summary.get("adapter"))
+        label = run_label(summary["strategy"], summary.get("adapter"), summary.get("client_target_epsilon"))
         runs.append(
             {**summary, "strategy": label, "target": _target(summary), "history": history, "dir": str(path.parent)}
         )
@@ -88,6 +90,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             change = [r.get("adapter_change") for r in cell]
             spent = [r["epsilon"] for r in cell if r.get("epsilon") is not None]
             trained = [r.get("trained_parameters") for r in cell]
+            client = [r["client_epsilon"] for r in cell if r.get("client_epsilon") is not None]
             rows.append(
                 {
                     "strategy": strategy,
@@ -102,6 +105,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "adapter_change": _mean_or_nan(change),  # mean ||W - W0|| / ||W0|| at the end
                     "trained_parameters": _mean_or_nan(trained),  # per client
                     "epsilon_spent": max(spent) if spent else None,
+                    "client_epsilon": max(client) if client else None,  # client-level, of the run
                     "majority_rate": sum(r["majority_rate"] for r in cell) / len(cell),
                     "mbytes_up": sum(r["bytes_up"] for r in cell) / len(cell) / 1e6,
                     "mbytes_down": sum(r["bytes_down"] for r in cell) / len(cell) / 1e6,
@@ -166,17 +170,18 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         f"{unit} up and down: the whole run's traffic, all clients.",
         "",
         f"| strategy | ε target | seeds | accuracy (%) | min–max | last 3 rounds (%) | ‖ΔW‖/‖W0‖ | trained "
-        f"| ε spent (max) | {unit} up | {unit} down | seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| ε spent (max) | client-level ε | {unit} up | {unit} down | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         spent = "–" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.2f}"
         last3 = "–" if math.isnan(r["accuracy_last3_mean"]) else _pm(r["accuracy_last3_mean"], r["accuracy_last3_ci95"])
         change = "–" if math.isnan(r["adapter_change"]) else f"{r['adapter_change']:.2g}"
+        client = "–" if r.get("client_epsilon") is None else f"{r['client_epsilon']:.2f}"
         trained = "–" if math.isnan(r.get("trained_parameters", math.nan)) else f"{r['trained_parameters']:,.0f}"
         lines.append(
             f"| {r['strategy']} | {r['epsilon']} | {r['seeds']} | {_pm(r['accuracy_mean'], r['accuracy_ci95'])} | "
-            f"{100 * r['accuracy_min']:.1f}–{100 * r['accuracy_max']:.1f} | {last3} | {change} | {trained} | {spent} | "
+            f"{100 * r['accuracy_min']:.1f}–{100 * r['accuracy_max']:.1f} | {last3} | {change} | {trained} | {spent} | {client} | "
             f"{per_mb * r['mbytes_up']:.3g} | {per_mb * r['mbytes_down']:.3g} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"

@@ -1,0 +1,108 @@
+"""Client-level DP: DP-FedAvg with central noise (McMahan et al., ICLR 2018; REFERENCE.md section 4).
+
+The unit of privacy is a whole client: the run's output changes little when one client's data are
+added or removed. Each round:
+
+1. clients are sampled by Poisson sampling, each independently with rate q_c = clients_per_round /
+   clients (the sampling the subsampled-Gaussian accountant analyses; the fixed-size sampling of
+   other runs is not covered by it);
+2. each sampled client's update u_k (its uploaded tensors minus what it was sent, all of them as
+   one vector) is clipped to norm S (`privacy.client_clip`);
+3. the server adds N(0, (z S)^2) to every coordinate of the sum and divides by the expected number
+   of clients q_c N, a fixed denominator that does not depend on who was sampled (weights are
+   uniform: an example count would leak);
+4. the strategy takes the global adapter plus that noised mean as the round's one update, which
+   is exact for the sum-only strategies (fedavg, ffa, fedsvd, fedsa), the only ones allowed.
+
+An empty sample still adds the noise. z is calibrated before round 1 so that `rounds` compositions
+of the subsampled Gaussian (rate q_c, noise multiplier z) stay within `privacy.client_epsilon` at
+`privacy.delta`, with the same Opacus accountants and calibration as sample-level DP-SGD
+(fedpeft.privacy.accounting).
+
+Trust: the server is the trusted curator (central DP). What the guarantee covers is what leaves
+it: the global adapter after every round (what clients download, the export). Its own log
+(rounds.jsonl: who was sampled, each update's statistics) is the curator's and is not covered, and
+the amplification by sampling needs the sample to stay secret: with `privacy.noise = "secret"`
+both the sample and the noise come from the server's secret randomness; with "seeded" (the
+default) they follow from the spec, so, as for sample-level DP, the run is reproducible and the
+guarantee is the simulator's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedpeft.config import Spec
+from fedpeft.privacy.accounting import calibrate_sigma, epsilon
+from fedpeft.privacy.randomness import gaussian, secret_seed
+from fedpeft.state import AdapterState, ClientUpdate
+
+__all__ = ["ClientLevelDP", "clip_update", "poisson_clients"]
+
+AGGREGATE_ID = -1  # the client id of the one noised update the strategy aggregates
+
+
+def poisson_clients(generator: torch.Generator, num_clients: int, rate: float) -> list[int]:
+    """Each client joins independently with probability `rate` (may be none, may be all)."""
+    return torch.nonzero(torch.rand(num_clients, generator=generator) < rate).squeeze(1).tolist()
+
+
+def clip_update(update: ClientUpdate, sent: AdapterState, clip: float) -> tuple[dict[str, torch.Tensor], float]:
+    """The client's change (upload - what it was sent) scaled to norm at most `clip`, in float64,
+    and its norm before clipping."""
+    delta = {n: t.double() - sent.tensors[n].double() for n, t in update.tensors.items()}
+    norm = float(torch.sqrt(sum(d.pow(2).sum() for d in delta.values()))) if delta else 0.0
+    factor = min(1.0, clip / norm) if norm > 0 else 1.0
+    return {n: d * factor for n, d in delta.items()}, norm
+
+
+@dataclass(frozen=True)
+class ClientLevelDP:
+    """The spec's client-level mechanism: sampling rate q_c, noise multiplier z, clip S."""
+
+    rate: float
+    noise_multiplier: float
+    clip: float
+    num_clients: int
+    delta: float
+    accountant: str
+    secret: bool
+
+    @classmethod
+    def from_spec(cls, spec: Spec) -> ClientLevelDP | None:
+        priv, fed = spec.privacy, spec.federation
+        if not priv.client_enabled:
+            return None
+        rate = fed.clients_per_round / fed.clients
+        z = calibrate_sigma(priv.client_epsilon, priv.delta, rate, fed.rounds, priv.accountant)
+        return cls(rate, z, priv.client_clip, fed.clients, priv.delta, priv.accountant, priv.noise == "secret")
+
+    def sample(self, seed: int) -> list[int]:
+        """This round's clients: from the round's seed, or from secret randomness (`secret`)."""
+        return poisson_clients(
+            torch.Generator().manual_seed(secret_seed() if self.secret else seed), self.num_clients, self.rate
+        )
+
+    def epsilon(self, rounds: int) -> float:
+        """Client-level epsilon after `rounds` rounds (every round counts, a client sampled or not)."""
+        return epsilon(((self.noise_multiplier, self.rate, rounds),), self.delta, self.accountant) if rounds else 0.0
+
+    def aggregate(self, updates: list[ClientUpdate], sent: AdapterState, names: list[str], seed: int) -> ClientUpdate:
+        """One update carrying sent + (sum_k clip(u_k) + N(0, (z S)^2 I)) / (q_c N) on `names`."""
+        generator = torch.Generator().manual_seed(secret_seed() if self.secret else seed)
+        total = {n: torch.zeros_like(sent.tensors[n], dtype=torch.float64) for n in names}
+        for update in updates:
+            clipped, _ = clip_update(update, sent, self.clip)
+            for n in names:
+                total[n] += clipped[n]
+        expected = self.rate * self.num_clients
+        std = self.noise_multiplier * self.clip
+        tensors = {
+            n: (
+                sent.tensors[n].double() + (t + gaussian(std, t.shape, generator, self.secret).double()) / expected
+            ).float()
+            for n, t in total.items()
+        }
+        return ClientUpdate(AGGREGATE_ID, 1, tensors)
