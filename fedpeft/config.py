@@ -263,13 +263,18 @@ class SweepConfig:
     epsilons: tuple[float, ...] = field(
         default=(), metadata={"help": "target epsilons; inf = privacy off", "item": float}
     )
+    client_epsilons: tuple[float, ...] = field(
+        default=(), metadata={"help": "client-level target epsilons (privacy.client_epsilon); inf = off", "item": float}
+    )
     seeds: tuple[int, ...] = field(default=(), metadata={"help": "seeds (federation.seed)", "item": int})
 
     def __post_init__(self) -> None:
-        _require(all(e > 0 for e in self.epsilons), f"sweep.epsilons must be > 0 or inf (got {list(self.epsilons)})")
+        for name, eps in (("epsilons", self.epsilons), ("client_epsilons", self.client_epsilons)):
+            _require(all(e > 0 for e in eps), f"sweep.{name} must be > 0 or inf (got {list(eps)})")
         _require(all(s >= 0 for s in self.seeds), f"sweep.seeds must be >= 0 (got {list(self.seeds)})")
         for name, values in (
-            ("strategies", self.strategies), ("adapters", self.adapters), ("epsilons", self.epsilons), ("seeds", self.seeds)
+            ("strategies", self.strategies), ("adapters", self.adapters), ("epsilons", self.epsilons),
+            ("client_epsilons", self.client_epsilons), ("seeds", self.seeds),
         ):  # fmt: skip
             _require(len(set(values)) == len(values), f"sweep.{name} has duplicates: {list(values)}")
 

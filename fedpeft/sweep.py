@@ -38,18 +38,22 @@ class Cell:
 
     @property
     def label(self) -> str:
-        eps, seed = eps_label(self.spec.privacy.epsilon), self.spec.federation.seed
-        return f"{run_label(self.spec.strategy.name, self.spec.model.adapter)} ε={eps} seed {seed}"
+        spec = self.spec
+        eps, seed = eps_label(spec.privacy.epsilon), spec.federation.seed
+        client = spec.privacy.client_epsilon if spec.privacy.client_enabled else None
+        return f"{run_label(spec.strategy.name, spec.model.adapter, client)} ε={eps} seed {seed}"
 
 
 def cells(spec: Spec, out: Path) -> list[Cell]:
     """The grid, in the order it runs: seeds outermost, so a partial sweep has whole seeds. With
     `sweep.adapters`, a linear family pairs only with the strategies that run any family; LoRA
-    cells keep the directory DIR/<strategy>/..., a family's is DIR/<strategy>+<family>/..."""
+    cells keep the directory DIR/<strategy>/..., a family's is DIR/<strategy>+<family>/...; with
+    `sweep.client_epsilons`, DIR/<strategy>/client-eps-<epsilon>/eps-<epsilon>/seed-<seed>."""
     sweep = spec.sweep
     strategies = sweep.strategies or (spec.strategy.name,)
     adapters = sweep.adapters or (spec.model.adapter,)
     epsilons = sweep.epsilons or (spec.privacy.epsilon,)
+    client_epsilons = sweep.client_epsilons or (spec.privacy.client_epsilon,)
     seeds = sweep.seeds or (spec.federation.seed,)
     pairs = [(s, a) for a in adapters for s in strategies if not FAMILIES.get(a).linear or STRATEGIES.get(s).any_family]
     if not pairs:
@@ -59,16 +63,18 @@ def cells(spec: Spec, out: Path) -> list[Cell]:
         )
     grid = []
     for seed in seeds:
-        for epsilon in epsilons:
-            for strategy, adapter in pairs:
-                # [strategy] options belong to the spec's own strategy; other strategies run with defaults
-                options = spec.strategy.options if strategy == spec.strategy.name else ()
-                cell_spec = replace(
-                    spec.with_flat({"privacy.epsilon": epsilon, "federation.seed": seed, "model.adapter": adapter}),
-                    strategy=StrategyConfig(name=strategy, options=options),
-                )
-                path = out / run_label(strategy, adapter) / f"eps-{eps_label(epsilon)}" / f"seed-{seed}"
-                grid.append(Cell(cell_spec, path))
+        for client_epsilon in client_epsilons:
+            for epsilon in epsilons:
+                for strategy, adapter in pairs:
+                    # [strategy] options belong to the spec's own strategy; other strategies run with defaults
+                    options = spec.strategy.options if strategy == spec.strategy.name else ()
+                    flat = {"privacy.epsilon": epsilon, "privacy.client_epsilon": client_epsilon,
+                            "federation.seed": seed, "model.adapter": adapter}  # fmt: skip
+                    cell_spec = replace(spec.with_flat(flat), strategy=StrategyConfig(name=strategy, options=options))
+                    path = out / run_label(strategy, adapter)
+                    if sweep.client_epsilons:
+                        path = path / f"client-eps-{eps_label(client_epsilon)}"
+                    grid.append(Cell(cell_spec, path / f"eps-{eps_label(epsilon)}" / f"seed-{seed}"))
     return grid
 
 

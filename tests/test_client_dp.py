@@ -119,3 +119,18 @@ def test_the_flower_path_runs_client_level_dp_as_in_process(tmp_path):
     assert [r["clients"] for r in flower.history] == [r["clients"] for r in reference.history] == [[0], [], [1]]
     for name, tensor in reference.state.tensors.items():
         torch.testing.assert_close(flower.state.tensors[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_sweep_over_client_level_budgets_labels_and_places_each(tmp_path):
+    from fedpeft.sweep import cells
+
+    spec = tiny_spec(
+        federation__clients=8, federation__clients_per_round=4, sweep__strategies=["fedavg", "ffa"],
+        sweep__client_epsilons=[float("inf"), 4.0], sweep__seeds=[0],
+    )  # fmt: skip
+    grid = cells(spec, tmp_path)
+    assert [(c.spec.strategy.name, c.spec.privacy.client_epsilon) for c in grid] == [
+        ("fedavg", math.inf), ("ffa", math.inf), ("fedavg", 4.0), ("ffa", 4.0),
+    ]  # fmt: skip
+    assert grid[2].path == tmp_path / "fedavg" / "client-eps-4" / "eps-inf" / "seed-0"
+    assert grid[2].label == "fedavg (client ε=4) ε=inf seed 0" and grid[0].label == "fedavg ε=inf seed 0"
