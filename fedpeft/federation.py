@@ -149,12 +149,14 @@ class Federation:
             accepted, dropped = self._validate(rnd, results, run.state)
             # aggregate
             strategy_metrics: dict[str, float] = {}
+            norms: list[float] = []  # client-level DP: the updates' norms before clipping (curator's log)
             aggregated = len(accepted) >= fed.min_clients or self.client_dp is not None
             if aggregated:  # under client-level DP: one noised mean of the clipped updates, even of none
                 updates = accepted
                 if self.client_dp is not None:
                     seed = seed_for(fed.seed, rnd, 0, 1)
-                    updates = [self.client_dp.aggregate(accepted, run.state, list(self.plan.uploads), seed)]
+                    noised, norms = self.client_dp.aggregate(accepted, run.state, list(self.plan.uploads), seed)
+                    updates = [noised]
                 run.state, run.server_state, strategy_metrics = self.strategy.aggregate(
                     run.state, updates, rnd, run.server_state
                 )
@@ -182,6 +184,7 @@ class Federation:
                 **metrics,
                 "epsilon_max": max(run.epsilons.values()) if run.epsilons else (0.0 if self.sigmas else None),
                 "client_epsilon": self.client_dp.epsilon(rnd) if self.client_dp is not None else None,
+                **({"client_update_norm_median": float(np.median(norms))} if norms else {}),
                 "clients": [u.client_id for u in accepted],
                 "dropped": {str(k): v for k, v in dropped.items()},
                 "aggregated": aggregated,

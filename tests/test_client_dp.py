@@ -46,7 +46,8 @@ def test_the_noised_mean_is_the_clipped_sum_over_the_expected_count():
     updates = [ClientUpdate(k, 100 * (k + 1), {"x.lora_B.weight": 1 + d}) for k, d in enumerate(deltas)]
     mechanism = ClientLevelDP(rate=0.3, noise_multiplier=0.0, clip=1.0, num_clients=10, delta=1e-5,
                               accountant="rdp", secret=False)  # fmt: skip
-    out = mechanism.aggregate(updates, sent, ["x.lora_B.weight"], seed=0)
+    out, norms = mechanism.aggregate(updates, sent, ["x.lora_B.weight"], seed=0)
+    assert norms == pytest.approx([float(d.norm()) for d in deltas])
     big = deltas[1] / deltas[1].norm()  # clipped to norm S = 1; the small one passes unchanged
     expected = 1 + (deltas[0] + big) / 3.0  # divided by q_c N = 3, not by the 3 that came, nor by weight
     torch.testing.assert_close(out.tensors["x.lora_B.weight"], expected)
@@ -60,13 +61,13 @@ def test_noise_std_is_z_clip_over_expected_clients_even_with_no_client():
     sent = _state((200, 100))
     mechanism = ClientLevelDP(rate=0.25, noise_multiplier=1.5, clip=0.4, num_clients=8, delta=1e-5,
                               accountant="rdp", secret=False)  # fmt: skip
-    noise = mechanism.aggregate([], sent, ["x.lora_B.weight"], seed=3).tensors["x.lora_B.weight"] - 1
+    noise = mechanism.aggregate([], sent, ["x.lora_B.weight"], seed=3)[0].tensors["x.lora_B.weight"] - 1
     expected = 1.5 * 0.4 / 2.0
     assert abs(float(noise.std()) / expected - 1) < 0.03 and abs(float(noise.mean())) < 4 * expected / 141
-    again = mechanism.aggregate([], sent, ["x.lora_B.weight"], seed=3).tensors["x.lora_B.weight"] - 1
+    again = mechanism.aggregate([], sent, ["x.lora_B.weight"], seed=3)[0].tensors["x.lora_B.weight"] - 1
     assert torch.equal(noise, again)  # seeded: reproducible
     secret = ClientLevelDP(**{**mechanism.__dict__, "secret": True})
-    a, b = (secret.aggregate([], sent, ["x.lora_B.weight"], seed=3).tensors["x.lora_B.weight"] for _ in range(2))
+    a, b = (secret.aggregate([], sent, ["x.lora_B.weight"], seed=3)[0].tensors["x.lora_B.weight"] for _ in range(2))
     assert not torch.equal(a, b)  # secret: not from the seed
 
 

@@ -89,12 +89,17 @@ class ClientLevelDP:
         """Client-level epsilon after `rounds` rounds (every round counts, a client sampled or not)."""
         return epsilon(((self.noise_multiplier, self.rate, rounds),), self.delta, self.accountant) if rounds else 0.0
 
-    def aggregate(self, updates: list[ClientUpdate], sent: AdapterState, names: list[str], seed: int) -> ClientUpdate:
-        """One update carrying sent + (sum_k clip(u_k) + N(0, (z S)^2 I)) / (q_c N) on `names`."""
+    def aggregate(
+        self, updates: list[ClientUpdate], sent: AdapterState, names: list[str], seed: int
+    ) -> tuple[ClientUpdate, list[float]]:
+        """One update carrying sent + (sum_k clip(u_k) + N(0, (z S)^2 I)) / (q_c N) on `names`, and
+        the norms of the updates before clipping (for the curator's log, to choose S)."""
         generator = torch.Generator().manual_seed(secret_seed() if self.secret else seed)
         total = {n: torch.zeros_like(sent.tensors[n], dtype=torch.float64) for n in names}
+        norms = []
         for update in updates:
-            clipped, _ = clip_update(update, sent, self.clip)
+            clipped, norm = clip_update(update, sent, self.clip)
+            norms.append(norm)
             for n in names:
                 total[n] += clipped[n]
         expected = self.rate * self.num_clients
@@ -105,4 +110,4 @@ class ClientLevelDP:
             ).float()
             for n, t in total.items()
         }
-        return ClientUpdate(AGGREGATE_ID, 1, tensors)
+        return ClientUpdate(AGGREGATE_ID, 1, tensors), norms
