@@ -45,8 +45,11 @@ def collect(directory: Path) -> list[dict[str, Any]]:
     sweep_file = Path(directory) / "sweep.json"
     if sweep_file.exists():  # a sweep's tables list strategies (and families) in the order its spec gives
         spec = json.loads(sweep_file.read_text())
-        adapters = spec.get("sweep", {}).get("adapters") or [spec.get("model", {}).get("adapter")]
-        order = [run_label(s, a) for a in adapters for s in spec.get("sweep", {}).get("strategies") or []]
+        sweep = spec.get("sweep", {})
+        adapters = sweep.get("adapters") or [spec.get("model", {}).get("adapter")]
+        strategies = sweep.get("strategies") or [spec.get("strategy", {}).get("name")]
+        clients = [None if math.isinf(float(c)) else float(c) for c in sweep.get("client_epsilons") or ["inf"]]
+        order = [run_label(s, a, c) for c in clients for a in adapters for s in strategies]
         runs.sort(key=lambda r: order.index(r["strategy"]) if r["strategy"] in order else len(order))
     return runs
 
