@@ -16,7 +16,7 @@ from torch import nn
 
 from fedpeft.config import ModelConfig
 from fedpeft.data.base import TokenizedData
-from fedpeft.families import family_of, inject, load_family, save_family
+from fedpeft.families import FAMILIES, inject, load_family, save_family
 from fedpeft.models import MODELS, Tokenizer, build_model, label_name_rows
 from fedpeft.state import (
     BASE,
@@ -72,7 +72,7 @@ class AdaptedModel:
         self.seed = seed
         base, self.tokenizer = build_model(cfg.name, num_labels, cfg.layers, seed)
         self.targets = cfg.targets or MODELS.get(cfg.name).default_targets
-        self.family = family_of(cfg.adapter)
+        self.family = FAMILIES.get(cfg.adapter)
         if self.family.linear:
             inject(base, cfg.adapter, tuple(self.targets), cfg.rank, cfg.alpha / cfg.rank, cfg.dropout, seed)
             self.module, self.classifier, prefix = base.to(self.device), base, ""
@@ -298,7 +298,7 @@ def load_exported(directory: str | Path) -> tuple[nn.Module, Tokenizer]:
         raise FileNotFoundError(f"{directory} has no {EXPORT_META}; is it a fedpeft export?")
     meta = json.loads(meta_path.read_text())
     base, tokenizer = build_model(meta["model"], meta["num_labels"], meta["layers"], meta["seed"])
-    if family_of(meta.get("adapter", "lora")).linear:
+    if FAMILIES.get(meta.get("adapter", "lora")).linear:
         return load_family(base, directory, meta["seed"]).eval(), tokenizer
     if (directory / EXPORT_BASE).is_file():
         from safetensors.torch import load_file

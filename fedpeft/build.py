@@ -19,15 +19,25 @@ from fedpeft.privacy.accounting import ClientBudget, calibrate_budget
 from fedpeft.state import HEAD, AdapterState, kind_of
 from fedpeft.strategies import STRATEGIES, Strategy, make_strategy
 
-__all__ = ["Parts", "build_parts", "check_names", "client_budget", "client_budgets", "make_executor", "make_plan"]
+__all__ = [
+    "Parts",
+    "build_parts",
+    "check_names",
+    "runs_family",
+    "client_budget",
+    "client_budgets",
+    "make_executor",
+    "make_plan",
+]
 
 
 def check_names(spec: Spec) -> None:
-    """Unknown registry names fail before any work, each listing the valid ones, and so does an
-    adapter family that the strategy or the executor cannot run."""
+    """Unknown registry names fail before any work, each listing the valid ones, and so does a
+    combination that cannot run: an adapter family the strategy cannot aggregate, client-level DP
+    with a strategy that needs more than the sum of the updates."""
     MODELS.get(spec.model.name)
     DATASETS.get(spec.data.name)
-    strategy = STRATEGIES.get(spec.strategy.name)
+    STRATEGIES.get(spec.strategy.name)
     EXECUTORS.get(spec.federation.executor)
     if spec.privacy.client_enabled and not make_strategy(spec.strategy.name, spec.strategy.kwargs).sum_only:
         valid = ", ".join(n for n in STRATEGIES.names() if _sum_only(n))
@@ -35,17 +45,21 @@ def check_names(spec: Spec) -> None:
             f"client-level DP (privacy.client_epsilon) noises the sum of the clients' updates, so it needs a "
             f"strategy whose server step uses only that sum; {spec.strategy.name!r} does not: use {valid}"
         )
-    family = FAMILIES.get(spec.model.adapter)
-    if not family.linear:
-        return
-    if not strategy.any_family:
-        valid = ", ".join(n for n in STRATEGIES.names() if STRATEGIES.get(n).any_family)
+    adapter = spec.model.adapter
+    if not runs_family(spec.strategy.name, adapter):
+        valid = ", ".join(n for n in STRATEGIES.names() if runs_family(n, adapter))
         raise ConfigError(
-            f"strategy {spec.strategy.name!r} works on LoRA's factors B and A; model.adapter = {family.name!r} "
+            f"strategy {spec.strategy.name!r} works on LoRA's factors B and A; model.adapter = {adapter!r} "
             f"trains one tensor whose weight change is linear, so plain averaging is exact: use {valid}"
         )
-    if spec.model.client_ranks:
-        raise ConfigError(f"model.client_ranks are LoRA ranks; model.adapter = {family.name!r} has none")
+    if FAMILIES.get(adapter).linear and spec.model.client_ranks:
+        raise ConfigError(f"model.client_ranks are LoRA ranks; model.adapter = {adapter!r} has none")
+
+
+def runs_family(strategy: str, adapter: str) -> bool:
+    """Whether `strategy` can aggregate what `adapter` trains: LoRA runs with every strategy, a
+    linear family only with those that treat every upload alike (`Strategy.any_family`)."""
+    return not FAMILIES.get(adapter).linear or STRATEGIES.get(strategy).any_family
 
 
 def _sum_only(name: str) -> bool:

@@ -26,6 +26,7 @@ named `theta` whose per-example gradients Opacus computes (nn.Linear, or `Diagon
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from torch import nn
 from fedpeft.registry import Registry
 from fedpeft.state import LORA_A, LORA_B, THETA
 
-__all__ = ["AdapterFamily", "FAMILIES", "FamilyLinear", "Diagonal", "inject", "replace_linear", "family_of"]
+__all__ = ["AdapterFamily", "FAMILIES", "FamilyLinear", "Diagonal", "inject", "replace_linear"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -62,10 +63,6 @@ class AdapterFamily:
 
 
 FAMILIES: Registry[AdapterFamily] = Registry("adapter family")
-
-
-def family_of(name: str) -> AdapterFamily:
-    return FAMILIES.get(name)
 
 
 class Diagonal(nn.Module):
@@ -130,15 +127,26 @@ class FamilyLinear(nn.Module):
         return self.base_layer(x) + self.scale * self.adapter(F.dropout(x, self.dropout, self.training))
 
 
-class SVDLinear(FamilyLinear):
+class FramedLinear(FamilyLinear):
+    """A family acting between W0's top-r singular frames: delta W = U_r M(theta) V_r^T, with
+    theta (`new_theta`) mapping the r frame coordinates of x to r."""
+
+    def new_theta(self) -> nn.Module:
+        raise NotImplementedError
+
     def setup(self, weight: torch.Tensor, seed: int) -> None:
         u, v = top_singular_frames(weight, self.rank)
         self.register_buffer("u", u.to(weight.device))
         self.register_buffer("v", v.to(weight.device))
-        self.theta = Diagonal(self.rank).to(weight.device)
+        self.theta = self.new_theta().to(weight.device)
 
     def adapter(self, x: torch.Tensor) -> torch.Tensor:
         return self.theta(x @ self.v) @ self.u.T
+
+
+class SVDLinear(FramedLinear):
+    def new_theta(self) -> nn.Module:
+        return Diagonal(self.rank)
 
     def delta(self) -> torch.Tensor:
         return (self.u * self.theta.weight) @ self.v.T
@@ -147,16 +155,11 @@ class SVDLinear(FamilyLinear):
         return ((x @ self.v) * thetas[:, None, :]) @ self.u.T
 
 
-class CoreLinear(FamilyLinear):
-    def setup(self, weight: torch.Tensor, seed: int) -> None:
-        u, v = top_singular_frames(weight, self.rank)
-        self.register_buffer("u", u.to(weight.device))
-        self.register_buffer("v", v.to(weight.device))
-        self.theta = nn.Linear(self.rank, self.rank, bias=False).to(weight.device)
-        nn.init.zeros_(self.theta.weight)
-
-    def adapter(self, x: torch.Tensor) -> torch.Tensor:
-        return self.theta(x @ self.v) @ self.u.T
+class CoreLinear(FramedLinear):
+    def new_theta(self) -> nn.Module:
+        core = nn.Linear(self.rank, self.rank, bias=False)
+        nn.init.zeros_(core.weight)
+        return core
 
     def delta(self) -> torch.Tensor:
         return self.u @ self.theta.weight @ self.v.T
@@ -230,11 +233,11 @@ def inject(
 ) -> dict[str, nn.Module]:
     """Put a linear family's layer (or `wrap` of it) in place of each target; layer i's public
     seed is seed + 1 + i (PaCA's columns). The frozen base weights stay as they were."""
-    klass = family_of(family).layer
+    klass = FAMILIES.get(family).layer
     if klass is None:
         raise ValueError("inject builds the linear families; LoRA is injected by PEFT")
     _register_opacus()
-    index = iter(range(10**9))
+    index = itertools.count()
 
     def make(_: str, child: nn.Linear) -> nn.Module:
         layer = klass(child, rank, scale, dropout, seed + 1 + next(index))

@@ -297,7 +297,7 @@ class Federation:
             "epsilon_per_client": {str(k): v for k, v in sorted(epsilons.items())} if spec.privacy.enabled else None,
             "target_epsilon": spec.privacy.epsilon if spec.privacy.enabled else None,
             # client-level DP-FedAvg: epsilon of the whole run for any one client's data, and its z
-            "client_epsilon": self.client_dp.epsilon(len(history)) if self.client_dp is not None else None,
+            "client_epsilon": last.get("client_epsilon"),
             "client_target_epsilon": spec.privacy.client_epsilon if self.client_dp is not None else None,
             "client_noise_multiplier": self.client_dp.noise_multiplier if self.client_dp is not None else None,
             "delta": spec.privacy.delta if spec.privacy.enabled else None,

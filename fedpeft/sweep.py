@@ -9,6 +9,7 @@ sweep is written to DIR/sweep.json; a second start with a different spec is refu
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass, replace
@@ -16,15 +17,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedpeft.build import check_names
+from fedpeft.build import check_names, runs_family
 from fedpeft.config import ConfigError, Spec, StrategyConfig
-from fedpeft.families import FAMILIES
 from fedpeft.federation import Federation
 from fedpeft.progress import ProgressDisplay, make_console
 from fedpeft.report import eps_label, run_label, write_report
 from fedpeft.runfiles import SUMMARY, has_checkpoint, write_json
 from fedpeft.spec_io import spec_diff
-from fedpeft.strategies import STRATEGIES
 
 __all__ = ["Cell", "cells", "run_sweep"]
 
@@ -55,26 +54,25 @@ def cells(spec: Spec, out: Path) -> list[Cell]:
     epsilons = sweep.epsilons or (spec.privacy.epsilon,)
     client_epsilons = sweep.client_epsilons or (spec.privacy.client_epsilon,)
     seeds = sweep.seeds or (spec.federation.seed,)
-    pairs = [(s, a) for a in adapters for s in strategies if not FAMILIES.get(a).linear or STRATEGIES.get(s).any_family]
+    pairs = [(s, a) for a in adapters for s in strategies if runs_family(s, a)]
     if not pairs:
         raise ConfigError(
             f"no strategy of sweep.strategies {list(strategies)} runs the adapter families {list(adapters)}; "
             "the linear families run with fedavg"
         )
     grid = []
-    for seed in seeds:
-        for client_epsilon in client_epsilons:
-            for epsilon in epsilons:
-                for strategy, adapter in pairs:
-                    # [strategy] options belong to the spec's own strategy; other strategies run with defaults
-                    options = spec.strategy.options if strategy == spec.strategy.name else ()
-                    flat = {"privacy.epsilon": epsilon, "privacy.client_epsilon": client_epsilon,
-                            "federation.seed": seed, "model.adapter": adapter}  # fmt: skip
-                    cell_spec = replace(spec.with_flat(flat), strategy=StrategyConfig(name=strategy, options=options))
-                    path = out / run_label(strategy, adapter)
-                    if sweep.client_epsilons:
-                        path = path / f"client-eps-{eps_label(client_epsilon)}"
-                    grid.append(Cell(cell_spec, path / f"eps-{eps_label(epsilon)}" / f"seed-{seed}"))
+    for seed, client_epsilon, epsilon, (strategy, adapter) in itertools.product(
+        seeds, client_epsilons, epsilons, pairs
+    ):
+        # [strategy] options belong to the spec's own strategy; other strategies run with defaults
+        options = spec.strategy.options if strategy == spec.strategy.name else ()
+        flat = {"privacy.epsilon": epsilon, "privacy.client_epsilon": client_epsilon,
+                "federation.seed": seed, "model.adapter": adapter}  # fmt: skip
+        cell_spec = replace(spec.with_flat(flat), strategy=StrategyConfig(name=strategy, options=options))
+        path = out / run_label(strategy, adapter)
+        if sweep.client_epsilons:
+            path = path / f"client-eps-{eps_label(client_epsilon)}"
+        grid.append(Cell(cell_spec, path / f"eps-{eps_label(epsilon)}" / f"seed-{seed}"))
     return grid
 
 

@@ -35,7 +35,7 @@ from fedpeft.executors.cohort_layers import (
     CohortLoRALinear,
     length_buckets,
 )
-from fedpeft.families import family_of, inject, replace_linear
+from fedpeft.families import FAMILIES, inject, replace_linear
 from fedpeft.models import MODELS, build_model
 from fedpeft.privacy.accounting import ClientBudget, sample_rate
 from fedpeft.privacy.randomness import gaussian
@@ -86,7 +86,7 @@ class CohortExecutor(InProcess):
         targets = tuple(cfg.targets or MODELS.get(cfg.name).default_targets)
         scale = cfg.alpha / cfg.rank
         self.layers: dict[str, CohortLinear]
-        if family_of(cfg.adapter).linear:  # the same layers (frames, PaCA's columns) as AdaptedModel's
+        if FAMILIES.get(cfg.adapter).linear:  # the same layers (frames, PaCA's columns) as AdaptedModel's
             self.layers = inject(
                 self.model, cfg.adapter, targets, cfg.rank, scale, cfg.dropout, seed, CohortFamilyLinear
             )

@@ -66,7 +66,7 @@ class CohortFamilyLinear(CohortLinear):
 
     def __init__(self, layer: FamilyLinear) -> None:
         super().__init__(layer.base_layer)
-        self.layer = layer  # its frozen frames; its own theta is unused here
+        self.layer = layer.requires_grad_(False)  # its frozen frames; its own theta is unused here
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
