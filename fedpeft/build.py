@@ -34,16 +34,20 @@ __all__ = [
 def check_names(spec: Spec) -> None:
     """Unknown registry names fail before any work, each listing the valid ones, and so does a
     combination that cannot run: an adapter family the strategy cannot aggregate, client-level DP
-    with a strategy that needs more than the sum of the updates."""
+    or secure aggregation with a strategy that needs more than the sum of the updates."""
     MODELS.get(spec.model.name)
     DATASETS.get(spec.data.name)
     STRATEGIES.get(spec.strategy.name)
     EXECUTORS.get(spec.federation.executor)
-    if spec.privacy.client_enabled and not make_strategy(spec.strategy.name, spec.strategy.kwargs).sum_only:
+    sum_users = [what for on, what in (
+        (spec.privacy.client_enabled, "client-level DP (privacy.client_epsilon) noises"),
+        (spec.federation.secagg, "secure aggregation (federation.secagg) reveals only"),
+    ) if on]  # fmt: skip
+    if sum_users and not make_strategy(spec.strategy.name, spec.strategy.kwargs).sum_only:
         valid = ", ".join(n for n in STRATEGIES.names() if _sum_only(n))
         raise ConfigError(
-            f"client-level DP (privacy.client_epsilon) noises the sum of the clients' updates, so it needs a "
-            f"strategy whose server step uses only that sum; {spec.strategy.name!r} does not: use {valid}"
+            f"{sum_users[0]} the sum of the clients' updates, so it needs a strategy whose server step "
+            f"uses only that sum; {spec.strategy.name!r} does not: use {valid}"
         )
     adapter = spec.model.adapter
     if not runs_family(spec.strategy.name, adapter):

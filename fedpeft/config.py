@@ -54,7 +54,10 @@ class FederationConfig:
             "inf waits for every node (one that goes offline still answers, with an error)"
         ),
     )
-
+    secagg: bool = field(
+        default=False,
+        metadata=_help("Flower: SecAgg+ (the server learns only the sum of the updates); sum-only strategies"),
+    )
     eval_every: int = field(
         default=1, metadata=_help("evaluate the global model every N rounds (the last round always); others log null")
     )
@@ -221,10 +224,7 @@ class PrivacyConfig:
         _require(self.clip > 0, f"privacy.clip must be > 0 (got {self.clip})")
         _require(self.client_epsilon > 0, f"privacy.client_epsilon must be > 0 or inf (got {self.client_epsilon})")
         _require(self.client_clip > 0, f"privacy.client_clip must be > 0 (got {self.client_clip})")
-        _require(
-            self.accountant in ("prv", "rdp"),
-            f"privacy.accountant must be prv or rdp (got {self.accountant!r})",
-        )
+        _require(self.accountant in ("prv", "rdp"), f"privacy.accountant must be prv or rdp (got {self.accountant!r})")
         _require(self.noise in ("seeded", "secret"), f"privacy.noise must be seeded or secret (got {self.noise!r})")
 
     @property

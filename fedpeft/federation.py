@@ -26,7 +26,7 @@ from fedpeft.build import build_parts, client_budgets, make_executor
 from fedpeft.client import LocalTraining, evaluate
 from fedpeft.config import ConfigError, Spec, client_rank
 from fedpeft.data import FederatedData
-from fedpeft.executors import ClientFailure, Executor
+from fedpeft.executors import ClientFailure, Executor, SecureSum
 from fedpeft.privacy.accounting import calibrate_sigma
 from fedpeft.privacy.client_level import ClientLevelDP
 from fedpeft.runfiles import SUMMARY, has_checkpoint, load_checkpoint, locked, save_checkpoint, write_json, write_rounds
@@ -95,6 +95,11 @@ class Federation:
     @classmethod
     def build(cls, spec: Spec, executor: Executor | None = None) -> Federation:
         """Validate names and options, load the model and data, calibrate sigma per client."""
+        if spec.federation.secagg and executor is None:
+            raise ConfigError(
+                "federation.secagg is Flower's SecAgg+ between the server and its nodes: run it with `flwr run .` "
+                "(Flower's simulation or a deployment), not in-process"
+            )
         parts = build_parts(spec)
         budgets = client_budgets(spec, parts.data.clients)
         if executor is None:
@@ -144,28 +149,37 @@ class Federation:
             train_tic = time.perf_counter()
             results = self.executor.run_round(rnd, sampled, run.state, self.plan, seeds, on_client)
             train_seconds = time.perf_counter() - train_tic
+            if fed.secagg and any(type(r) is ClientUpdate for r in results):
+                raise RuntimeError("under federation.secagg the executor returned an individual update")
             bytes_down = sum(self._download_bytes(run, cid) for cid in sampled)
             # validate
             accepted, dropped = self._validate(rnd, results, run.state)
+            # under secure aggregation one SecureSum stands for its members; else each update for itself
+            secure = next((u for u in accepted if isinstance(u, SecureSum)), None)
+            reports = list(secure.members.items()) if secure else [(u.client_id, u.metrics) for u in accepted]
             # aggregate
             strategy_metrics: dict[str, float] = {}
             norms: list[float] = []  # client-level DP: the updates' norms before clipping (curator's log)
-            aggregated = len(accepted) >= fed.min_clients or self.client_dp is not None
-            if aggregated:  # under client-level DP: one noised mean of the clipped updates, even of none
+            z_round = self.client_dp.noise_multiplier if self.client_dp is not None else None
+            aggregated = len(reports) >= fed.min_clients or (self.client_dp is not None and not fed.secagg)
+            if aggregated:  # under central client-level DP: one noised mean of the clipped updates, even of none
                 updates = accepted
-                if self.client_dp is not None:
+                if self.client_dp is not None and secure is not None:  # distributed: the nodes noised it
+                    updates = [self.client_dp.finish(secure, run.state, len(reports))]
+                    z_round = self.client_dp.realised(len(reports), secure.noise_shares)
+                elif self.client_dp is not None:
                     seed = seed_for(fed.seed, rnd, 0, 1)
                     noised, norms = self.client_dp.aggregate(accepted, run.state, list(self.plan.uploads), seed)
                     updates = [noised]
                 run.state, run.server_state, strategy_metrics = self.strategy.aggregate(
                     run.state, updates, rnd, run.server_state
                 )
-                run.base_bytes.append(self._base_change_bytes(run.state, len(accepted)))
+                run.base_bytes.append(self._base_change_bytes(run.state, len(reports)))
             else:
                 run.base_bytes.append(0.0)
                 log.warning(
                     "round %d: only %d valid update(s) < min_clients=%d; global adapter unchanged",
-                    rnd, len(accepted), fed.min_clients,
+                    rnd, len(reports), fed.min_clients,
                 )  # fmt: skip
             # evaluate (every eval_every rounds, and the last)
             if rnd % fed.eval_every == 0 or rnd == fed.rounds:
@@ -173,23 +187,24 @@ class Federation:
             else:
                 metrics = {"accuracy": None, "loss": None}
             # account
-            for update in accepted:
-                if "epsilon" in update.metrics:
-                    run.epsilons[update.client_id] = float(update.metrics["epsilon"])
-                if "sigma" in update.metrics and self.sigmas is not None:  # a node's own (its own data size)
-                    self.sigmas[update.client_id] = float(update.metrics["sigma"])
+            for cid, reported in reports:
+                if "epsilon" in reported:
+                    run.epsilons[cid] = float(reported["epsilon"])
+                if "sigma" in reported and self.sigmas is not None:  # a node's own (its own data size)
+                    self.sigmas[cid] = float(reported["sigma"])
             run.elapsed += time.perf_counter() - tic
             record = {
                 "round": rnd,
                 **metrics,
                 "epsilon_max": max(run.epsilons.values()) if run.epsilons else (0.0 if self.sigmas else None),
-                "client_epsilon": self.client_dp.epsilon(rnd) if self.client_dp is not None else None,
+                "client_epsilon": self._client_epsilon(run.history, z_round),
+                **({"client_noise_multiplier": z_round} if z_round is not None else {}),
                 **({"client_update_norm_median": float(np.median(norms))} if norms else {}),
-                "clients": [u.client_id for u in accepted],
+                "clients": [cid for cid, _ in reports],
                 "dropped": {str(k): v for k, v in dropped.items()},
                 "aggregated": aggregated,
-                "train_loss": _mean([u.metrics.get("train_loss", math.nan) for u in accepted]),
-                "bytes_up": sum(self._upload_bytes(u, run.state) for u in accepted),
+                "train_loss": _mean([m.get("train_loss", math.nan) for _, m in reports]),
+                "bytes_up": sum(self._upload_bytes(u, run.state) * (len(reports) if secure else 1) for u in accepted),
                 "bytes_down": bytes_down,
                 "adapter_change": self.model.relative_change(run.state),  # mean ||W - W0|| / ||W0||
                 "seconds": time.perf_counter() - tic,
@@ -216,13 +231,23 @@ class Federation:
         for result in results:
             if isinstance(result, ClientFailure):
                 dropped[result.client_id] = result.reason
-            elif (reason := validate_update(result, list(self.plan.uploads), state, self._limits)) is not None:
+            elif (reason := self._check(result, state)) is not None:
                 dropped[result.client_id] = f"update rejected: {reason}"
             else:
                 accepted.append(result)
                 continue
             log.warning("round %d: client %d: %s", rnd, result.client_id, dropped[result.client_id])
         return accepted, dropped
+
+    def _check(self, update: ClientUpdate, state: AdapterState) -> str | None:
+        noised = self.client_dp is not None  # a SecureSum under distributed client-level DP carries noise
+        return validate_update(update, list(self.plan.uploads), state, self._limits, sum_noised=noised)
+
+    def _client_epsilon(self, history: list[dict[str, Any]], z_round: float | None) -> float | None:
+        """Client-level epsilon after this round, from every round's realised noise multiplier."""
+        if self.client_dp is None:
+            return None
+        return self.client_dp.epsilon(len(history) + 1, [r["client_noise_multiplier"] for r in history] + [z_round])
 
     @functools.cached_property
     def _limits(self) -> UpdateLimits:

@@ -9,6 +9,7 @@ sent, so anything farther is not an honest client's and is dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -80,10 +81,19 @@ def _padding_is_zero(update: ClientUpdate) -> str | None:
 
 
 def validate_update(
-    update: ClientUpdate, expected: list[str], reference: AdapterState, limits: UpdateLimits | None = None
-) -> str | None:
+    update: ClientUpdate, expected: list[str], reference: AdapterState, limits: UpdateLimits | None = None,
+    sum_noised: bool = False,
+) -> str | None:  # fmt: skip
     """Why `update` must not be aggregated, or None if it is sound. `reference`: what the client
-    was sent (the global adapter)."""
+    was sent (the global adapter).
+
+    A securely aggregated mean (any update with `members`, fedpeft.executors.SecureSum) is checked
+    against the loosest bound any honest member has: a convex combination of changes stays within
+    the largest of their bounds. With `sum_noised` (distributed client-level DP noise inside it)
+    only its form is checked. A mean that fails is dropped whole: no member can be singled out."""
+    if hasattr(update, "members"):
+        update = dataclasses.replace(update, num_examples=1, metrics={})
+        limits = None if sum_noised else limits
     if set(update.tensors) != set(expected):
         missing, extra = set(expected) - set(update.tensors), set(update.tensors) - set(expected)
         return f"wrong tensors (missing {sorted(missing)[:2]}, unexpected {sorted(extra)[:2]})"

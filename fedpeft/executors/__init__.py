@@ -5,10 +5,11 @@ executor lives in fedpeft.flower.
 """
 
 from fedpeft.executors import cohort, sequential  # noqa: F401  (register)
-from fedpeft.executors.base import EXECUTORS, ClientFailure, ClientResult, ClientStore, Executor
+from fedpeft.executors.base import EXECUTORS, ClientFailure, ClientResult, ClientStore, Executor, SecureSum
 from fedpeft.executors.cohort import CohortExecutor
 from fedpeft.executors.sequential import SequentialExecutor
 
 __all__ = [
-    "EXECUTORS", "ClientFailure", "ClientResult", "ClientStore", "CohortExecutor", "Executor", "SequentialExecutor",
+    "EXECUTORS", "ClientFailure", "ClientResult", "ClientStore", "CohortExecutor", "Executor", "SecureSum",
+    "SequentialExecutor",
 ]  # fmt: skip

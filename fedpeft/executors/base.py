@@ -10,7 +10,7 @@ clients' state to that store for one round (`adopt`) and takes it back (`release
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Union
 
 import torch
@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from fedpeft.adapters import AdaptedModel
     from fedpeft.config import Spec
 
-__all__ = ["ClientFailure", "ClientResult", "ClientStore", "Executor", "EXECUTORS", "ExecutorFactory"]
+__all__ = [
+    "ClientFailure", "ClientResult", "ClientStore", "Executor", "EXECUTORS", "ExecutorFactory", "SecureSum",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,19 @@ class ClientFailure:
     client_id: int
     reason: str
     refused: bool = False
+
+
+@dataclass
+class SecureSum(ClientUpdate):
+    """A round under secure aggregation: only the clients' aggregate reached the server, as one
+    update. `tensors`: what was sent + the weighted mean of the members' changes (under
+    distributed client-level DP, the unweighted mean of their clipped, noised changes);
+    `num_examples`: the sum of their weights; `members`: the clients inside it, with the public
+    metrics each reported in the clear (epsilon, sigma); `noise_shares`: under distributed
+    client-level DP, how many clients were asked to add a share of the noise."""
+
+    members: dict[int, dict[str, float]] = field(default_factory=dict)
+    noise_shares: int = 0
 
 
 ClientResult = Union[ClientUpdate, ClientFailure]

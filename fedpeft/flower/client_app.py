@@ -15,7 +15,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedpeft.config import ConfigError
-from fedpeft.flower import wire
+from fedpeft.flower import secagg, wire
 from fedpeft.flower.node import Node, partition_id
 
 __all__ = ["app", "make_app"]
@@ -52,10 +52,13 @@ def make_app(node: Node | None = None) -> ClientApp:
         parts = int(context.node_config.get(wire.NUM_PARTITIONS, -1))
         return Message(wire.query_reply(partition_id(context), parts), reply_to=message)
 
-    @client_app.train()
+    @client_app.train(mods=[secagg.when_asked])
     @_errors_name_no_data
     def train(message: Message, context: Context) -> Message:
-        """One round of this node's sampled clients; the reply carries every upload."""
+        """One round of this node's sampled clients; the reply carries every upload (under
+        secure aggregation, their weighted mean, which Flower's secaggplus mod masks)."""
+        if wire.is_secure_train(message.content):
+            return Message(secagg.node_reply(node, message.content, context), reply_to=message)
         request = wire.read_train(message.content)
         results = node.train(request, context)
         private = node.worker(request.spec_json).spec.privacy.enabled

@@ -26,8 +26,9 @@ from flwr.serverapp import Grid
 
 from fedpeft.client import LocalTraining
 from fedpeft.config import ConfigError, Spec
-from fedpeft.executors.base import ClientFailure, ClientResult, Scores
-from fedpeft.flower import wire
+from fedpeft.executors.base import ClientFailure, ClientResult, Scores, SecureSum
+from fedpeft.flower import secagg, wire
+from fedpeft.privacy.client_level import AGGREGATE_ID
 from fedpeft.state import AdapterState
 
 __all__ = ["FlowerExecutor"]
@@ -145,6 +146,8 @@ class FlowerExecutor:
                 results[cid] = ClientFailure(cid, f"no connected node holds client {cid}")
             else:
                 groups.setdefault(nid, []).append(cid)
+        if self.spec.federation.secagg:
+            return self._secure(round_num, global_state, plan, seeds, groups, results, on_client)
         messages = []
         for nid, cids in groups.items():
             # under DP no seeds: every node draws its clients' batches and noise in secret
@@ -163,6 +166,61 @@ class FlowerExecutor:
                 if cid not in results:
                     results[cid] = ClientFailure(cid, f"node {nid} sent no reply (waited {waited})")
         return [results[cid] for cid in client_ids]
+
+    def _secure(
+        self, round_num: int, global_state: AdapterState, plan: LocalTraining, seeds: dict[int, int],
+        groups: dict[int, list[int]], failed: dict[int, ClientResult], on_client: Callable[[int], None] | None,
+    ) -> list[ClientResult]:  # fmt: skip
+        """A SecAgg+ round (fedpeft.flower.secagg): one SecureSum of the nodes that stayed, and a
+        ClientFailure for every client outside it; no single node's update is ever held here."""
+        results: list[ClientResult] = list(failed.values())
+        asked = [c for cids in groups.values() for c in cids]
+
+        def fail(cids: list[int], why: str) -> list[ClientResult]:
+            return results + [ClientFailure(c, why) for c in cids]
+
+        if not 2 <= len(groups) < secagg.MAX_NODES:
+            return fail(
+                asked,
+                f"secure aggregation needs 2 to {secagg.MAX_NODES - 1} nodes in a round; {len(groups)} had clients",
+            )
+        adapter = {name: t for name, t in global_state.tensors.items() if name not in plan.keeps}
+        names = list(plan.uploads)
+        shares = len(asked) if self.spec.privacy.client_enabled else 0
+        per_client = 1 if shares else plan.batch_size * plan.steps  # the largest honest aggregation weight
+        max_weight = per_client * max(len(cids) for cids in groups.values())
+        instructions = {
+            nid: wire.secure_fitins(round_num, cids, self.spec_json, adapter, names, shares, max_weight,
+                                    [seeds[c] for c in cids] if not self.spec.privacy.enabled else None)
+            for nid, cids in groups.items()
+        }  # fmt: skip
+        replies = secagg.secure_round(self.grid, round_num, instructions, max_weight, self.timeout)
+        if not replies:
+            return fail(asked, "secure aggregation halted: too few nodes stayed to unmask the sum (log: SecAgg+)")
+        members: dict[int, dict[str, float]] = {}
+        for nid, fitres in replies:
+            try:
+                trained, refused = wire.read_secure_metrics(fitres.metrics, groups[nid])
+            except (ValueError, KeyError) as exc:  # its vector is in the sum already: the round cannot use it
+                return fail(asked, f"node {nid} sent malformed metrics inside the secure sum ({exc}); round dropped")
+            members.update(trained)
+            results += [ClientFailure(c, why, refused=True) for c, why in refused.items()]
+        inside = {nid for nid, _ in replies}
+        for nid, cids in groups.items():
+            if nid not in inside:
+                results = fail(cids, f"node {nid} dropped out of secure aggregation")
+        weight = sum(fitres.num_examples for _, fitres in replies)
+        if not members or weight <= 0:
+            return results
+        mean = secagg.aggregate_mean(replies)
+        tensors = {
+            n: (adapter[n].double() + m.reshape(adapter[n].shape)).to(adapter[n].dtype)
+            for n, m in zip(names, mean, strict=True)
+        }
+        if on_client is not None:
+            for cid in members:
+                on_client(cid)
+        return [SecureSum(AGGREGATE_ID, int(weight), tensors, members=members, noise_shares=shares), *results]
 
     def _exchange(self, messages: list[Message], timeout: float | None = None) -> list[tuple[int, Message]]:
         """Send, wait (up to `timeout`, default federation.timeout) and pair each reply with the node

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -76,8 +77,8 @@ class LocalGrid(Grid):
                 reply.metadata.__dict__["_src_node_id"] = 1
                 replies.append(reply)
                 continue
-            try:
-                reply = self.app(message, self.contexts[nid])
+            try:  # a copy, as a real grid delivers a deserialised one (SecAgg+ shares one content)
+                reply = self.app(message_from_proto(message_to_proto(message)), self.contexts[nid])
             except Exception as exc:  # what a SuperNode does with a ClientApp exception
                 reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
             if training and nid in self.tamper:

@@ -13,6 +13,10 @@ One RecordDict per message:
   server -> node  evaluate  adapter, config (spec JSON)
   node -> server  evaluate  metrics.<c> (MetricRecord) per client with a personalised model
 
+Under secure aggregation (fedpeft.flower.secagg) a round is SecAgg+'s four train messages; the one
+that trains carries a legacy FitIns (the adapter; round, clients, spec, names, shares, max_weight)
+and the node's FitRes parameters are masked and removed by the secaggplus mod before it leaves.
+
 What may leave a node is written once, in REPLY_FIELDS: every value of a node's replies (train
 replies unprefixed, the others as "query:" and "evaluate:"), whether it is DP output or a function
 of public values, and why. Under DP, `train_reply` sends nothing else (tests/test_privacy.py walks
@@ -27,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
 
 from fedpeft.config import Spec
 from fedpeft.executors.base import ClientFailure, ClientResult
@@ -35,7 +41,8 @@ from fedpeft.state import ClientUpdate
 __all__ = [
     "NUM_PARTITIONS", "PARTITION_ID", "TrainRequest", "from_record", "node_clients", "query_reply", "read_evaluate",
     "read_evaluate_reply", "read_query_reply", "read_train", "read_train_reply", "spec_from_json", "spec_to_json",
-    "to_record", "evaluate_message", "evaluate_reply", "train_message", "train_reply",
+    "to_record", "evaluate_message", "evaluate_reply", "train_message", "train_reply", "SecureTrain", "secure_fitins",
+    "is_secure_train", "read_secure_train", "secure_reply", "read_secure_metrics",
 ]  # fmt: skip
 
 # node config keys (set by Flower's simulation, or --node-config on a SuperNode)
@@ -58,6 +65,10 @@ RANK = "rank"
 DP_OUTPUT = "DP output"
 PUBLIC = "public"
 NON_PRIVATE = "privacy off only"
+INDEPENDENT = "independent of the data"  # secure aggregation's key material: fresh randomness
+_PROTOCOL = {"pk1": "public key", "pk2": "public key", "dsts": "share destinations", "ctxts": "encrypted key shares"}
+_PROTOCOL |= {"nids": "owners of key shares", "shares": "key shares"}
+# fmt: off
 REPLY_FIELDS: dict[str, tuple[str, str]] = {
     "update.<c>": (DP_OUTPUT, "the uploaded adapter tensors after DP-SGD: clipped, noised, post-processed"),
     "metrics.<c>.steps": (PUBLIC, "train.local_steps: every step is taken, an empty Poisson sample too"),
@@ -65,14 +76,20 @@ REPLY_FIELDS: dict[str, tuple[str, str]] = {
     "metrics.<c>.sigma": (PUBLIC, "calibrated from the spec and the client's public size"),
     "metrics.<c>.num_examples": (PUBLIC, "the aggregation weight q * public size * steps"),
     "metrics.<c>.rank": (PUBLIC, "the client's LoRA rank, from the spec's model.client_ranks"),
-    "status.refused": (
-        PUBLIC,
-        "clients that did not train and why: the budget check (a function of the public ledger) or the "
-        "node's policy, which the node states",
-    ),
+    "status.refused": (PUBLIC, "clients that did not train and why: the budget check (a function of the public "
+                       "ledger) or the node's policy, which the node states"),
     "metrics.<c>.train_loss": (NON_PRIVATE, "mean loss on the sampled batches: a statistic of the private data"),
     "metrics.<c>.examples_seen": (NON_PRIVATE, "how many examples the Poisson samples drew: private"),
     "metrics.<c>.seconds": (NON_PRIVATE, "the client's training time: a timing channel"),
+    **{f"secure:fitres.metrics.metrics.<c>.{key}": (PUBLIC, f"as metrics.<c>.{key}, in the clear beside the sum")
+       for key in ("epsilon", "sigma", "steps", "num_examples")},
+    "secure:fitres.metrics.refused": (PUBLIC, "as status.refused"),
+    "secure:fitres.num_examples.num_examples": (PUBLIC, "the node's weight: the sum of its clients' public weights"),
+    **{f"secure:fitres.status.{key}": (PUBLIC, "the legacy FitRes status: always OK") for key in ("code", "message")},
+    **{f"secure:secaggplus_configs.{key}": (INDEPENDENT, f"SecAgg+ {what}: fresh key material, no function of data")
+       for key, what in _PROTOCOL.items()},
+    "secure:secaggplus_configs.masked_params": (DP_OUTPUT, "the node's weighted mean change (of DP-SGD output; "
+        "under distributed client-level DP clipped and noised too), quantised and masked: uniform without the masks"),
     "query:config.partition-id": (PUBLIC, "the node's partition: its node config, which the operator sets"),
     "query:config.num-partitions": (PUBLIC, "how many partitions: node config"),
     "evaluate:metrics.<c>.accuracy": (
@@ -82,6 +99,7 @@ REPLY_FIELDS: dict[str, tuple[str, str]] = {
     ),
     "evaluate:metrics.<c>.loss": (DP_OUTPUT, "as evaluate:metrics.<c>.accuracy"),
 }
+# fmt: on
 _METRICS_UNDER_DP = frozenset(
     key.removeprefix("metrics.<c>.")
     for key, (kind, _) in REPLY_FIELDS.items()
@@ -226,6 +244,79 @@ def _read_train_reply(content: RecordDict, cid: int, nid: int) -> ClientResult:
     if rank is not None and not isinstance(rank, int):
         raise _Malformed(f"{metrics_key(cid)}.{RANK} = {rank!r} is not an integer")
     return ClientUpdate(cid, num_examples, from_record(content[update_key(cid)]), metrics, rank)
+
+
+# -- secure aggregation: a legacy FitIns in, a legacy FitRes out (fedpeft.flower.secagg) -----------
+NAMES, SHARES, MAX_WEIGHT = "names", "shares", "max_weight"
+
+
+@dataclass(frozen=True)
+class SecureTrain:
+    request: TrainRequest
+    names: list[str]  # the uploaded tensors, in the order of the masked vector
+    shares: int  # clients asked to add a share of client-level noise (0: no client-level DP)
+    max_weight: float  # the largest weight a node may send (SecAgg+ quantises weight / max_weight)
+
+
+def secure_fitins(
+    round_num: int, clients: list[int], spec_json: str, adapter: dict[str, torch.Tensor], names: list[str],
+    shares: int, max_weight: float, seeds: list[int] | None = None,
+) -> FitIns:  # fmt: skip
+    order = sorted(adapter)
+    config = {ROUND: round_num, CLIENTS: json.dumps(clients), SPEC: spec_json, NAMES: json.dumps(names),
+              SHARES: shares, MAX_WEIGHT: float(max_weight), ADAPTER: json.dumps(order)}  # fmt: skip
+    if seeds is not None:
+        config[SEEDS] = json.dumps(seeds)
+    return FitIns(ndarrays_to_parameters([adapter[n].detach().cpu().numpy() for n in order]), config)
+
+
+def is_secure_train(content: RecordDict) -> bool:
+    return any(key.startswith("fitins.") for key in content)
+
+
+def read_secure_train(content: RecordDict) -> SecureTrain:
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    config = fitins.config
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    adapter = {n: torch.from_numpy(a.copy()) for n, a in zip(json.loads(str(config[ADAPTER])), arrays, strict=True)}
+    cids = [int(c) for c in json.loads(str(config[CLIENTS]))]
+    seeds = dict(zip(cids, (int(x) for x in json.loads(str(config[SEEDS]))), strict=True)) if SEEDS in config else {}
+    request = TrainRequest(int(config[ROUND]), cids, seeds, str(config[SPEC]), adapter)
+    return SecureTrain(request, json.loads(str(config[NAMES])), int(config[SHARES]), float(config[MAX_WEIGHT]))
+
+
+def secure_reply(mean: list[torch.Tensor], weight: int, results: list[ClientResult], private: bool) -> RecordDict:
+    """A node's FitRes: its weighted mean change (masked by the secaggplus mod before it leaves),
+    its weight, each trained client's public metrics and why the others did not train."""
+    metrics: dict[str, int | float | str] = {}
+    refused = {}
+    for result in results:
+        if isinstance(result, ClientFailure):
+            refused[str(result.client_id)] = result.reason
+            continue
+        values = {k: float(v) for k, v in result.metrics.items() if not private or k in _METRICS_UNDER_DP}
+        values[NUM_EXAMPLES] = result.num_examples
+        metrics.update({f"{metrics_key(result.client_id)}.{k}": v for k, v in values.items()})
+    metrics[REFUSED] = json.dumps(refused)
+    parameters = ndarrays_to_parameters([t.detach().cpu().double().numpy() for t in mean])
+    return compat.fitres_to_recorddict(FitRes(Status(Code.OK, ""), parameters, weight, metrics), keep_input=True)
+
+
+def read_secure_metrics(metrics: dict, clients: list[int]) -> tuple[dict[int, dict[str, float]], dict[int, str]]:
+    """(each trained client's metrics, why the others did not train) from a node's FitRes metrics;
+    ValueError when they are not what `secure_reply` writes."""
+    refused = json.loads(str(metrics.get(REFUSED, "{}")))
+    trained: dict[int, dict[str, float]] = {}
+    for cid in clients:
+        prefix = f"{metrics_key(cid)}."
+        values = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+        if not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values.values()
+        ):
+            raise ValueError(f"client {cid}'s metrics are not finite numbers")
+        if values:
+            trained[cid] = {k: float(v) for k, v in values.items() if k != NUM_EXAMPLES}
+    return trained, {int(c): str(r)[:1000] for c, r in refused.items() if int(c) in clients}
 
 
 # -- evaluate (personalised models, on the nodes that hold them) -----------------------------------

@@ -14,7 +14,15 @@ added or removed. Each round:
 4. the strategy takes the global adapter plus that noised mean as the round's one update, which
    is exact for the sum-only strategies (fedavg, ffa, fedsvd, fedsa), the only ones allowed.
 
-An empty sample still adds the noise. z is calibrated before round 1 so that `rounds` compositions
+An empty sample still adds the noise.
+
+Distributed noise (under secure aggregation, `federation.secagg`): the server never sees one update,
+so it cannot clip or noise them. Each of the m clients asked to train clips its own change to S and
+adds N(0, (z S)^2 / m) (`noise_share`, from the node's secret randomness); the sum of the n <= m
+that arrive carries N(0, (z S)^2 n / m), and the server only divides by q_c N (`finish`). A client
+that drops out takes its share with it: the round's realised multiplier is z sqrt(n / m)
+(`realised`), and the run's epsilon composes the realised multipliers (never the planned z), so a
+dropout raises the epsilon reported instead of hiding an overrun. z is calibrated before round 1 so that `rounds` compositions
 of the subsampled Gaussian (rate q_c, noise multiplier z) stay within `privacy.client_epsilon` at
 `privacy.delta`, with the same Opacus accountants and calibration as sample-level DP-SGD
 (fedpeft.privacy.accounting).
@@ -30,6 +38,8 @@ guarantee is the simulator's own.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -85,9 +95,39 @@ class ClientLevelDP:
             torch.Generator().manual_seed(secret_seed() if self.secret else seed), self.num_clients, self.rate
         )
 
-    def epsilon(self, rounds: int) -> float:
-        """Client-level epsilon after `rounds` rounds (every round counts, a client sampled or not)."""
-        return epsilon(((self.noise_multiplier, self.rate, rounds),), self.delta, self.accountant) if rounds else 0.0
+    def epsilon(self, rounds: int, realised: list[float] | None = None) -> float:
+        """Client-level epsilon after `rounds` rounds (every round counts, a client sampled or not);
+        `realised`: each round's noise multiplier when it differs from z (distributed noise)."""
+        noise = realised if realised is not None else [self.noise_multiplier] * rounds
+        counts = Counter(noise)
+        return (
+            epsilon(tuple((z, self.rate, k) for z, k in sorted(counts.items())), self.delta, self.accountant)
+            if noise
+            else 0.0
+        )
+
+    def realised(self, members: int, shares: int) -> float:
+        """The noise multiplier of a distributed round where `members` of `shares` noised clients
+        arrived (z when none did: nothing was released)."""
+        return self.noise_multiplier * math.sqrt(members / shares) if members else self.noise_multiplier
+
+    def noise_share(self, update: ClientUpdate, sent: AdapterState, shares: int) -> dict[str, torch.Tensor]:
+        """One client's part of a distributed round: its change clipped to S plus its share
+        N(0, (z S)^2 / shares) of the noise, drawn from secret randomness (on the client's node)."""
+        clipped, _ = clip_update(update, sent, self.clip)
+        generator = torch.Generator().manual_seed(secret_seed())
+        std = self.noise_multiplier * self.clip / math.sqrt(shares)
+        return {n: d + gaussian(std, d.shape, generator, True).double() for n, d in clipped.items()}
+
+    def finish(self, total: ClientUpdate, sent: AdapterState, members: int) -> ClientUpdate:
+        """A distributed round's update from the securely aggregated mean of the members' noised
+        changes (`total.tensors` = sent + that mean): sent + (their sum) / (q_c N)."""
+        scale = members / (self.rate * self.num_clients)
+        tensors = {
+            n: (sent.tensors[n].double() + (t.double() - sent.tensors[n].double()) * scale).float()
+            for n, t in total.tensors.items()
+        }
+        return ClientUpdate(AGGREGATE_ID, 1, tensors)
 
     def aggregate(
         self, updates: list[ClientUpdate], sent: AdapterState, names: list[str], seed: int
