@@ -78,6 +78,40 @@ def test_deployment_equals_in_process(deployment, tmp_path):
     assert model is not None
 
 
+# -- secure aggregation (SecAgg+) through Flower's runtimes: the plain run within quantisation ----------
+SECAGG_TOLERANCE = 2 * 20 * 2 * 8.0 / 2**22  # 2 rounds of a few SecAgg+ quantisation levels
+
+
+def _assert_close_adapter(out: Path, reference: Path, atol: float) -> None:
+    mine, ref = _adapter(out), _adapter(reference)
+    assert set(mine) == set(ref)
+    assert max(float((mine[n] - ref[n]).abs().max()) for n in ref) < atol
+
+
+def test_flwr_run_simulation_with_secagg(tmp_path):
+    spec = _spec()
+    _reference(spec, tmp_path / "in-process")
+    out = tmp_path / "flwr-sim"
+    secure = spec.with_flat({"federation.secagg": True})
+    proc = flwr_simulation(ROOT, run_config_arg(secure, out), nodes=3, flwr_home=tmp_path / "flwr-home", timeout=400)
+    assert (out / "summary.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    _assert_close_adapter(out, tmp_path / "in-process", SECAGG_TOLERANCE)
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["clients"] for r in rounds] == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_deployment_with_secagg(deployment, tmp_path):
+    """Before the test that kills a node: all three nodes are up."""
+    spec = _spec()
+    _reference(spec, tmp_path / "in-process")
+    out = tmp_path / "deployed"
+    proc = deployment.run(ROOT, run_config_arg(spec.with_flat({"federation.secagg": True}), out), timeout=400)
+    assert (out / "summary.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["clients"] for r in rounds] == [[0, 1, 2], [0, 1, 2]]
+    _assert_close_adapter(out, tmp_path / "in-process", SECAGG_TOLERANCE)
+
+
 def test_deployment_private_with_a_node_killed_mid_run(deployment, tmp_path):
     spec = _spec(federation__rounds=3, privacy__epsilon=4.0)
     reference = _reference(spec, tmp_path / "in-process")
@@ -112,34 +146,3 @@ def test_deployment_private_with_a_node_killed_mid_run(deployment, tmp_path):
     assert summary["epsilon_per_client"]["2"] < summary["epsilon_per_client"]["0"]  # it trained once
     ledgers = sorted(deployment.directory.glob("node-*/run-*/client-*.json"))
     assert len(ledgers) >= 3  # on each node's disk, where a restarted node finds it
-
-
-# -- secure aggregation (SecAgg+) through Flower's runtimes: the plain run within quantisation ----------
-SECAGG_TOLERANCE = 2 * 20 * 2 * 8.0 / 2**22  # 2 rounds of a few SecAgg+ quantisation levels
-
-
-def _assert_close_adapter(out: Path, reference: Path, atol: float) -> None:
-    mine, ref = _adapter(out), _adapter(reference)
-    assert set(mine) == set(ref)
-    assert max(float((mine[n] - ref[n]).abs().max()) for n in ref) < atol
-
-
-def test_flwr_run_simulation_with_secagg(tmp_path):
-    spec = _spec()
-    _reference(spec, tmp_path / "in-process")
-    out = tmp_path / "flwr-sim"
-    secure = spec.with_flat({"federation.secagg": True})
-    proc = flwr_simulation(ROOT, run_config_arg(secure, out), nodes=3, flwr_home=tmp_path / "flwr-home", timeout=400)
-    assert (out / "summary.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    _assert_close_adapter(out, tmp_path / "in-process", SECAGG_TOLERANCE)
-    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    assert [r["clients"] for r in rounds] == [[0, 1, 2], [0, 1, 2]]
-
-
-def test_deployment_with_secagg(deployment, tmp_path):
-    spec = _spec()
-    _reference(spec, tmp_path / "in-process")
-    out = tmp_path / "deployed"
-    proc = deployment.run(ROOT, run_config_arg(spec.with_flat({"federation.secagg": True}), out), timeout=400)
-    assert (out / "summary.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    _assert_close_adapter(out, tmp_path / "in-process", SECAGG_TOLERANCE)

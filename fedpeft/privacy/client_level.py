@@ -1,4 +1,4 @@
-"""Client-level DP: DP-FedAvg with central noise (McMahan et al., ICLR 2018; REFERENCE.md section 4).
+"""Client-level DP: DP-FedAvg with central or distributed noise (McMahan et al., ICLR 2018; REFERENCE.md section 4).
 
 The unit of privacy is a whole client: the run's output changes little when one client's data are
 added or removed. Each round:
