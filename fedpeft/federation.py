@@ -156,7 +156,7 @@ class Federation:
             accepted, dropped = self._validate(rnd, results, run.state)
             # under secure aggregation one SecureSum stands for its members; else each update for itself
             secure = next((u for u in accepted if isinstance(u, SecureSum)), None)
-            reports = list(secure.members.items()) if secure else [(u.client_id, u.metrics) for u in accepted]
+            reports = sorted(secure.members.items()) if secure else [(u.client_id, u.metrics) for u in accepted]
             # aggregate
             strategy_metrics: dict[str, float] = {}
             norms: list[float] = []  # client-level DP: the updates' norms before clipping (curator's log)
