@@ -23,6 +23,7 @@ whose change leaves the range fails loudly instead of being clipped.
 
 from __future__ import annotations
 
+import logging
 import math
 from types import SimpleNamespace
 
@@ -48,6 +49,8 @@ SHARE_FRACTION = 1.0  # SecAgg+ num_shares as a fraction of the round's nodes: a
 THRESHOLD = 0.5  # shares needed to rebuild a dropped node's key: fewer than half may drop out
 RANGE = 8.0  # SecAgg+ clipping range of every coordinate of a node's weighted change
 MAX_NODES = 1024  # n quantised vectors (< 2^22 each) must sum below the 2^32 modulus
+
+log = logging.getLogger("fedpeft")
 
 
 class _Collect:
@@ -128,9 +131,10 @@ def node_reply(node, content: RecordDict, context: Context) -> RecordDict:  # no
     if weight > secure.max_weight:
         raise ConfigError(f"this node's weight {weight} exceeds the round's max_weight {secure.max_weight:g}")
     largest = max((float(t.abs().max()) for t in mean if t.numel()), default=0.0)
-    if largest * weight / secure.max_weight > RANGE:
+    if largest * weight / secure.max_weight > RANGE:  # the value is a statistic of the data: logged here only
+        log.error("node %s: largest weighted coordinate %.3g > SecAgg+ range %g", context.node_id, largest, RANGE)
         raise ConfigError(
-            f"a coordinate of this node's weighted change is {largest:.3g}, outside SecAgg+'s range +-{RANGE:g}: "
-            "lower train.lr or privacy.client_clip"
+            f"a coordinate of this node's weighted change is outside SecAgg+'s range +-{RANGE:g} (value in the "
+            "node's log): lower train.lr or privacy.client_clip"
         )
     return wire.secure_reply(mean, weight, results, spec.privacy.enabled)

@@ -181,6 +181,12 @@ def read_train(content: RecordDict) -> TrainRequest:
     return TrainRequest(int(config[ROUND]), cids, seeds, str(config[SPEC]), from_record(content[ADAPTER]))
 
 
+def _leaving_metrics(result: ClientUpdate, private: bool) -> dict[str, float | int]:
+    """What of `result`'s metrics may leave the node (under DP: REPLY_FIELDS' public ones), and its weight."""
+    kept = {k: float(v) for k, v in result.metrics.items() if not private or k in _METRICS_UNDER_DP}
+    return {**kept, NUM_EXAMPLES: result.num_examples}
+
+
 def train_reply(results: list[ClientResult], private: bool) -> RecordDict:
     """A node's reply: every update with its metrics, and why the others sent none. `private`
     (privacy on): only the values REPLY_FIELDS marks DP output or public leave the node."""
@@ -191,8 +197,7 @@ def train_reply(results: list[ClientResult], private: bool) -> RecordDict:
         if isinstance(result, ClientFailure):
             refused[str(cid)] = result.reason
             continue
-        metrics = {k: float(v) for k, v in result.metrics.items() if not private or k in _METRICS_UNDER_DP}
-        metrics[NUM_EXAMPLES] = result.num_examples
+        metrics = _leaving_metrics(result, private)
         if result.rank is not None:
             metrics[RANK] = result.rank
         content[update_key(cid)] = to_record(dict(result.tensors))
@@ -294,8 +299,7 @@ def secure_reply(mean: list[torch.Tensor], weight: int, results: list[ClientResu
         if isinstance(result, ClientFailure):
             refused[str(result.client_id)] = result.reason
             continue
-        values = {k: float(v) for k, v in result.metrics.items() if not private or k in _METRICS_UNDER_DP}
-        values[NUM_EXAMPLES] = result.num_examples
+        values = _leaving_metrics(result, private)
         metrics.update({f"{metrics_key(result.client_id)}.{k}": v for k, v in values.items()})
     metrics[REFUSED] = json.dumps(refused)
     parameters = ndarrays_to_parameters([t.detach().cpu().double().numpy() for t in mean])
