@@ -31,7 +31,7 @@ from fedpeft.state import (
     theta_name,
 )
 
-__all__ = ["AdaptedModel", "load_exported", "EXPORT_META"]
+__all__ = ["AdaptedModel", "load_exported", "logits_of", "EXPORT_META"]
 
 ADAPTER_NAME = "default"
 EXPORT_META = "fedpeft_model.json"  # how to rebuild the base model of an exported adapter
@@ -71,6 +71,7 @@ class AdaptedModel:
         self.num_labels = num_labels
         self.seed = seed
         base, self.tokenizer = build_model(cfg.name, num_labels, cfg.layers, seed)
+        self.causal = MODELS.get(cfg.name).task == "causal-lm"  # a causal LM (no head) or a classifier
         self.targets = cfg.targets or MODELS.get(cfg.name).default_targets
         self.family = FAMILIES.get(cfg.adapter)
         if self.family.linear:
@@ -105,7 +106,8 @@ class AdaptedModel:
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
             target_modules=list(self.targets),
-            modules_to_save=["head"],
+            modules_to_save=None if self.causal else ["head"],
+            task_type="CAUSAL_LM" if self.causal else None,
         )
         base.name_or_path = cfg.name  # PEFT records it as base_model_name_or_path
         with torch.random.fork_rng(devices=[]):
@@ -162,6 +164,8 @@ class AdaptedModel:
         deterministic for the same model and data."""
         if how == "random":
             return
+        if self.causal:
+            raise ValueError(f"model.head_init = {how!r} sets a classifier's head; a causal LM has none")
         if any(float(p.abs().max()) > 0 for n, p in self._params.items() if kind_of(n) in (LORA_B, THETA)):
             raise RuntimeError("the head is set from the base model: the adapter must still be zero")
         classifier = self.classifier
@@ -239,8 +243,11 @@ class AdaptedModel:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self._params.values() if p.requires_grad]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.module(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: int) -> torch.Tensor:
+        """Logits: [N, labels] of a classifier, [N, L, vocabulary] of a causal LM (`kwargs`: its
+        `logits_to_keep`, fedpeft.causal.answer_window)."""
+        ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
+        return logits_of(self.module(input_ids=ids, attention_mask=mask, **kwargs))
 
     # ---- export ---------------------------------------------------------------------------
     def export(self, state: AdapterState, directory: str | Path, label_names: Sequence[str] = ()) -> Path:
@@ -274,11 +281,17 @@ class AdaptedModel:
             "num_labels": self.num_labels,
             "seed": self.seed,
             "adapter": self.cfg.adapter,
+            "task": "causal-lm" if self.causal else "classify",
             "max_length": self.cfg.max_length,
             "label_names": list(label_names) or default_label_names(self.num_labels),
         }
         (directory / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
         return directory
+
+
+def logits_of(output: torch.Tensor | object) -> torch.Tensor:
+    """A model's logits: a classifier returns them, a Hugging Face causal LM an output with them."""
+    return output if isinstance(output, torch.Tensor) else output.logits
 
 
 def default_label_names(num_labels: int) -> list[str]:

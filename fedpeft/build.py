@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from fedpeft.adapters import AdaptedModel
 from fedpeft.client import LocalTraining
 from fedpeft.config import ConfigError, Spec
-from fedpeft.data import DATASETS, FederatedData, TokenizedData, prepare
+from fedpeft.data import DATASETS, INSTRUCTION_DATASETS, FederatedData, TokenizedData, prepare
 from fedpeft.executors import EXECUTORS, Executor
 from fedpeft.families import FAMILIES
 from fedpeft.models import MODELS
@@ -35,8 +35,21 @@ def check_names(spec: Spec) -> None:
     """Unknown registry names fail before any work, each listing the valid ones, and so does a
     combination that cannot run: an adapter family the strategy cannot aggregate, client-level DP
     or secure aggregation with a strategy that needs more than the sum of the updates."""
-    MODELS.get(spec.model.name)
+    causal = MODELS.get(spec.model.name).task == "causal-lm"
     DATASETS.get(spec.data.name)
+    if causal != (spec.data.name in INSTRUCTION_DATASETS):
+        raise ConfigError(
+            f"model {spec.model.name!r} is a {'causal LM' if causal else 'classifier'} and dataset {spec.data.name!r} "
+            f"is {'instruction' if spec.data.name in INSTRUCTION_DATASETS else 'classification'} data: causal LMs "
+            f"train on {', '.join(INSTRUCTION_DATASETS)}, classifiers on the others (`fedpeft list`)"
+        )
+    if causal and (
+        spec.federation.executor == "cohort" or spec.model.adapter != "lora" or spec.model.head_init != "random"
+    ):
+        raise ConfigError(
+            "a causal LM runs with federation.executor = sequential, model.adapter = lora and model.head_init = random "
+            "(the cohort executor, the linear families and the head settings are the classifiers')"
+        )
     STRATEGIES.get(spec.strategy.name)
     EXECUTORS.get(spec.federation.executor)
     sum_users = [what for on, what in (

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedpeft.adapters import AdaptedModel
+from fedpeft.adapters import AdaptedModel, logits_of
+from fedpeft.causal import answer_window, evaluate_lm, token_loss
 from fedpeft.data.base import TokenizedData
 from fedpeft.privacy.accounting import ClientBudget, sample_rate
 from fedpeft.state import AdapterState, ClientUpdate
@@ -131,13 +132,14 @@ def train_client(
                         model.truncate_rank(rank)
                     continue
                 input_ids, mask, labels = (t.to(model.device) for t in data.batch(index))
-                logits = module(input_ids=input_ids, attention_mask=mask)
+                window, labels = answer_window(labels) if data.is_sequence else ({}, labels)
+                logits = logits_of(module(input_ids=input_ids, attention_mask=mask, **window))
                 if dp is not None:  # Opacus contract: mean over the batch it sees
-                    loss = F.cross_entropy(logits, labels)
+                    loss = example_loss(logits, labels)
                     loss.backward()
                     losses.append(float(loss.detach()))
                 else:  # sum / expected batch size: the DP update at sigma = 0, C = inf
-                    loss = F.cross_entropy(logits, labels, reduction="sum") / expected_batch
+                    loss = example_loss(logits, labels, reduction="sum") / expected_batch
                     loss.backward()
                     losses.append(float(loss.detach()) * expected_batch / len(index))
                 optimizer.step()
@@ -206,12 +208,23 @@ def record_spending(budget: ClientBudget | None, update: ClientUpdate) -> None:
         update.metrics["sigma"] = budget.sigma
 
 
+def example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The mean (or sum) over a batch of each example's loss: cross-entropy of its label, or a
+    causal LM's mean cross-entropy over its answer tokens (fedpeft.causal.token_loss)."""
+    if logits.dim() == 3:
+        return token_loss(logits, labels, reduction)
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
 @torch.inference_mode()
 def evaluate(model: AdaptedModel, state: AdapterState, data: TokenizedData, batch_size: int) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of `state` on `data`. Batches group similar lengths, so
-    little compute goes to padding."""
+    """Accuracy and mean cross-entropy of `state` on `data`; for a causal LM, token accuracy and
+    the mean cross-entropy of the answer tokens, and perplexity. Batches group similar lengths,
+    so little compute goes to padding."""
     model.load(state)
     model.module.eval()
+    if data.is_sequence:
+        return evaluate_lm(model.forward, data, batch_size, model.classifier.config.vocab_size)
     lengths = data.attention_mask.sum(1)
     order = torch.argsort(lengths, stable=True)
     correct, loss_sum = 0, 0.0

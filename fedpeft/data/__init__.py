@@ -11,20 +11,39 @@ from pathlib import Path
 import torch
 
 from fedpeft.config import ConfigError, DataConfig
-from fedpeft.data import rotten_tomatoes, synthetic
+from fedpeft.data import chatterbot, rotten_tomatoes, synthetic
 from fedpeft.data.base import FederatedData, TextDataset, TokenizedData
 from fedpeft.data.partition import partition
 from fedpeft.models import Tokenizer
 from fedpeft.registry import Registry
 
-__all__ = ["DATASETS", "FederatedData", "TextDataset", "TokenizedData", "load_file", "prepare", "tokenize"]
+__all__ = [
+    "DATASETS",
+    "INSTRUCTION_DATASETS",
+    "FederatedData",
+    "TextDataset",
+    "TokenizedData",
+    "load_file",
+    "prepare",
+    "tokenize",
+]
 
 DATASETS: Registry[Callable[[], TextDataset]] = Registry("dataset")
 DATASETS.register("rotten-tomatoes")(rotten_tomatoes.load)
 DATASETS.register("synthetic")(synthetic.load)
+DATASETS.register("chatterbot")(chatterbot.load)
+DATASETS.register("synthetic-qa")(synthetic.load_qa)
+INSTRUCTION_DATASETS = ("chatterbot", "synthetic-qa")  # (prompt, answer) pairs, for causal LMs
 
 
 def tokenize(raw: TextDataset, tokenizer: Tokenizer, max_length: int) -> TokenizedData:
+    """Texts and labels; or, for instruction data, chat-formatted prompts + answers and targets."""
+    if raw.answers is not None:
+        if not hasattr(tokenizer, "encode_pairs"):
+            raise ConfigError("this dataset is instruction data (prompts and answers): it needs a causal-LM model")
+        return TokenizedData(*tokenizer.encode_pairs(raw.texts, raw.answers, max_length))
+    if not hasattr(tokenizer, "encode_batch"):
+        raise ConfigError("a causal-LM model trains on instruction data (prompts and answers): use such a dataset")
     input_ids, attention_mask = tokenizer.encode_batch(raw.texts, max_length)
     return TokenizedData(input_ids, attention_mask, torch.tensor(raw.labels, dtype=torch.long))
 
@@ -121,4 +140,5 @@ def prepare(
     pool_t = torch.tensor(pool, dtype=torch.long)
     clients = [everything.select(pool_t[torch.tensor(rows, dtype=torch.long)]) for rows in parts]
     public = everything.select(torch.tensor(public_rows, dtype=torch.long)) if public_rows else None
-    return FederatedData(clients, everything.select(torch.tensor(test_rows)), raw.label_names, public)
+    pairs = tuple((raw.texts[i], raw.answers[i]) for i in test_rows[:8]) if raw.answers is not None else ()
+    return FederatedData(clients, everything.select(torch.tensor(test_rows)), raw.label_names, public, pairs)

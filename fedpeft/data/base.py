@@ -11,21 +11,27 @@ __all__ = ["TextDataset", "TokenizedData", "FederatedData"]
 
 @dataclass(frozen=True)
 class TextDataset:
-    """Raw examples. `groups` is a natural id per example (a movie, a topic) for natural splits."""
+    """Raw examples. `groups` is a natural id per example (a movie, a topic) for natural splits.
+    An instruction dataset (for a causal LM) also has `answers`: `texts` are then the prompts, and
+    `labels` index `label_names` by topic (what the partitioners split by), not a prediction."""
 
     texts: list[str]
     labels: list[int]
     groups: list[str]
     label_names: tuple[str, ...]
+    answers: list[str] | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.texts) == len(self.labels) == len(self.groups)):
             raise ValueError("texts, labels and groups must have the same length")
+        if self.answers is not None and len(self.answers) != len(self.texts):
+            raise ValueError("an instruction dataset needs one answer per prompt")
 
 
 @dataclass(frozen=True)
 class TokenizedData:
-    """Tokenised examples: input_ids and attention_mask [N, L] (right-padded), labels [N]."""
+    """Tokenised examples: input_ids and attention_mask [N, L] (right-padded), labels [N]; for a
+    causal LM labels are the shifted answer-token targets [N, L] (fedpeft.causal)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -37,11 +43,18 @@ class TokenizedData:
     def select(self, index: torch.Tensor) -> TokenizedData:
         return TokenizedData(self.input_ids[index], self.attention_mask[index], self.labels[index])
 
+    @property
+    def is_sequence(self) -> bool:
+        """Targets per token (a causal LM's), not one label per example."""
+        return self.labels.dim() == 2
+
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows `index`, with trailing all-padding columns trimmed (exact under mean pooling)."""
+        """Rows `index`, with trailing all-padding columns trimmed (exact under mean pooling and
+        under a causal mask)."""
         mask = self.attention_mask[index]
         width = max(int(mask.sum(1).max()) if len(index) else 1, 1)
-        return self.input_ids[index, :width], mask[:, :width], self.labels[index]
+        labels = self.labels[index, :width] if self.is_sequence else self.labels[index]
+        return self.input_ids[index, :width], mask[:, :width], labels
 
 
 @dataclass(frozen=True)
@@ -52,13 +65,16 @@ class FederatedData:
     test: TokenizedData
     label_names: tuple[str, ...]
     public: TokenizedData | None = None  # data.public_size examples on the server, no client's
+    test_pairs: tuple[tuple[str, str], ...] = ()  # instruction data: the test split's first (prompt, answer)s
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
 
     @property
-    def majority_rate(self) -> float:
-        """Accuracy of always predicting the test split's most common label."""
+    def majority_rate(self) -> float | None:
+        """Accuracy of always predicting the test split's most common label (None for a causal LM)."""
+        if self.test.is_sequence:
+            return None
         counts = torch.bincount(self.test.labels, minlength=self.num_labels)
         return float(counts.max()) / max(len(self.test), 1)

@@ -28,3 +28,22 @@ def load(size: int = 2000, topics: int = 24, seed: int = 1234) -> TextDataset:
         labels.append(int(label))
         groups.append(f"topic{topic}")
     return TextDataset(texts, labels, groups, ("negative", "positive"))
+
+
+COLOURS = ("red", "blue", "green", "yellow", "black", "white")
+THINGS = ("apple", "sky", "leaf", "sun", "night", "snow", "car", "door", "cup", "bird", "fish", "hat")
+
+
+def load_qa(size: int = 600, seed: int = 1234) -> TextDataset:
+    """Instruction pairs for tiny causal LMs: "what colour is the <thing>?" -> "the <thing> is
+    <colour>." with a fixed colour per thing, so a model can learn the answers; topics are the things."""
+    rng = random.Random(seed)
+    colour = {thing: COLOURS[i % len(COLOURS)] for i, thing in enumerate(THINGS)}
+    prompts, answers, labels = [], [], []
+    for _ in range(size):
+        index = rng.randrange(len(THINGS))
+        thing = THINGS[index]
+        prompts.append(f"what colour is the {thing}?")
+        answers.append(f"the {thing} is {colour[thing]}.")
+        labels.append(index)
+    return TextDataset(prompts, labels, [THINGS[i] for i in labels], THINGS, answers=answers)
