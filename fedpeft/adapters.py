@@ -8,13 +8,14 @@ client: it loads the global `AdapterState`, trains, and reads the new tensors ba
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fedpeft.config import ModelConfig
+from fedpeft.config import ConfigError, ModelConfig
 from fedpeft.data.base import TokenizedData
 from fedpeft.families import FAMILIES, inject, load_family, save_family
 from fedpeft.models import MODELS, Tokenizer, build_model, label_name_rows
@@ -112,7 +113,18 @@ class AdaptedModel:
         base.name_or_path = cfg.name  # PEFT records it as base_model_name_or_path
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)  # the shared initial A (PEFT: kaiming-uniform; B = 0)
-            return get_peft_model(base, lora).to(self.device)
+            with warnings.catch_warnings():  # transformers 5 deprecation that PEFT 0.21 triggers
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                try:
+                    return get_peft_model(base, lora).to(self.device)
+                except ValueError as exc:
+                    if "not found in the base model" not in str(exc):
+                        raise
+        default = list(MODELS.get(cfg.name).default_targets)
+        raise ConfigError(
+            f"model.targets = {list(self.targets)} names no module of model {cfg.name!r}; its default is {default} "
+            "(model.targets = [] picks it)"
+        )
 
     # ---- adapter state --------------------------------------------------------------------
     @property

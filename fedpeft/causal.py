@@ -141,8 +141,8 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "me
 
 @torch.inference_mode()
 def evaluate_lm(forward, data, batch_size: int, vocab_size: int) -> dict[str, float]:  # noqa: ANN001
-    """Answer-token loss (mean NLL per answer token), perplexity, token accuracy (greedy next token
-    = the answer's), over `data` (TokenizedData with targets). `forward(ids, mask)` gives logits.
+    """Answer-token loss (mean NLL per answer token) and token accuracy (greedy next token = the
+    answer's), over `data` (TokenizedData with targets). `forward(ids, mask)` gives logits.
     Batches group similar lengths and hold at most LOGIT_BUDGET logits."""
     lengths = data.attention_mask.sum(1)
     order = torch.argsort(lengths, stable=True)
@@ -158,8 +158,20 @@ def evaluate_lm(forward, data, batch_size: int, vocab_size: int) -> dict[str, fl
         nll_sum += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
         correct += int((logits[keep].argmax(-1) == targets[keep]).sum())
         tokens += int(keep.sum())
-    loss = nll_sum / max(tokens, 1)
-    return {"accuracy": correct / max(tokens, 1), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    return {"accuracy": correct / max(tokens, 1), "loss": nll_sum / max(tokens, 1)}
+
+
+def perplexity(loss: float) -> float:
+    """exp of the mean answer-token loss (capped at exp(50))."""
+    return math.exp(min(loss, 50.0))
+
+
+def lm_summary(base: dict[str, float], loss: float, generations: list[dict[str, str]]) -> dict[str, Any]:
+    """What a causal LM's run summary adds: the base model's scores, perplexities, generations."""
+    return {
+        **{f"base_{k}": v for k, v in base.items()}, "base_perplexity": perplexity(base["loss"]),
+        "perplexity": perplexity(loss), "generations": generations,
+    }  # fmt: skip
 
 
 @torch.inference_mode()

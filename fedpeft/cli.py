@@ -48,6 +48,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     spec = resolve_spec(args.spec, args.set)
     check_names(spec)
     out = _prepare_out(args.out, spec, args.resume)
+    from rich.markup import escape
+
     from fedpeft.federation import Federation
     from fedpeft.plots import write_run_plot
     from fedpeft.progress import ProgressDisplay, final_table, make_console
@@ -86,6 +88,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return 130
     write_run_plot(result, spec, out)
     console.print(final_table(result.summary, result.history))
+    for row in result.summary.get("generations") or []:  # a causal LM: greedy answers, base and federated
+        row = {k: escape(" ".join(v.split())[:200]) for k, v in row.items()}  # one line each; the file has all
+        console.print(f"[bold]Q[/] {row['prompt']}\n  reference: {row['reference']}\n"
+                      f"  base:      {row['base']}\n  federated: {row['federated']}", soft_wrap=True)  # fmt: skip
     exported = "PEFT adapter" if spec.model.adapter == "lora" else f"{spec.model.adapter} adapter"
     console.print(f"results in {out}/ ({', '.join(RESULT_FILES[:3])}, {exported})")
     return 0
@@ -190,13 +196,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from fedpeft.data import DATASETS
+    from fedpeft.data import DATASETS, INSTRUCTION_DATASETS
     from fedpeft.families import FAMILIES
     from fedpeft.models import MODELS
     from fedpeft.strategies import STRATEGIES
 
-    print("models:     " + ", ".join(MODELS.names()))
-    print("datasets:   " + ", ".join(DATASETS.names()))
+    causal = [n for n in MODELS.names() if MODELS.get(n).task == "causal-lm"]
+    print("models:     " + ", ".join(n for n in MODELS.names() if n not in causal) + "  (classifiers)")
+    print("            " + ", ".join(causal) + "  (causal LMs: instruction tuning)")
+    print(
+        "datasets:   " + ", ".join(n for n in DATASETS.names() if n not in INSTRUCTION_DATASETS) + "  (classification)"
+    )
+    print("            " + ", ".join(INSTRUCTION_DATASETS) + "  (instruction: prompt and answer, for causal LMs)")
     print("strategies: " + ", ".join(STRATEGIES.names()))
     linear = ", ".join(n for n in STRATEGIES.names() if STRATEGIES.get(n).any_family)
     print(

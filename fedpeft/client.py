@@ -219,7 +219,7 @@ def example_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "m
 @torch.inference_mode()
 def evaluate(model: AdaptedModel, state: AdapterState, data: TokenizedData, batch_size: int) -> dict[str, float]:
     """Accuracy and mean cross-entropy of `state` on `data`; for a causal LM, token accuracy and
-    the mean cross-entropy of the answer tokens, and perplexity. Batches group similar lengths,
+    the mean cross-entropy of the answer tokens. Batches group similar lengths,
     so little compute goes to padding."""
     model.load(state)
     model.module.eval()

@@ -23,7 +23,7 @@ import torch
 
 from fedpeft.adapters import AdaptedModel
 from fedpeft.build import build_parts, client_budgets, make_executor
-from fedpeft.causal import write_generations
+from fedpeft.causal import lm_summary, write_generations
 from fedpeft.client import LocalTraining, evaluate
 from fedpeft.config import ConfigError, Spec, client_rank
 from fedpeft.data import FederatedData
@@ -223,8 +223,8 @@ class Federation:
 
         summary = self._summary(run.history, run.epsilons, run.elapsed)
         if self.data.test.is_sequence:  # a causal LM: the base model's scores, and greedy answers of both
-            summary |= {f"base_{k}": v for k, v in self._evaluate(base).items()}
-            summary["generations"] = write_generations(self.model, base, run.state, self.data.test_pairs, out)
+            answers = write_generations(self.model, base, run.state, self.data.test_pairs, out)
+            summary |= lm_summary(self._evaluate(base), summary["loss"], answers)
         self.model.export(run.state, out, label_names=self.data.label_names)
         write_json(out / SUMMARY, summary)
         return RunResult(summary, run.history, run.state)

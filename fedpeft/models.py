@@ -232,7 +232,14 @@ def _build_smollm2(num_labels: int, layers: int) -> tuple[nn.Module, int, Tokeni
     config = AutoConfig.from_pretrained(path, gguf_file=SMOLLM2_FILE)
     _cut(config, layers, "smollm2")
     config.use_cache = False  # training never reuses a cache; generation asks for one
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_FILE, config=config, dtype=torch.float32)
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm  # the GGUF reader draws a progress bar of its own, whatever the logging says
+    gguf_utils.tqdm = lambda items, **_: items
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_FILE, config=config, dtype=torch.float32)
+    finally:
+        gguf_utils.tqdm = bar
     tokenizer = ChatTokenizer(AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_FILE))
     return model, config.vocab_size, tokenizer
 

