@@ -14,6 +14,7 @@ The public API, in the order of a run::
 - `EXECUTORS`: who trains the sampled clients in process (sequential, cohort).
 - `load_exported`: a finished run's exported adapter (and base-weight changes) on its base model.
 - `predict`, `Predictor`: labels with probabilities for new texts from a finished run.
+- `generate`: a causal LM's run: greedy answers to prompts.
 
 Names load on first use, so ``import fedpeft`` (and the command line's help) stays fast.
 """
@@ -47,11 +48,12 @@ _EXPORTS = {
     "load_exported": "fedpeft.adapters",
     "predict": "fedpeft.inference",
     "Predictor": "fedpeft.inference",
+    "generate": "fedpeft.inference",
 }
 
 __all__ = [
     "EXECUTORS", "STRATEGIES", "AdapterState", "Callbacks", "ClientUpdate", "ConfigError", "Federation", "Predictor",
-    "RunResult", "Spec", "Strategy", "__version__", "default_spec", "load_exported", "load_spec", "make_strategy",
+    "RunResult", "Spec", "Strategy", "__version__", "default_spec", "generate", "load_exported", "load_spec", "make_strategy",
     "predict", "resolve_spec",
 ]  # fmt: skip
 assert set(__all__) == {"__version__", *_EXPORTS}
@@ -61,7 +63,7 @@ if TYPE_CHECKING:
     from fedpeft.config import ConfigError, Spec
     from fedpeft.executors import EXECUTORS
     from fedpeft.federation import Callbacks, Federation, RunResult
-    from fedpeft.inference import Predictor, predict
+    from fedpeft.inference import Predictor, generate, predict
     from fedpeft.spec_io import default_spec, load_spec, resolve_spec
     from fedpeft.state import AdapterState, ClientUpdate
     from fedpeft.strategies import STRATEGIES, Strategy, make_strategy

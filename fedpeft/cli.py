@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -186,6 +187,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         texts += [line.rstrip("\n") for line in lines if line.strip()]
     if not texts:
         raise ConfigError("nothing to predict: give texts as arguments or --file FILE (one text per line, - for stdin)")
+    if json.loads((run_dir / EXPORT_META).read_text()).get("task") == "causal-lm":  # prompts in, answers out
+        from fedpeft.inference import generate
+
+        for prompt, answer in zip(texts, generate(run_dir, texts), strict=True):
+            print(f"{prompt}\t{answer}" if args.tsv else f"Q: {prompt}\nA: {answer}")
+        return 0
     from fedpeft.inference import Predictor
 
     predictor = Predictor(run_dir)
@@ -265,11 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--out", help="write the results as JSON here")
     aud.set_defaults(func=cmd_audit)
 
-    pre = sub.add_parser("predict", help="labels and probabilities for texts, from a finished run's model")
+    pre = sub.add_parser(
+        "predict",
+        help="labels and probabilities for texts from a finished run's model (a causal LM: answers to prompts)",
+    )
     pre.add_argument("run_dir", help="a finished run's directory (it holds the exported adapter)")
     pre.add_argument("texts", nargs="*", help="texts to label")
     pre.add_argument("--file", help="also label each non-empty line of FILE (- for stdin)")
-    pre.add_argument("--tsv", action="store_true", help="print label, probability and text, tab-separated")
+    pre.add_argument("--tsv", action="store_true", help="tab-separated: label, probability, text (or prompt, answer)")
     pre.set_defaults(func=cmd_predict)
 
     lst = sub.add_parser("list", help="list registered models, datasets, strategies and adapter families")

@@ -4,7 +4,10 @@
     for p in predict("runs/quickstart-.../", ["a gripping, beautifully acted film"]):
         print(p.label, f"{p.probability:.2f}")
 
-`fedpeft predict RUN_DIR "text" ...` prints the same.
+`fedpeft predict RUN_DIR "text" ...` prints the same. A causal LM's run answers prompts instead:
+
+    from fedpeft import generate
+    print(generate("runs/instruct-.../", ["What is a computer?"]))  # greedy, through the chat template
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from pathlib import Path
 import torch
 
 from fedpeft.adapters import EXPORT_META, default_label_names, load_exported
+from fedpeft.causal import MAX_NEW_TOKENS, greedy
 
-__all__ = ["Prediction", "Predictor", "predict"]
+__all__ = ["Prediction", "Predictor", "generate", "predict"]
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,10 @@ class Predictor:
 
     def __init__(self, run_dir: str | Path) -> None:
         run_dir = Path(run_dir)
-        self.model, self.tokenizer = load_exported(run_dir)
         meta = json.loads((run_dir / EXPORT_META).read_text())
+        if meta.get("task") == "causal-lm":
+            raise ValueError(f"{run_dir} is a causal LM's run: it answers prompts (fedpeft.generate), it has no labels")
+        self.model, self.tokenizer = load_exported(run_dir)
         self.max_length = int(meta["max_length"])
         self.label_names = list(meta.get("label_names") or default_label_names(meta["num_labels"]))
 
@@ -58,3 +64,15 @@ class Predictor:
 def predict(run_dir: str | Path, texts: Sequence[str]) -> list[Prediction]:
     """The label and probabilities of each text under the run's final federated model."""
     return Predictor(run_dir)(texts)
+
+
+def generate(run_dir: str | Path, prompts: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    """Greedy answers of a causal LM's finished run (its exported adapter on the rebuilt base) to
+    each prompt, through the model's chat template."""
+    run_dir = Path(run_dir)
+    meta = json.loads((run_dir / EXPORT_META).read_text())
+    if meta.get("task") != "causal-lm":
+        raise ValueError(f"{run_dir} is a classifier's run: it labels texts (fedpeft.predict)")
+    model, tokenizer = load_exported(run_dir)
+    return greedy(model, tokenizer, [prompts] if isinstance(prompts, str) else list(prompts), max_new_tokens,
+                  next(model.parameters()).device)  # fmt: skip

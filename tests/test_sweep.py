@@ -16,10 +16,10 @@ from tests.conftest import tiny_spec
 
 
 def _sweep_spec(**kw):
-    return tiny_spec(
-        sweep__strategies=["fedavg", "fedsvd"], sweep__epsilons=[float("inf"), 4.0], sweep__seeds=[0, 1],
-        federation__rounds=2, train__local_steps=3, **kw,
-    )  # fmt: skip
+    return tiny_spec(**{
+        "sweep__strategies": ["fedavg", "fedsvd"], "sweep__epsilons": [float("inf"), 4.0], "sweep__seeds": [0, 1],
+        "federation__rounds": 2, "train__local_steps": 3, **kw,
+    })  # fmt: skip
 
 
 def test_grid_covers_every_combination(tmp_path):
@@ -68,6 +68,20 @@ def test_a_different_spec_cannot_reuse_a_sweep_directory(tmp_path, capsys):
     _check_sweep_spec(tmp_path, _sweep_spec())
     with pytest.raises(ValueError, match="train.lr: sweep has 0.3, now 0.1"):
         _check_sweep_spec(tmp_path, _sweep_spec(train__lr=0.1))
+    with pytest.raises(ValueError, match="sweep.seeds"):  # fewer or other seeds: a different sweep
+        _check_sweep_spec(tmp_path, _sweep_spec(sweep__seeds=[0, 2]))
+
+
+def test_a_sweep_can_gain_seeds_and_keeps_its_finished_cells(tmp_path):
+    from fedpeft.sweep import SWEEP_SPEC, _check_sweep_spec
+
+    _check_sweep_spec(tmp_path, _sweep_spec())
+    _check_sweep_spec(tmp_path, _sweep_spec(sweep__seeds=[0, 1, 2]))  # the same design, more power
+    assert json.loads((tmp_path / SWEEP_SPEC).read_text())["sweep"]["seeds"] == [0, 1, 2]
+    with pytest.raises(ValueError, match="sweep.seeds"):
+        _check_sweep_spec(tmp_path, _sweep_spec(sweep__seeds=[0, 1]))  # now 3 seeds were asked for
+    with pytest.raises(ValueError, match="train.lr"):
+        _check_sweep_spec(tmp_path, _sweep_spec(sweep__seeds=[0, 1, 2, 3], train__lr=0.1))
 
 
 def test_confidence_interval_is_student_t():

@@ -1,6 +1,6 @@
 """Question-answer pairs from the English ChatterBot corpus (`chatterbot-corpus`, BSD-3), by topic.
 
-Each of the corpus's 19 English topic files lists conversations; in ChatterBot's own reading every
+Each of the corpus's 21 English topic files lists conversations; in ChatterBot's own reading every
 statement answers the one before it, so a conversation [s0, s1, s2] gives the pairs (s0, s1) and
 (s1, s2). The topic is each pair's group (a natural non-IID split) and its label index (so the
 Dirichlet partitioner splits by topic too). Files are read with a YAML parser, never by importing
