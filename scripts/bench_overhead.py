@@ -1,7 +1,7 @@
 """What a private federation costs beyond its training: a whole `fedpeft simulate` run against a
 plain centralised PEFT LoRA loop over the same examples, batch size and number of steps.
 
-    .venv/bin/python scripts/bench_overhead.py [--full] [--repeats 3] [--cache cold|warm] [--out FILE]
+    .venv/bin/python scripts/bench_overhead.py [--full] [--repeats 3] [--cache cold|warm] [--set KEY=VALUE] [--out FILE]
 
 Default spec: the quickstart cut to 2 layers and 2 rounds (`--full`: the quickstart itself). The
 plain loop: one AdaptedModel, the strategy's trainable set, plain SGD at the spec's learning rate,
@@ -110,17 +110,20 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="the quickstart itself (6 layers, 5 rounds)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", choices=("cold", "warm"), default="cold")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a spec override, e.g. "
+                        "federation.eval_every=5 (both sides run the overridden spec)")  # fmt: skip
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(1)
-    from fedpeft.spec_io import default_spec
+    from fedpeft.spec_io import default_spec, parse_overrides
 
     spec = default_spec()
     if not args.full:
         spec = spec.with_flat({"model.layers": 2, "federation.rounds": 2})
+    spec = spec.with_flat(parse_overrides(args.set))
     ratios, feds, plains, phases = [], [], [], defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="fedpeft-bench-") as tmp:
         for rep in range(args.repeats):
@@ -147,10 +150,12 @@ def main() -> None:
     print(f"{'phase':12s} {'CPU s':>8s} {'share':>7s}")
     for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1]):
         print(f"{k:12s} {v:8.2f} {100 * v / total:6.1f}%")
-    name = "overhead-quickstart" if args.full else "overhead-2layer-2round"
+    name = ("overhead-quickstart" if args.full else "overhead-2layer-2round") + "".join(
+        "-" + item.replace("federation.", "").replace("=", "").replace("_", "-") for item in args.set
+    )
     out = Path(args.out) if args.out else ROOT / "docs" / "benchmarks" / f"{name}-{args.cache}-cpu.json"
     out.write_text(json.dumps({
-        "machine": platform.platform(), "threads": 1, "spec": spec.to_dict(), "cache": args.cache,
+        "machine": platform.platform(), "threads": 1, "spec": spec.to_dict(), "cache": args.cache, "set": args.set,
         "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
         "federation_cpu_s": feds, "plain_cpu_s": plains, "phases_median_cpu_s": breakdown,
     }, indent=2) + "\n")  # fmt: skip
