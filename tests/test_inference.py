@@ -59,7 +59,7 @@ def test_predict_command_prints_one_line_per_text(run_dir, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("name", [n for n in MODELS.names() if MODELS.get(n).task == "classify"])
 def test_every_models_tokenizer_is_called_like_hugging_faces(name):
     _, tok = build_model(name, num_labels=2, layers=1, seed=0)
     one = tok("Hello world, again")
