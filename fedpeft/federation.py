@@ -222,9 +222,10 @@ class Federation:
                 callbacks.on_round_end(record)
 
         summary = self._summary(run.history, run.epsilons, run.elapsed)
-        if self.data.test.is_sequence:  # a causal LM: the base model's scores, and greedy answers of both
+        if self.data.test.is_sequence:  # a causal LM: the base model's scores, greedy answers of base and final
             answers = write_generations(self.model, base, run.state, self.data.test_pairs, out)
-            summary |= lm_summary(self._evaluate(base), summary["loss"], answers)
+            scores = evaluate(self.model, base, self.data.test, spec.train.eval_batch_size)  # FedSA: none kept yet
+            summary |= lm_summary(scores, summary["loss"], answers)
         self.model.export(run.state, out, label_names=self.data.label_names)
         write_json(out / SUMMARY, summary)
         return RunResult(summary, run.history, run.state)
@@ -270,10 +271,9 @@ class Federation:
     def _evaluate(self, state: AdapterState) -> dict[str, float]:
         """The global model on the server's test split. For strategies whose clients keep part of
         the adapter (FedSA), the mean over the personalised models of the clients that trained."""
-
-        def on_test(s: AdapterState) -> dict[str, float]:
-            return evaluate(self.model, s, self.data.test, self.spec.train.eval_batch_size)
-
+        on_test = functools.partial(
+            evaluate, self.model, data=self.data.test, batch_size=self.spec.train.eval_batch_size
+        )
         scores = self.executor.evaluate_personal(state, self.plan, on_test) if self.strategy.personal else []
         if not scores:
             return on_test(state)

@@ -184,10 +184,20 @@ def test_spec_checks(overrides, message):
         Federation.build(lm_spec(**overrides))
 
 
+@pytest.fixture(scope="module")
+def base_loss():
+    """The untrained model's answer loss on the tiny spec's test split (every strategy starts there)."""
+    from fedpeft.build import build_parts
+
+    parts = build_parts(lm_spec())
+    return evaluate(parts.model, parts.model.state(), parts.data.test, 64)["loss"]
+
+
 @pytest.mark.parametrize("strategy", ["ffa", "lora-fair", "fedex", "flexlora", "fedsa"])
-def test_strategies_run_on_a_causal_lm(tmp_path, strategy):
+def test_strategies_run_on_a_causal_lm(tmp_path, strategy, base_loss):
     spec = lm_spec(federation__rounds=2, train__local_steps=8, train__lr=2.0, strategy__name=strategy)
     summary = Federation.build(spec).run(tmp_path / strategy).summary
+    assert summary["base_loss"] == pytest.approx(base_loss, abs=1e-5)  # FedSA: no client's kept B in it
     assert summary["loss"] < summary["base_loss"], summary
 
 
