@@ -20,15 +20,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "IGNORE",
-    "answer_window",
-    "ByteChatTokenizer",
-    "ChatTokenizer",
-    "encode_pairs",
-    "token_loss",
-    "evaluate_lm",
-    "greedy",
-]
+    "IGNORE", "ByteChatTokenizer", "ChatTokenizer", "answer_window", "encode_pairs", "evaluate_lm", "greedy",
+    "lm_summary", "perplexity", "token_loss", "write_generations",
+]  # fmt: skip
 
 IGNORE = -100
 LOGIT_BUDGET = 2**25  # logits (floats) one evaluation batch may hold: 128 MiB
@@ -52,7 +46,15 @@ def encode_pairs(
     return ids, mask, targets
 
 
-class ChatTokenizer:
+class _ChatRows:
+    """What every causal-LM tokenizer derives from its `prompt_ids`, `answer_ids` and `pad_token_id`."""
+
+    def encode_pairs(self, prompts: Sequence[str], answers: Sequence[str], max_length: int):  # noqa: ANN201
+        return encode_pairs([self.prompt_ids(p) for p in prompts], [self.answer_ids(a) for a in answers],
+                            max_length, self.pad_token_id)  # fmt: skip
+
+
+class ChatTokenizer(_ChatRows):
     """A Hugging Face tokenizer with a chat template, as fedpeft's causal-LM tokenizer."""
 
     def __init__(self, tokenizer) -> None:  # noqa: ANN001 - any PreTrainedTokenizerBase with a chat template
@@ -70,10 +72,6 @@ class ChatTokenizer:
     def answer_ids(self, answer: str) -> list[int]:
         return list(self._tok(answer, add_special_tokens=False)["input_ids"]) + [self.end_id]
 
-    def encode_pairs(self, prompts: Sequence[str], answers: Sequence[str], max_length: int):  # noqa: ANN201
-        return encode_pairs([self.prompt_ids(p) for p in prompts], [self.answer_ids(a) for a in answers],
-                            max_length, self.pad_token_id)  # fmt: skip
-
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
@@ -86,7 +84,7 @@ class ChatTokenizer:
         return getattr(self._tok, name)
 
 
-class ByteChatTokenizer:
+class ByteChatTokenizer(_ChatRows):
     """Dependency-free chat tokenizer for tiny test models: UTF-8 bytes, and a two-turn template.
 
     Ids: 0 = pad, 1 = <user>, 2 = <assistant>, 3 = <end>, 4 + b = byte b (vocab 260). Invertible,
@@ -101,10 +99,6 @@ class ByteChatTokenizer:
 
     def answer_ids(self, answer: str) -> list[int]:
         return [*(4 + b for b in answer.encode()), self.end_id]
-
-    def encode_pairs(self, prompts: Sequence[str], answers: Sequence[str], max_length: int):  # noqa: ANN201
-        return encode_pairs([self.prompt_ids(p) for p in prompts], [self.answer_ids(a) for a in answers],
-                            max_length, self.pad_token_id)  # fmt: skip
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i - 4 for i in ids if 4 <= i < 260).decode("utf-8", errors="replace")
@@ -202,7 +196,8 @@ def write_generations(model, base, final, pairs: Sequence[tuple[str, str]], out)
     import json
     from pathlib import Path
 
-    prompts = [p for p, _ in pairs[:SHOWN_PROMPTS]]
+    shown = pairs[:SHOWN_PROMPTS]
+    prompts = [p for p, _ in shown]
     answers = {}
     for which, state in (("base", base), ("federated", final)):
         model.load(state)
@@ -210,7 +205,7 @@ def write_generations(model, base, final, pairs: Sequence[tuple[str, str]], out)
         answers[which] = greedy(model.classifier, model.tokenizer, prompts, MAX_NEW_TOKENS, model.device)
     rows = [
         {"prompt": p, "reference": r, "base": b, "federated": f}
-        for (p, r), b, f in zip(pairs, answers["base"], answers["federated"], strict=False)
+        for (p, r), b, f in zip(shown, answers["base"], answers["federated"], strict=True)
     ]
     Path(out, GENERATIONS).write_text("".join(json.dumps(row) + "\n" for row in rows))
     model.load(final)

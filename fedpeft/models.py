@@ -210,6 +210,7 @@ def _cut(config, layers: int, name: str) -> None:  # noqa: ANN001 - a transforme
 
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # a LLaMA's attention projections: the LoRA default
 
 
 def _build_smollm2(num_labels: int, layers: int) -> tuple[nn.Module, int, Tokenizer]:
@@ -262,7 +263,7 @@ def _build_tiny_llama(num_labels: int, layers: int) -> tuple[nn.Module, int, Tok
 MODELS.register("smollm2")(
     ModelEntry(
         build=_build_smollm2,
-        default_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        default_targets=LLAMA_ATTENTION,
         description="pretrained SmolLM2-135M-Instruct causal LM (30 layers, 576 hidden, GGUF), offline",
         task="causal-lm",
     )
@@ -270,7 +271,7 @@ MODELS.register("smollm2")(
 MODELS.register("tiny-llama")(
     ModelEntry(
         build=_build_tiny_llama,
-        default_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        default_targets=LLAMA_ATTENTION,
         description="random 2-layer LLaMA causal LM (32 hidden) with a byte chat tokenizer, for tests",
         task="causal-lm",
     )

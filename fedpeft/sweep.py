@@ -86,14 +86,12 @@ def _check_sweep_spec(out: Path, spec: Spec) -> None:
             raise ConfigError(
                 f"{path} is not a readable sweep spec ({exc}); remove it to start this sweep again in {out}"
             ) from None
-        more_seeds = replace(spec, sweep=replace(spec.sweep, seeds=saved.sweep.seeds)) == saved and set(
-            saved.sweep.seeds
-        ) <= set(spec.sweep.seeds)
-        if saved != spec and not more_seeds:
-            raise ConfigError(
-                f"{out} holds a sweep of a different spec ({spec_diff(saved, spec, 'sweep')}); choose another --out"
-            )
-        if more_seeds:  # the same sweep with seeds added: its cells so far stay valid
+        if saved != spec:  # allowed only as the same sweep with seeds added: its cells so far stay valid
+            same_design = replace(spec, sweep=replace(spec.sweep, seeds=saved.sweep.seeds)) == saved
+            if not (same_design and set(saved.sweep.seeds) <= set(spec.sweep.seeds)):
+                raise ConfigError(
+                    f"{out} holds a sweep of a different spec ({spec_diff(saved, spec, 'sweep')}); choose another --out"
+                )
             write_json(path, spec.to_dict())
     else:
         out.mkdir(parents=True, exist_ok=True)

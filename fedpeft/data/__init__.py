@@ -140,5 +140,5 @@ def prepare(
     pool_t = torch.tensor(pool, dtype=torch.long)
     clients = [everything.select(pool_t[torch.tensor(rows, dtype=torch.long)]) for rows in parts]
     public = everything.select(torch.tensor(public_rows, dtype=torch.long)) if public_rows else None
-    pairs = tuple((raw.texts[i], raw.answers[i]) for i in test_rows[:8]) if raw.answers is not None else ()
+    pairs = tuple((raw.texts[i], raw.answers[i]) for i in test_rows) if raw.answers is not None else ()
     return FederatedData(clients, everything.select(torch.tensor(test_rows)), raw.label_names, public, pairs)

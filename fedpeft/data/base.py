@@ -65,7 +65,7 @@ class FederatedData:
     test: TokenizedData
     label_names: tuple[str, ...]
     public: TokenizedData | None = None  # data.public_size examples on the server, no client's
-    test_pairs: tuple[tuple[str, str], ...] = ()  # instruction data: the test split's first (prompt, answer)s
+    test_pairs: tuple[tuple[str, str], ...] = ()  # instruction data: the test split's (prompt, answer)s
 
     @property
     def num_labels(self) -> int:
