@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedpeft.classifier import label_name_rows
 from fedpeft.config import ConfigError, ModelConfig
 from fedpeft.data.base import TokenizedData
 from fedpeft.families import FAMILIES, inject, load_family, save_family
-from fedpeft.models import MODELS, Tokenizer, build_model, label_name_rows
+from fedpeft.models import MODELS, Tokenizer, build_model
 from fedpeft.state import (
     BASE,
     HEAD,

@@ -44,9 +44,9 @@ def _prepare_out(out: str | None, spec: Spec, resume: bool) -> Path:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    spec = resolve_spec(args.spec, args.set)  # before any torch import: a bad file or key answers at once
     from fedpeft.build import check_names
 
-    spec = resolve_spec(args.spec, args.set)
     check_names(spec)
     out = _prepare_out(args.out, spec, args.resume)
     from rich.markup import escape
@@ -99,9 +99,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    spec = resolve_spec(args.spec, args.set)
     from fedpeft.sweep import run_sweep
 
-    spec = resolve_spec(args.spec, args.set)
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{spec.name}"
     try:
         run_sweep(spec, out)

