@@ -1,7 +1,7 @@
 """Model registry: name -> offline builder of (model, tokenizer) and its default LoRA targets.
 
 A model's `task` is "classify" or "causal-lm". A classifier is a transformer encoder followed by
-mask-aware mean pooling and a linear head; a causal LM is a Hugging Face decoder whose LoRA
+mask-aware mean pooling and a linear head (fedpeft.classifier); a causal LM is a Hugging Face decoder whose LoRA
 targets default to the attention projections, trained on answers (fedpeft.causal). The
 MiniLM checkpoint has no trained pooler (its [CLS] pooler is random), and in our probes a CLS
 classifier stayed at a constant prediction, while mean pooling, which the checkpoint was trained
