@@ -9,78 +9,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedpeft.adapters import AdaptedModel
+from fedpeft.catalog import check_names
 from fedpeft.client import LocalTraining
 from fedpeft.config import ConfigError, Spec
-from fedpeft.data import DATASETS, INSTRUCTION_DATASETS, FederatedData, TokenizedData, prepare
+from fedpeft.data import DATASETS, FederatedData, TokenizedData, prepare
 from fedpeft.executors import EXECUTORS, Executor
-from fedpeft.families import FAMILIES
-from fedpeft.models import MODELS
 from fedpeft.privacy.accounting import ClientBudget, calibrate_budget
 from fedpeft.state import HEAD, AdapterState, kind_of
-from fedpeft.strategies import STRATEGIES, Strategy, make_strategy
+from fedpeft.strategies import Strategy, make_strategy
 
 __all__ = [
     "Parts",
     "build_parts",
-    "check_names",
-    "runs_family",
     "client_budget",
     "client_budgets",
     "make_executor",
     "make_plan",
 ]
-
-
-def check_names(spec: Spec) -> None:
-    """Unknown registry names fail before any work, each listing the valid ones, and so does a
-    combination that cannot run: an adapter family the strategy cannot aggregate, client-level DP
-    or secure aggregation with a strategy that needs more than the sum of the updates."""
-    causal = MODELS.get(spec.model.name).task == "causal-lm"
-    DATASETS.get(spec.data.name)
-    if causal != (spec.data.name in INSTRUCTION_DATASETS):
-        raise ConfigError(
-            f"model {spec.model.name!r} is a {'causal LM' if causal else 'classifier'} and dataset {spec.data.name!r} "
-            f"is {'instruction' if spec.data.name in INSTRUCTION_DATASETS else 'classification'} data: causal LMs "
-            f"train on {', '.join(INSTRUCTION_DATASETS)}, classifiers on the others (`fedpeft list`)"
-        )
-    if causal and (
-        spec.federation.executor == "cohort" or spec.model.adapter != "lora" or spec.model.head_init != "random"
-    ):
-        raise ConfigError(
-            "a causal LM runs with federation.executor = sequential, model.adapter = lora and model.head_init = random "
-            "(the cohort executor, the linear families and the head settings are the classifiers')"
-        )
-    STRATEGIES.get(spec.strategy.name)
-    EXECUTORS.get(spec.federation.executor)
-    sum_users = [what for on, what in (
-        (spec.privacy.client_enabled, "client-level DP (privacy.client_epsilon) noises"),
-        (spec.federation.secagg, "secure aggregation (federation.secagg) reveals only"),
-    ) if on]  # fmt: skip
-    if sum_users and not make_strategy(spec.strategy.name, spec.strategy.kwargs).sum_only:
-        valid = ", ".join(n for n in STRATEGIES.names() if _sum_only(n))
-        raise ConfigError(
-            f"{sum_users[0]} the sum of the clients' updates, so it needs a strategy whose server step "
-            f"uses only that sum; {spec.strategy.name!r} does not: use {valid}"
-        )
-    adapter = spec.model.adapter
-    if not runs_family(spec.strategy.name, adapter):
-        valid = ", ".join(n for n in STRATEGIES.names() if runs_family(n, adapter))
-        raise ConfigError(
-            f"strategy {spec.strategy.name!r} works on LoRA's factors B and A; model.adapter = {adapter!r} "
-            f"trains one tensor whose weight change is linear, so plain averaging is exact: use {valid}"
-        )
-    if FAMILIES.get(adapter).linear and spec.model.client_ranks:
-        raise ConfigError(f"model.client_ranks are LoRA ranks; model.adapter = {adapter!r} has none")
-
-
-def runs_family(strategy: str, adapter: str) -> bool:
-    """Whether `strategy` can aggregate what `adapter` trains: LoRA runs with every strategy, a
-    linear family only with those that treat every upload alike (`Strategy.any_family`)."""
-    return not FAMILIES.get(adapter).linear or STRATEGIES.get(strategy).any_family
-
-
-def _sum_only(name: str) -> bool:
-    return bool(make_strategy(name).sum_only)
 
 
 def make_plan(spec: Spec, strategy: Strategy, state: AdapterState) -> LocalTraining:

@@ -45,9 +45,9 @@ def _prepare_out(out: str | None, spec: Spec, resume: bool) -> Path:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     spec = resolve_spec(args.spec, args.set)  # before any torch import: a bad file or key answers at once
-    from fedpeft.build import check_names
+    from fedpeft.catalog import check_names
 
-    check_names(spec)
+    check_names(spec)  # torch-free too: an unknown name or a combination that cannot run answers at once
     out = _prepare_out(args.out, spec, args.resume)
     from rich.markup import escape
 
@@ -203,10 +203,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    # from the catalog and the models' and datasets' registries alone: no torch import
+    from fedpeft.catalog import FAMILY_INFO, STRATEGY_INFO
     from fedpeft.data import DATASETS, INSTRUCTION_DATASETS
-    from fedpeft.families import FAMILIES
     from fedpeft.models import MODELS
-    from fedpeft.strategies import STRATEGIES
 
     causal = [n for n in MODELS.names() if MODELS.get(n).task == "causal-lm"]
     print("models:     " + ", ".join(n for n in MODELS.names() if n not in causal) + "  (classifiers)")
@@ -215,13 +215,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         "datasets:   " + ", ".join(n for n in DATASETS.names() if n not in INSTRUCTION_DATASETS) + "  (classification)"
     )
     print("            " + ", ".join(INSTRUCTION_DATASETS) + "  (instruction: prompt and answer, for causal LMs)")
-    print("strategies: " + ", ".join(STRATEGIES.names()))
-    linear = ", ".join(n for n in STRATEGIES.names() if STRATEGIES.get(n).any_family)
-    print(
-        "adapters:   " + ", ".join(FAMILIES.names()) + f"  (model.adapter; {linear} runs every family, the rest LoRA)"
-    )
-    for name in FAMILIES.names():
-        print(f"  {name:<6} {FAMILIES.get(name).summary}")
+    strategies = sorted(STRATEGY_INFO)
+    print("strategies: " + ", ".join(strategies))
+    sums = ", ".join(n for n in strategies if STRATEGY_INFO[n].sum_only)
+    print(f"            {sums}  (server step uses only the sum: secure aggregation, client-level DP)")
+    linear = ", ".join(n for n in strategies if STRATEGY_INFO[n].any_family)
+    print("adapters:   " + ", ".join(FAMILY_INFO) + f"  (model.adapter; {linear} runs every family, the rest LoRA)")
+    for name, info in FAMILY_INFO.items():
+        print(f"  {name:<6} {info.summary}")
     return 0
 
 

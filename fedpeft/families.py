@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedpeft.catalog import FAMILY_INFO
 from fedpeft.registry import Registry
 from fedpeft.state import LORA_A, LORA_B, THETA
 
@@ -51,10 +52,13 @@ class AdapterFamily:
     LoRA, which PEFT injects) the layer that implements it."""
 
     name: str
-    summary: str
     trains: frozenset[str]  # the tensor kinds the adapter trains (state.LORA_A / LORA_B / THETA)
     size: Callable[[int, int, int], int]  # (d_out, d_in, rank) -> trained entries per layer
     layer: type[FamilyLinear] | None = None  # None: PEFT's LoRA
+
+    @property
+    def summary(self) -> str:
+        return FAMILY_INFO[self.name].summary
 
     @property
     def linear(self) -> bool:
@@ -62,7 +66,7 @@ class AdapterFamily:
         return self.layer is not None
 
 
-FAMILIES: Registry[AdapterFamily] = Registry("adapter family")
+FAMILIES: Registry[AdapterFamily] = Registry("adapter family", FAMILY_INFO)
 
 
 class Diagonal(nn.Module):
@@ -191,20 +195,17 @@ class PaCALinear(FamilyLinear):
 
 
 FAMILIES.register("lora")(
-    AdapterFamily("lora", "PEFT LoRA, delta W = s B A (r(d_in + d_out) per layer)", frozenset({LORA_A, LORA_B}),
+    AdapterFamily("lora", frozenset({LORA_A, LORA_B}),
                   lambda d_out, d_in, r: r * (d_in + d_out))
 )  # fmt: skip
 FAMILIES.register("svd")(
-    AdapterFamily("svd", "singular values, delta W = s U diag(theta) V^T on W0's top r (r per layer)",
-                  frozenset({THETA}), lambda d_out, d_in, r: r, SVDLinear)
+    AdapterFamily("svd", frozenset({THETA}), lambda d_out, d_in, r: r, SVDLinear)
 )  # fmt: skip
 FAMILIES.register("core")(
-    AdapterFamily("core", "r x r core, delta W = s U R V^T in W0's top-r frames (r^2 per layer)",
-                  frozenset({THETA}), lambda d_out, d_in, r: r * r, CoreLinear)
+    AdapterFamily("core", frozenset({THETA}), lambda d_out, d_in, r: r * r, CoreLinear)
 )  # fmt: skip
 FAMILIES.register("paca")(
-    AdapterFamily("paca", "r random columns of W0 trained directly (PaCA; r d_out per layer)",
-                  frozenset({THETA}), lambda d_out, d_in, r: r * d_out, PaCALinear)
+    AdapterFamily("paca", frozenset({THETA}), lambda d_out, d_in, r: r * d_out, PaCALinear)
 )  # fmt: skip
 
 

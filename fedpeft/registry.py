@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -15,16 +15,20 @@ class UnknownNameError(ValueError):
 
 
 class Registry(Generic[T]):
-    """A named collection; registering a name twice and looking up an unknown name are errors."""
+    """A named collection; registering a name twice and looking up an unknown name are errors.
+    With `declared` (fedpeft.catalog's names for the kind), registering any other name is one too."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, declared: Collection[str] | None = None) -> None:
         self.kind = kind
+        self._declared = declared
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
+            if self._declared is not None and name not in self._declared:
+                raise ValueError(f"{self.kind} {name!r} is not declared in fedpeft.catalog")
             self._items[name] = obj
             return obj
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedpeft.build import check_names, runs_family
+from fedpeft.catalog import check_names, runs_family
 from fedpeft.config import ConfigError, Spec, StrategyConfig
 from fedpeft.federation import Federation
 from fedpeft.progress import ProgressDisplay, make_console

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedpeft.build import check_names  # noqa: E402
+from fedpeft.catalog import check_names  # noqa: E402
 from fedpeft.cli import add_set_argument  # noqa: E402
 from fedpeft.config import ConfigError  # noqa: E402
 from fedpeft.deploy import LocalDeployment, run_config_arg  # noqa: E402

@@ -14,7 +14,8 @@ from pathlib import Path
 from fedpeft.strategies import make_strategy
 
 from fedpeft.adapters import AdaptedModel
-from fedpeft.build import check_names, make_plan
+from fedpeft.build import make_plan
+from fedpeft.catalog import check_names
 from fedpeft.data import DATASETS
 from fedpeft.report import run_label
 from fedpeft.spec_io import load_spec

@@ -18,6 +18,8 @@ from fedpeft.state import HEAD, AdapterState, ClientUpdate, kind_of
 
 __all__ = ["Strategy", "STRATEGIES", "ROBUST", "RobustCombine", "combine", "weighted_mean", "make_strategy"]
 
+# every name here is declared in fedpeft.catalog.STRATEGY_INFO too (torch-free, for `fedpeft list` and
+# the spec checks; strategies import nothing above state and registry, so tests/test_catalog.py checks it)
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
 
@@ -97,9 +99,8 @@ class Strategy(ABC):
     trains: ClassVar[frozenset[str]]  # LoRA factor kinds the clients train: subset of {A, B}
     sum_only: ClassVar[bool]  # server step needs only sum_k p_k * upload_k (secure aggregation ok)
     personal: ClassVar[frozenset[str]] = frozenset()  # kinds each client keeps across rounds, never sent
-    # True: the server step treats every uploaded tensor alike, so it is right for any adapter family
-    # (fedpeft.families), not only LoRA's factors
-    any_family: ClassVar[bool] = False
+    # Whether the server step treats every upload alike, and so is right for every adapter family
+    # (fedpeft.families), is declared with the name in fedpeft.catalog (STRATEGY_INFO.any_family).
 
     def base_change_rank(self, num_updates: int, rank: int) -> int:
         """Rank of the factored change to each frozen base weight that one aggregation of

@@ -21,7 +21,6 @@ class FedAvg(RobustCombine, Strategy):
 
     name = "fedavg"
     trains = frozenset({LORA_A, LORA_B, THETA})
-    any_family = True
 
     def aggregate(self, state, updates, round_num, server_state):
         names = list(updates[0].tensors)

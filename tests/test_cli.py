@@ -48,18 +48,22 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, overrid
     assert not out.exists()
 
 
-def test_spec_errors_answer_before_torch_is_imported(tmp_path):
-    """A missing file, an unknown key or a bad value is reported without importing torch (~2 s
-    here), so a typo answers at once; checked in a fresh interpreter, where nothing else loaded it."""
+def test_spec_errors_and_list_answer_before_torch_is_imported(tmp_path):
+    """A missing file, an unknown key, a bad value, an unknown name or a combination that cannot run
+    is reported without importing torch (~2 s here), and so is `fedpeft list`, so a typo answers at
+    once; checked in a fresh interpreter, where nothing else loaded it."""
     code = (
-        "import sys; from fedpeft.cli import main; import fedpeft.data, fedpeft.models\n"
+        "import sys; from fedpeft.cli import main\n"
         f"codes = [main(['simulate', {str(tmp_path / 'missing.toml')!r}]), main(['simulate', '--set', 'federaton.rounds=2']),"
-        " main(['simulate', '--set', 'federation.rounds=0'])]\n"
+        " main(['simulate', '--set', 'federation.rounds=0']), main(['simulate', '--set', 'model.name=nope']),"
+        " main(['simulate', '--set', 'strategy.name=fedsvd', '--set', 'model.adapter=svd']), main(['list'])]\n"
         "print(codes, 'torch' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
-    assert done.stdout.split() == ["[2,", "2,", "2]", "False"], done.stdout + done.stderr
-    assert done.stderr.count("fedpeft: error:") == 3
+    assert done.stdout.split()[-7:] == ["[2,", "2,", "2,", "2,", "2,", "0]", "False"], done.stdout + done.stderr
+    assert done.stderr.count("fedpeft: error:") == 5
+    assert "unknown model 'nope'; valid:" in done.stderr and "use fedavg" in done.stderr
+    assert "strategies: fedavg, fedex," in done.stdout
 
 
 def test_simulate_writes_results_and_refuses_to_overwrite(tmp_path, capsys):

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from fedpeft.build import check_names
+from fedpeft.catalog import check_names
 from fedpeft.config import ConfigError
 from fedpeft.federation import Federation
 from fedpeft.privacy.client_level import ClientLevelDP, clip_update

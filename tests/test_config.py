@@ -96,6 +96,6 @@ def test_the_readme_lists_every_spec_key():
 def test_every_shipped_spec_loads_and_can_run(path):
     """Each spec in simulations/ parses, and its names and combinations pass the checks a run
     makes before any work (instruct and instruct-gpu: a causal LM on instruction data)."""
-    from fedpeft.build import check_names
+    from fedpeft.catalog import check_names
 
     check_names(load_spec(path))

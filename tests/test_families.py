@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fedpeft.strategies import make_strategy
 
 from fedpeft.adapters import AdaptedModel, load_exported
-from fedpeft.build import check_names
+from fedpeft.catalog import check_names
 from fedpeft.cli import main
 from fedpeft.client import DPSGD, LocalTraining, train_client
 from fedpeft.config import ConfigError, ModelConfig

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Union
 
 import torch
 
+from fedpeft.catalog import EXECUTOR_NAMES
 from fedpeft.client import LocalTraining
 from fedpeft.data.base import TokenizedData
 from fedpeft.privacy.accounting import ClientBudget
@@ -93,7 +94,7 @@ class Executor(Protocol):
 
 # (spec, model, clients' data, number of labels, budgets) -> an executor over those clients
 ExecutorFactory = Callable[["Spec", "AdaptedModel", list[TokenizedData], int, "list[ClientBudget | None] | None"], Any]
-EXECUTORS: Registry[ExecutorFactory] = Registry("executor")
+EXECUTORS: Registry[ExecutorFactory] = Registry("executor", EXECUTOR_NAMES)
 
 
 class ClientStore:
