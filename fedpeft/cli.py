@@ -66,9 +66,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             f"client-level DP epsilon={privacy.client_epsilon:g}, delta={privacy.delta:g}, S={privacy.client_clip:g}"
         )
     mode = "; ".join(modes) or "privacy off"
+    scored = (  # why rounds between show "accuracy -"
+        "" if fed.eval_every == 1
+        else " (scored after the last)" if fed.eval_every >= fed.rounds
+        else f" (scored every {fed.eval_every} and after the last)"
+    )  # fmt: skip
     console.print(
         f"[bold]fedpeft[/] {spec.name}: {spec.strategy.name} on {spec.model.name} / {spec.data.name}, "
-        f"{fed.clients} clients ({fed.clients_per_round} per round), {fed.rounds} rounds, {mode}"
+        f"{fed.clients} clients ({fed.clients_per_round} per round), {fed.rounds} rounds{scored}, {mode}"
     )
     tic = time.perf_counter()
     with console.status("loading model and data, calibrating noise..."):

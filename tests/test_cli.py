@@ -111,6 +111,15 @@ def test_progress_in_a_log_is_plain_lines(tmp_path):
     assert "epsilon_max" in line and line.rstrip().endswith("s")  # the whole round line on one line
 
 
+def test_the_header_says_which_rounds_are_scored(tmp_path, capsys):
+    """With eval_every > 1 the rounds between show "accuracy -"; the first line says why."""
+    out = tmp_path / "run"
+    assert main(["simulate", *TINY, "--set", "federation.eval_every=5", "--out", str(out)]) == 0
+    printed = "".join(capsys.readouterr())
+    assert "2 rounds (scored after the last)," in printed
+    assert "round   1: accuracy -" in printed and "round   2: accuracy 0." in printed
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
