@@ -9,12 +9,11 @@ that the registered and declared names agree and that each declaration says what
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fedpeft.config import ConfigError
-from fedpeft.registry import UnknownNameError
+from fedpeft.registry import require_known
 
 if TYPE_CHECKING:
     from fedpeft.config import Spec
@@ -56,16 +55,11 @@ FAMILY_INFO: dict[str, FamilyInfo] = {
 EXECUTOR_NAMES: tuple[str, ...] = ("cohort", "sequential")
 
 
-def _known(kind: str, name: str, names: Collection[str]) -> None:
-    if name not in names:  # the message a registry's `get` gives
-        raise UnknownNameError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(names))}")
-
-
 def runs_family(strategy: str, adapter: str) -> bool:
     """Whether `strategy` can aggregate what `adapter` trains: LoRA runs with every strategy, a
-    linear family only with those that treat every upload alike (`Strategy.any_family`)."""
-    _known("strategy", strategy, STRATEGY_INFO)
-    _known("adapter family", adapter, FAMILY_INFO)
+    linear family only with those that treat every upload alike (`StrategyInfo.any_family`)."""
+    require_known("strategy", strategy, STRATEGY_INFO)
+    require_known("adapter family", adapter, FAMILY_INFO)
     return not FAMILY_INFO[adapter].linear or STRATEGY_INFO[strategy].any_family
 
 
@@ -91,9 +85,9 @@ def check_names(spec: Spec) -> None:
             "a causal LM runs with federation.executor = sequential, model.adapter = lora and model.head_init = random "
             "(the cohort executor, the linear families and the head settings are the classifiers')"
         )
-    _known("strategy", spec.strategy.name, STRATEGY_INFO)
-    _known("executor", spec.federation.executor, EXECUTOR_NAMES)
-    _known("adapter family", spec.model.adapter, FAMILY_INFO)
+    require_known("strategy", spec.strategy.name, STRATEGY_INFO)
+    require_known("executor", spec.federation.executor, EXECUTOR_NAMES)
+    require_known("adapter family", spec.model.adapter, FAMILY_INFO)
     sum_users = [what for on, what in (
         (spec.privacy.client_enabled, "client-level DP (privacy.client_epsilon) noises"),
         (spec.federation.secagg, "secure aggregation (federation.secagg) reveals only"),

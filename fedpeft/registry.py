@@ -7,11 +7,17 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Registry", "UnknownNameError"]
+__all__ = ["Registry", "UnknownNameError", "require_known"]
 
 
 class UnknownNameError(ValueError):
     """A name that no registry entry has; the message lists the valid names."""
+
+
+def require_known(kind: str, name: str, names: Collection[str]) -> None:
+    """The error for a name that is not among `names`, listing the valid ones."""
+    if name not in names:
+        raise UnknownNameError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(names))}")
 
 
 class Registry(Generic[T]):
@@ -35,10 +41,8 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
-        try:
-            return self._items[name]
-        except KeyError:
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._items))}") from None
+        require_known(self.kind, name, self._items)
+        return self._items[name]
 
     def names(self) -> list[str]:
         return sorted(self._items)
