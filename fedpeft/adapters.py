@@ -256,6 +256,10 @@ class AdaptedModel:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self._params.values() if p.requires_grad]
 
+    def trainable_named(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters by their normalised (AdapterState) names."""
+        return {n: p for n, p in self._params.items() if p.requires_grad}
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: int) -> torch.Tensor:
         """Logits: [N, labels] of a classifier, [N, L, vocabulary] of a causal LM (`kwargs`: its
         `logits_to_keep`, fedpeft.causal.answer_window)."""

@@ -14,6 +14,7 @@ from fedpeft.client import LocalTraining
 from fedpeft.config import ConfigError, Spec
 from fedpeft.data import DATASETS, FederatedData, TokenizedData, prepare
 from fedpeft.executors import EXECUTORS, Executor
+from fedpeft.optim import LocalOptimizer
 from fedpeft.privacy.accounting import ClientBudget, calibrate_budget
 from fedpeft.state import HEAD, AdapterState, kind_of
 from fedpeft.strategies import Strategy, make_strategy
@@ -30,7 +31,7 @@ __all__ = [
 
 def make_plan(spec: Spec, strategy: Strategy, state: AdapterState) -> LocalTraining:
     """What every client does in a round: the strategy's trainable and uploaded tensors, the
-    tensors it keeps locally, and the spec's local SGD."""
+    tensors it keeps locally, and the spec's local optimizer and schedule."""
     trains = set(strategy.trains) | ({HEAD} if spec.model.train_head else set())
     return LocalTraining(
         steps=spec.train.local_steps,
@@ -39,6 +40,7 @@ def make_plan(spec: Spec, strategy: Strategy, state: AdapterState) -> LocalTrain
         trains=frozenset(trains),
         uploads=tuple(strategy.uploads(state, spec.model.train_head)),
         keeps=tuple(n for n in state.tensors if kind_of(n) in strategy.personal),
+        optimizer=LocalOptimizer.from_spec(spec.train, spec.federation.rounds),
     )
 
 

@@ -1,7 +1,7 @@
 """One client's local training, and evaluation: the reference path every other path is checked against.
 
-Local training is `steps` steps of plain SGD (no momentum, fresh each round) on the tensors the
-strategy trains. Each step draws a Poisson sample (rate q = batch_size / n, as DP-SGD's accounting
+Local training is `steps` steps of the spec's optimizer (fedpeft.optim: SGD by default, fresh each
+round unless the client keeps its state) on the tensors the strategy trains. Each step draws a Poisson sample (rate q = batch_size / n, as DP-SGD's accounting
 assumes). Privacy on or off is the same loop: with DP-SGD the step goes through Opacus
 (per-example gradients, clipping to C, Gaussian noise sigma*C); without it the loss is summed and
 divided by the expected batch size, which is exactly the DP update at sigma = 0 and C = inf.
@@ -13,6 +13,7 @@ computed from the private batches (no loss, no count of sampled examples, no wal
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from fedpeft.adapters import AdaptedModel, logits_of
 from fedpeft.causal import answer_window, evaluate_lm, token_loss
 from fedpeft.data.base import TokenizedData
+from fedpeft.optim import LocalOptimizer, OptimizerState, load_torch_state, torch_state
 from fedpeft.privacy.accounting import ClientBudget, sample_rate
 from fedpeft.state import AdapterState, ClientUpdate
 
@@ -50,7 +52,8 @@ class DPSGD:
 
 @dataclass(frozen=True)
 class LocalTraining:
-    """What a client does with the global adapter in one round."""
+    """What a client does with the global adapter in one round. `lr` is the (peak) learning rate of
+    `optimizer` (None: plain SGD at a constant `lr`)."""
 
     steps: int
     batch_size: int
@@ -58,6 +61,12 @@ class LocalTraining:
     trains: frozenset[str]  # kinds that train: A, B, head
     uploads: tuple[str, ...]  # normalised names of the tensors sent back
     keeps: tuple[str, ...] = ()  # names of the tensors the client keeps for its next round (FedSA's B)
+    optimizer: LocalOptimizer | None = None
+
+    @property
+    def local_optimizer(self) -> LocalOptimizer:
+        """The optimizer and schedule of every client, at this plan's lr and steps."""
+        return dataclasses.replace(self.optimizer or LocalOptimizer(), lr=self.lr, steps=self.steps)
 
 
 def poisson_batches(n: int, q: float, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -75,10 +84,14 @@ def train_client(
     seed: int,
     dp: DPSGD | None = None,
     rank: int | None = None,
+    round_num: int = 1,
+    optimizer_state: OptimizerState | None = None,
 ) -> ClientUpdate:
     """Train one client from the global adapter; return the tensors it uploads.
 
     `seed` fixes the batches, the DP noise and dropout, so a client's round is reproducible.
+    `round_num` places the round in a schedule over the run. `optimizer_state`: the client's kept
+    optimizer state (train.optimizer_state = keep), updated in place; None: fresh state.
     `rank` (heterogeneous ranks) keeps only the first `rank` LoRA components: the rest start at
     zero and are projected back to zero after every step, which removes the DP noise there.
     `num_examples` (the aggregation weight) is the expected number of examples the client used,
@@ -95,8 +108,13 @@ def train_client(
 
     model.load(global_state, rank=rank)
     model.set_trainable(set(plan.trains))
-    params = model.trainable_parameters()
-    optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=plan.lr)
+    named = model.trainable_named()
+    params = list(named.values())
+    opt = plan.local_optimizer
+    inner = opt.build(params)
+    if optimizer_state:
+        load_torch_state(inner, named, optimizer_state)
+    optimizer: torch.optim.Optimizer = inner
     module: torch.nn.Module = model.module
     if dp is not None:
         from opacus import GradSampleModule
@@ -104,7 +122,7 @@ def train_client(
 
         module = GradSampleModule(model.module, batch_first=True, loss_reduction="mean")
         optimizer = DPOptimizer(
-            optimizer,
+            inner,  # Opacus clips and noises the gradient, then steps this optimizer on it
             noise_multiplier=dp.sigma,
             max_grad_norm=dp.clip,
             expected_batch_size=expected_batch,
@@ -120,7 +138,9 @@ def train_client(
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         torch.manual_seed(seed + 2)  # dropout
         try:
-            for index in batches:
+            for step, index in enumerate(batches):
+                for group in optimizer.param_groups:
+                    group["lr"] = opt.lr_at(round_num, step)
                 optimizer.zero_grad(set_to_none=True)
                 if len(index) == 0:  # an empty Poisson sample still takes a (noise-only) step
                     for p in params:
@@ -150,6 +170,9 @@ def train_client(
             if dp is not None:
                 module.to_standard_module()  # remove Opacus hooks and attributes from the model
     model.module.eval()
+    if optimizer_state is not None:
+        optimizer_state.clear()
+        optimizer_state.update(torch_state(inner, named))
     metrics = {"steps": float(len(batches))}
     if dp is None:  # statistics of the private batches: released only with privacy off
         metrics["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
@@ -176,6 +199,8 @@ def client_round(
     clip: float,
     rank: int | None = None,
     secure: bool = False,
+    round_num: int = 1,
+    optimizer_state: OptimizerState | None = None,
 ) -> ClientUpdate:
     """A client's whole round: check its privacy budget, train, record the steps it took.
 
@@ -185,7 +210,10 @@ def client_round(
     """
     check_budget(budget, plan.steps, client_id)
     dp = DPSGD(budget.sigma, clip, budget.size or None, secure) if budget is not None else None
-    update = train_client(model, global_state, data, plan, client_id=client_id, seed=seed, dp=dp, rank=rank)
+    update = train_client(
+        model, global_state, data, plan, client_id=client_id, seed=seed, dp=dp, rank=rank, round_num=round_num,
+        optimizer_state=optimizer_state,
+    )  # fmt: skip
     record_spending(budget, update)
     return update
 

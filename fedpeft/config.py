@@ -16,8 +16,12 @@ from typing import Any
 
 __all__ = [
     "ConfigError", "FederationConfig", "ModelConfig", "DataConfig", "StrategyConfig", "PrivacyConfig",
-    "TrainConfig", "SweepConfig", "Spec", "SECTIONS", "client_rank",
+    "TrainConfig", "SweepConfig", "Spec", "SECTIONS", "OPTIMIZERS", "SCHEDULES", "client_rank",
 ]  # fmt: skip
+
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")  # train.optimizer (fedpeft.optim)
+SCHEDULES = ("constant", "linear", "cosine")  # train.schedule
 
 
 class ConfigError(ValueError):
@@ -38,36 +42,25 @@ class FederationConfig:
     rounds: int = field(default=5, metadata=_help("number of federated rounds"))
     clients: int = field(default=4, metadata=_help("number of clients (data partitions)"))
     clients_per_round: int = field(default=4, metadata=_help("clients sampled each round"))
-    min_clients: int = field(
-        default=1, metadata=_help("fewest valid updates a round needs to aggregate; else it is skipped")
-    )
+    min_clients: int = field(default=1, metadata=_help("fewest valid updates to aggregate; fewer: round skipped"))
     seed: int = field(default=0, metadata=_help("seed for everything: same spec + seed, same result"))
     executor: str = field(
         default="sequential", metadata=_help("who trains the clients: sequential (reference) | cohort (batched)")
     )
     cohort_chunk: int = field(default=0, metadata=_help("cohort executor: clients trained at once; 0 = all sampled"))
     device: str = field(default="auto", metadata=_help("auto (cuda if available, else cpu) | cpu | cuda | cuda:N"))
-    timeout: float = field(
-        default=math.inf,
-        metadata=_help(
-            "Flower: seconds the server waits for a round's updates; late nodes count as failed. "
-            "inf waits for every node (one that goes offline still answers, with an error)"
-        ),
-    )
-    secagg: bool = field(
-        default=False,
-        metadata=_help("Flower: SecAgg+ (the server learns only the sum of the updates); sum-only strategies"),
-    )
-    eval_every: int = field(
-        default=1, metadata=_help("evaluate the global model every N rounds (the last round always); others log null")
-    )
-    update_bound: float = field(
-        default=0.0,
-        metadata=_help(
-            "largest accepted norm of a client's change (its upload - what it was sent); larger ones are "
-            "dropped. 0 = auto: under DP the most an honest DP-SGD client can move, without DP none; inf = off"
-        ),
-    )
+    timeout: float = field(default=math.inf, metadata=_help(
+        "Flower: seconds the server waits for a round's updates; late nodes count as failed. "
+        "inf waits for every node (one that goes offline still answers, with an error)"
+    ))  # fmt: skip
+    secagg: bool = field(default=False, metadata=_help(
+        "Flower: SecAgg+ (the server learns only the sum of the updates); sum-only strategies"
+    ))  # fmt: skip
+    eval_every: int = field(default=1, metadata=_help("score every N rounds and the last round; others log null"))
+    update_bound: float = field(default=0.0, metadata=_help(
+        "largest accepted norm of a client's change (its upload - what it was sent); larger ones are "
+        "dropped. 0 = auto: under DP the most an honest DP-SGD client can move, without DP none; inf = off"
+    ))  # fmt: skip
     node_ids: tuple[int, ...] = field(
         default=(),
         metadata={
@@ -113,14 +106,11 @@ class ModelConfig:
     train_head: bool = field(
         default=True, metadata=_help("train the classifier head (else frozen at a shared seeded init)")
     )
-    head_init: str = field(
-        default="random",
-        metadata=_help(
-            "the head before training: random (seeded), label-names (rows = the base encoder's centred, "
-            "unit-norm embeddings of the label names) or public (logistic regression on the base encoder's "
-            "features of the server's data.public_size examples); all three use no client's data"
-        ),
-    )
+    head_init: str = field(default="random", metadata=_help(
+        "the head before training: random (seeded), label-names (rows = the base encoder's centred, "
+        "unit-norm embeddings of the label names) or public (logistic regression on the base encoder's "
+        "features of the server's data.public_size examples); all three use no client's data"
+    ))  # fmt: skip
     adapter: str = field(
         default="lora", metadata=_help("adapter family: lora, or svd | core | paca (linear; `fedpeft list`)")
     )
@@ -163,13 +153,10 @@ class DataConfig:
     dirichlet_alpha: float = field(default=0.5, metadata=_help("label-skew concentration (dirichlet)"))
     test_size: int = field(default=1000, metadata=_help("examples held out on the server for evaluation"))
     max_examples: int = field(default=0, metadata=_help("use at most this many training examples; 0 = all"))
-    public_size: int = field(
-        default=0,
-        metadata=_help(
-            "examples the server holds beside its test split, no client's: model.head_init = public fits the "
-            "head on them"
-        ),
-    )
+    public_size: int = field(default=0, metadata=_help(
+        "examples the server holds beside its test split, no client's: model.head_init = public fits the "
+        "head on them"
+    ))  # fmt: skip
 
     def __post_init__(self) -> None:
         valid = ("iid", "dirichlet", "natural")
@@ -207,13 +194,10 @@ class PrivacyConfig:
     client_clip: float = field(default=1.0, metadata=_help("client-level: clip norm S of each client's update"))
     clip: float = field(default=2.0, metadata=_help("per-example gradient clipping norm C"))
     accountant: str = field(default="prv", metadata=_help("prv (tighter) | rdp"))
-    noise: str = field(
-        default="seeded",
-        metadata=_help(
-            "where in-process clients draw batches and DP noise: seeded (reproducible; the simulator is "
-            "both parties) | secret (OS randomness, Opacus secure_mode). Flower nodes always use secret"
-        ),
-    )
+    noise: str = field(default="seeded", metadata=_help(
+        "where in-process clients draw batches and DP noise: seeded (reproducible; the simulator is "
+        "both parties) | secret (OS randomness, Opacus secure_mode). Flower nodes always use secret"
+    ))  # fmt: skip
 
     def __post_init__(self) -> None:
         _require(
@@ -242,7 +226,22 @@ class TrainConfig:
     batch_size: int = field(
         default=32, metadata=_help("expected batch size; Poisson sampling rate q = batch_size / n_k")
     )
-    lr: float = field(default=0.5, metadata=_help("SGD learning rate (no momentum; reset each round)"))
+    lr: float = field(default=0.5, metadata=_help("local learning rate (the peak, under a schedule)"))
+    optimizer: str = field(default="sgd", metadata=_help(
+        "sgd | momentum | adam | adamw (torch's rules; under DP it steps on Opacus's noised gradient: no privacy cost)"
+    ))  # fmt: skip
+    momentum: float = field(default=0.9, metadata=_help("momentum of train.optimizer = momentum"))
+    betas: tuple[float, ...] = field(default=(0.9, 0.999), metadata={"help": "Adam's (beta1, beta2)", "item": float})
+    weight_decay: float = field(default=0.0, metadata=_help("weight decay (L2 in the gradient; decoupled for adamw)"))
+    schedule: str = field(default="constant", metadata=_help("after warm-up: constant | linear | cosine (to 0)"))
+    warmup: int = field(default=0, metadata=_help("linear warm-up steps at the start of the schedule"))
+    schedule_over: str = field(
+        default="round", metadata=_help("the schedule spans each round (round) or the run (run)")
+    )
+    optimizer_state: str = field(default="reset", metadata=_help(
+        "reset: fresh every round (stateless clients, as in the papers) | keep: each client keeps its momentum or "
+        "moments between its rounds, on its node, never sent"
+    ))  # fmt: skip
     eval_batch_size: int = field(default=256, metadata=_help("batch size of server evaluation"))
 
     def __post_init__(self) -> None:
@@ -250,6 +249,19 @@ class TrainConfig:
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1 (got {self.batch_size})")
         _require(self.lr > 0, f"train.lr must be > 0 (got {self.lr})")
         _require(self.eval_batch_size >= 1, "train.eval_batch_size must be >= 1")
+        for key, valid in (
+            ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("schedule_over", ("round", "run")),
+            ("optimizer_state", ("reset", "keep")),
+        ):  # fmt: skip
+            value = getattr(self, key)
+            _require(value in valid, f"train.{key} must be one of {', '.join(valid)} (got {value!r})")
+        _require(0 <= self.momentum < 1, f"train.momentum must be in [0, 1) (got {self.momentum})")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"train.betas must be two numbers in [0, 1), e.g. [0.9, 0.999] (got {list(self.betas)})",
+        )
+        _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {self.weight_decay})")
+        _require(self.warmup >= 0, f"train.warmup must be >= 0 steps (got {self.warmup})")
 
 
 @dataclass(frozen=True)
@@ -322,29 +334,15 @@ class Spec:
 
         return spec_from_dict(data)
 
-    # ---- flat dotted form (--set, Flower run-config) -------------------------------------
+    # ---- flat dotted form (--set, Flower run-config; fedpeft.spec_io) ----------------------
     def to_flat(self) -> dict[str, Any]:
         """Flat ``section.key -> scalar`` mapping; tuples become comma-joined strings."""
-        flat: dict[str, Any] = {"name": self.name}
-        for section, values in self.to_dict().items():
-            if section == "name":
-                continue
-            for key, value in values.items():
-                flat[f"{section}.{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
-        return flat
+        from fedpeft.spec_io import spec_to_flat
+
+        return spec_to_flat(self)
 
     def with_flat(self, flat: Mapping[str, Any]) -> Spec:
         """Return a copy with dotted keys (``federation.rounds``) overridden."""
-        nested = self.to_dict()
-        for dotted, value in flat.items():
-            if dotted == "name":
-                nested["name"] = str(value)
-                continue
-            section, _, key = dotted.partition(".")
-            if section not in SECTIONS or not key:
-                raise ConfigError(
-                    f"unknown key {dotted!r}: keys are section.field with section one of "
-                    f"{', '.join(SECTIONS)} (e.g. federation.rounds)"
-                )
-            nested[section][key] = value
-        return Spec.from_dict(nested)
+        from fedpeft.spec_io import spec_with_flat
+
+        return spec_with_flat(self, flat)

@@ -265,7 +265,7 @@ class Federation:
             priv, steps = spec.privacy, spec.federation.rounds * plan.steps
             # no honest client's sigma exceeds the one calibrated at q = 1 (no amplification)
             sigma_max = calibrate_sigma(priv.epsilon, priv.delta, 1.0, steps, priv.accountant)
-            dp = (plan.lr, plan.steps, priv.clip, sigma_max)
+            dp = (plan.local_optimizer, plan.steps, priv.clip, sigma_max)
         return UpdateLimits(plan.batch_size * plan.steps, spec.model.rank, bound if bound > 0 else None, dp)
 
     def _evaluate(self, state: AdapterState) -> dict[str, float]:

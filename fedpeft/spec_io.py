@@ -20,7 +20,8 @@ from fedpeft.config import SECTIONS, ConfigError, Spec, StrategyConfig
 
 __all__ = [
     "APP_KEYS", "DEFAULT_SPEC", "default_spec", "default_spec_path", "load_spec", "named_for_changes", "parse_overrides",
-    "resolve_spec", "spec_diff", "spec_from_dict", "spec_from_run_config", "to_run_config",
+    "resolve_spec", "spec_diff", "spec_from_dict", "spec_from_run_config", "spec_to_flat", "spec_with_flat",
+    "to_run_config",
 ]  # fmt: skip
 
 DEFAULT_SPEC = "quickstart.toml"
@@ -230,3 +231,31 @@ def spec_from_run_config(run_config: Mapping[str, Any], default: Spec) -> Spec:
     defaults = default.to_flat()
     base = load_spec(path)
     return named_for_changes(base, base.with_flat({k: v for k, v in flat.items() if defaults.get(k) != v}))
+
+
+def spec_to_flat(spec: Spec) -> dict[str, Any]:
+    """Flat ``section.key -> scalar`` mapping of `spec`; tuples become comma-joined strings."""
+    flat: dict[str, Any] = {"name": spec.name}
+    for section, values in spec.to_dict().items():
+        if section == "name":
+            continue
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return flat
+
+
+def spec_with_flat(spec: Spec, flat: Mapping[str, Any]) -> Spec:
+    """A copy of `spec` with dotted keys (``federation.rounds``) overridden."""
+    nested = spec.to_dict()
+    for dotted, value in flat.items():
+        if dotted == "name":
+            nested["name"] = str(value)
+            continue
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS or not key:
+            raise ConfigError(
+                f"unknown key {dotted!r}: keys are section.field with section one of "
+                f"{', '.join(SECTIONS)} (e.g. federation.rounds)"
+            )
+        nested[section][key] = value
+    return spec_from_dict(nested)

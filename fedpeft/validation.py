@@ -3,8 +3,8 @@
 Every update is checked for its tensors (names, shapes, dtype, finite values), its numbers (an
 integer aggregation weight no larger than the spec allows, finite epsilon and sigma, a rank within
 the model's, zero padded components) and, where a bound applies, the size of its change: under
-DP an honest DP-SGD client cannot move its upload farther than `dp_update_bound` from what it was
-sent, so anything farther is not an honest client's and is dropped.
+DP an honest DP-SGD client cannot move its upload farther than `optimizer_update_bound` from what it
+was sent (for its optimizer), so anything farther is not an honest client's and is dropped.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from fedpeft.optim import LocalOptimizer
 from fedpeft.state import LORA_A, LORA_B, AdapterState, ClientUpdate, kind_of
 
-__all__ = ["UpdateLimits", "at_rank", "dp_update_bound", "padding", "validate_update"]
+__all__ = ["UpdateLimits", "at_rank", "dp_update_bound", "optimizer_update_bound", "padding", "validate_update"]
 
 TAIL = 6.0  # standard deviations of slack: an honest client exceeds a bound with probability < 1e-8
 
@@ -37,6 +38,34 @@ def dp_update_bound(lr: float, steps: int, clip: float, sigma: float, expected_b
     return lr * clip * (drawn + noise) / expected_batch
 
 
+def optimizer_update_bound(
+    opt: LocalOptimizer, steps: int, clip: float, sigma: float, expected_batch: float, numel: int, start_norm: float
+) -> float:
+    """The largest ||upload - sent|| an honest client of optimizer `opt` reaches (but with
+    probability < 1e-8), from public values: the spec's optimizer, steps, C, the client's sigma
+    and expected batch, and the norm of what it was sent.
+
+    sgd and momentum: a round's change is sum_i w_i g_i over noised mean gradients g_i with every
+    w_i <= `opt.gradient_weight()` (lr, or lr / (1 - momentum)), so `dp_update_bound` at that lr
+    holds; with kept momentum, over every step of the run (the buffer carries older gradients).
+    adam and adamw: each coordinate moves at most lr_t * `opt.adam_ratio_bound()` per step, whatever
+    the gradients: sqrt(numel) times the round's sum of learning rates (no noise term).
+    Weight decay moves at most wd * ||p|| per unit of lr, and ||p|| <= ||sent|| + D, so
+    D <= (D_grad + L wd ||sent||) / (1 - L wd) with L the total weight; inf when L wd >= 1.
+    """
+    if opt.name in ("adam", "adamw"):
+        total = opt.lr_sum()
+        grad_part = total * opt.adam_ratio_bound() * math.sqrt(numel)
+    else:
+        run_steps = steps * (opt.rounds if opt.keep_state and opt.name == "momentum" else 1)
+        grad_part = dp_update_bound(opt.gradient_weight(), run_steps, clip, sigma, expected_batch, numel)
+        total = opt.gradient_weight() * run_steps
+    decay = total * opt.weight_decay
+    if decay == 0:
+        return grad_part
+    return (grad_part + decay * start_norm) / (1 - decay) if decay < 1 else math.inf
+
+
 @dataclass(frozen=True)
 class UpdateLimits:
     """The spec's limits on an update: the most examples a client can report (batch x steps), the
@@ -45,15 +74,15 @@ class UpdateLimits:
     max_examples: int
     model_rank: int
     norm_bound: float | None = None
-    dp: tuple[float, int, float, float] | None = None  # (lr, steps, clip, largest honest sigma)
+    dp: tuple[LocalOptimizer, int, float, float] | None = None  # (optimizer, steps, clip, largest honest sigma)
 
-    def bound(self, update: ClientUpdate, numel: int) -> float | None:
+    def bound(self, update: ClientUpdate, numel: int, start_norm: float = 0.0) -> float | None:
         if self.dp is None:
             return self.norm_bound
-        lr, steps, clip, sigma_max = self.dp
+        opt, steps, clip, sigma_max = self.dp
         sigma = min(float(update.metrics.get("sigma", sigma_max)), sigma_max)
         expected_batch = max(update.num_examples - 0.5, 0.5) / steps  # num_examples = round(E[B] * steps)
-        return dp_update_bound(lr, steps, clip, sigma, expected_batch, numel)
+        return optimizer_update_bound(opt, steps, clip, sigma, expected_batch, numel, start_norm)
 
 
 def padding(tensor: torch.Tensor, kind: str, rank: int | None) -> torch.Tensor | None:
@@ -123,9 +152,10 @@ def validate_update(
             return why
     if limits is not None:
         numel = sum(update.tensors[n].numel() for n in expected)
-        bound = limits.bound(update, numel)
+        sent = {n: at_rank(reference.tensors[n], kind_of(n), update.rank).double() for n in expected}
+        start_norm = math.sqrt(sum(float(t.pow(2).sum()) for t in sent.values()))
+        bound = limits.bound(update, numel, start_norm)
         if bound is not None and math.isfinite(bound):
-            sent = {n: at_rank(reference.tensors[n], kind_of(n), update.rank).double() for n in expected}
             norm = math.sqrt(sum(float((update.tensors[n].double() - sent[n]).pow(2).sum()) for n in expected))
             if norm > bound:
                 return f"update norm {norm:.4g} > bound {bound:.4g} (federation.update_bound)"

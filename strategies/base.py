@@ -99,6 +99,9 @@ class Strategy(ABC):
     trains: ClassVar[frozenset[str]]  # LoRA factor kinds the clients train: subset of {A, B}
     sum_only: ClassVar[bool]  # server step needs only sum_k p_k * upload_k (secure aggregation ok)
     personal: ClassVar[frozenset[str]] = frozenset()  # kinds each client keeps across rounds, never sent
+    # the server step combines the uploads tensor by tensor and nothing more, so a server optimizer
+    # (strategies.server_opt) can step on combined - global
+    combines_uploads: ClassVar[bool] = False
     # Whether the server step treats every upload alike, and so is right for every adapter family
     # (fedpeft.families), is declared with the name in fedpeft.catalog (STRATEGY_INFO.any_family).
 
@@ -129,13 +132,17 @@ class Strategy(ABC):
 
 
 def make_strategy(name: str, options: dict[str, Any] | None = None) -> Strategy:
-    """Build a registered strategy; unknown names and options are errors naming the valid ones."""
+    """Build a registered strategy; unknown names and options are errors naming the valid ones.
+    The `server_*` options add a server optimizer around it (strategies.server_opt)."""
+    from .server_opt import ServerOptimized, split_server_options
+
     klass = STRATEGIES.get(name)
-    options = dict(options or {})
+    options, server = split_server_options(dict(options or {}))
     valid = {f.name for f in dataclasses.fields(klass)} if dataclasses.is_dataclass(klass) else set()
     unknown = set(options) - valid
     if unknown:
         raise ValueError(
             f"strategy {name!r} has no option(s) {sorted(unknown)}; valid: {', '.join(sorted(valid)) or '(none)'}"
         )
-    return klass(**options)
+    strategy = klass(**options)
+    return ServerOptimized(strategy, server) if server is not None else strategy

@@ -21,6 +21,7 @@ class FedAvg(RobustCombine, Strategy):
 
     name = "fedavg"
     trains = frozenset({LORA_A, LORA_B, THETA})
+    combines_uploads = True
 
     def aggregate(self, state, updates, round_num, server_state):
         names = list(updates[0].tensors)

@@ -22,6 +22,7 @@ class FedSALoRA(Strategy):
     trains = frozenset({LORA_A, LORA_B})
     personal = frozenset({LORA_B})
     sum_only = True
+    combines_uploads = True
 
     def aggregate(self, state, updates, round_num, server_state):
         new = state.with_tensors({n: weighted_mean(updates, n) for n in updates[0].tensors})

@@ -32,6 +32,7 @@ class FFALoRA(RobustCombine, Strategy):
 
     name = "ffa"
     trains = frozenset({LORA_B})
+    combines_uploads = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

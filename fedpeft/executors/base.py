@@ -18,6 +18,7 @@ import torch
 from fedpeft.catalog import EXECUTOR_NAMES
 from fedpeft.client import LocalTraining
 from fedpeft.data.base import TokenizedData
+from fedpeft.optim import OptimizerState
 from fedpeft.privacy.accounting import ClientBudget
 from fedpeft.privacy.randomness import secret_seed
 from fedpeft.registry import Registry
@@ -99,8 +100,9 @@ EXECUTORS: Registry[ExecutorFactory] = Registry("executor", EXECUTOR_NAMES)
 
 class ClientStore:
     """What an in-process executor keeps for its clients between rounds: each client's data, rank,
-    privacy ledger (None when privacy is off) and the tensors its strategy keeps on the client
-    (FedSA's B). Checkpointed through `client_states()`."""
+    privacy ledger (None when privacy is off), the tensors its strategy keeps on the client
+    (FedSA's B) and, with train.optimizer_state = keep, its optimizer state. Checkpointed through
+    `client_states()`."""
 
     def __init__(
         self,
@@ -113,6 +115,12 @@ class ClientStore:
         self.budgets = budgets
         self.ranks = list(ranks) if ranks else [None] * len(data)
         self.personal: dict[int, dict[str, torch.Tensor]] = {}
+        self.optimizer: dict[int, OptimizerState] = {}  # kept optimizer state (never sent)
+
+    def optimizer_state(self, cid: int, keep: bool) -> OptimizerState | None:
+        """Client `cid`'s kept optimizer state, to be updated in place by its training; None when the
+        plan does not keep state (a fresh optimizer every round)."""
+        return self.optimizer.setdefault(cid, {}) if keep else None
 
     def budget(self, cid: int) -> ClientBudget | None:
         return self.budgets[cid] if self.budgets is not None else None
@@ -133,32 +141,37 @@ class ClientStore:
         budget: ClientBudget | None,
         personal: dict[str, torch.Tensor],
         data: TokenizedData | None = None,
+        optimizer: OptimizerState | None = None,
     ) -> None:
         """Take in client `cid` as its holder left it: its ledger (ignored when privacy is off),
-        its kept tensors, and optionally its own data instead of its bundled partition."""
+        its kept tensors, optionally its own data instead of its bundled partition, and its kept
+        optimizer state."""
         if self.budgets is not None:
             self.budgets[cid] = budget
         self.personal.pop(cid, None)
         self.keep(cid, personal)
         self.data[cid] = data if data is not None else self._bundled[cid]
+        self.optimizer[cid] = dict(optimizer or {})
 
-    def release(self, cid: int) -> tuple[ClientBudget | None, dict[str, torch.Tensor]]:
-        """Give client `cid` back to its holder: its ledger and kept tensors as they are now. The
-        store forgets its kept tensors and lent data."""
+    def release(self, cid: int) -> tuple[ClientBudget | None, dict[str, torch.Tensor], OptimizerState]:
+        """Give client `cid` back to its holder: its ledger, kept tensors and kept optimizer state as
+        they are now. The store forgets its kept tensors, optimizer state and lent data."""
         self.data[cid] = self._bundled[cid]
-        return self.budget(cid), self.personal.pop(cid, {})
+        return self.budget(cid), self.personal.pop(cid, {}), self.optimizer.pop(cid, {})
 
     # -- checkpoints and evaluation -----------------------------------------------------------------
     def client_states(self) -> dict:
         return {
             "budgets": [b.to_dict() for b in self.budgets] if self.budgets is not None else None,
             "personal": self.personal,
+            "optimizer": self.optimizer,
         }
 
     def load_client_states(self, states: dict) -> None:
         if states.get("budgets") is not None:
             self.budgets = [ClientBudget.from_dict(b) for b in states["budgets"]]
         self.personal = dict(states.get("personal") or {})
+        self.optimizer = dict(states.get("optimizer") or {})
 
     def evaluate_personal(self, global_state: AdapterState, evaluate: Callable[[AdapterState], Scores]) -> list[Scores]:
         return [evaluate(global_state.with_tensors(t)) for _, t in sorted(self.personal.items())]

@@ -8,7 +8,8 @@ example i) and grouped into a few buckets by length, each padded only to its own
 copies of the factors (each example gathers its client's factors), so autograd returns every
 example's gradient directly: rank-r factors make these small.
 DP-SGD then runs per client: clip each example's joint gradient norm to C, sum, add Gaussian noise
-sigma_k * C from the client's own generator, divide by the client's expected batch size, SGD step.
+sigma_k * C from the client's own generator, divide by the client's expected batch size, and step
+the spec's optimizer on it (fedpeft.optim.StackedOptimizer: torch's rules, row k for client k).
 Without DP it is the same step without clipping and noise, as on the reference path.
 
 Checked against the sequential reference executor: with noise 0 the updates agree to float
@@ -37,6 +38,7 @@ from fedpeft.executors.cohort_layers import (
 )
 from fedpeft.families import FAMILIES, inject, replace_linear
 from fedpeft.models import MODELS, build_model
+from fedpeft.optim import StackedOptimizer
 from fedpeft.privacy.accounting import ClientBudget, sample_rate
 from fedpeft.privacy.randomness import gaussian
 from fedpeft.state import HEAD, LORA_A, LORA_B, THETA, AdapterState, ClientUpdate, a_name, b_name, base_name, theta_name
@@ -131,6 +133,7 @@ class CohortExecutor(InProcess):
         plan: LocalTraining,
         seeds: list[int],
         sigmas: list[float] | None,
+        round_num: int = 1,
     ) -> list[ClientUpdate]:
         tic = time.perf_counter()
         k = len(cids)
@@ -150,6 +153,10 @@ class CohortExecutor(InProcess):
         ]
         noise_gens = [torch.Generator(device=self.device).manual_seed(s + 1) for s in seeds]
         trains, train_head = plan.trains, HEAD in plan.trains
+        opt = plan.local_optimizer
+        kept = [self.store.optimizer_state(c, opt.keep_state) for c in cids]
+        named = self._leaves(trains, expanded=False)
+        optimizer = StackedOptimizer(opt, [p for _, p, _ in named], [n for n, _, _ in named], kept)
         losses = [[] for _ in range(k)]
         self.model.train()  # dropout as on the reference path
         for step in range(plan.steps):
@@ -172,7 +179,7 @@ class CohortExecutor(InProcess):
                     logits = self.model(input_ids=b_ids, attention_mask=b_mask)
                     per_example = F.cross_entropy(logits, b_labels, reduction="none")
                     leaves = self._leaves(trains)
-                    grads_b = torch.autograd.grad(per_example.sum(), [leaf for _, leaf in leaves])
+                    grads_b = torch.autograd.grad(per_example.sum(), [leaf for _, _, leaf in leaves])
                     per_leaf = (
                         [[*acc, g] for acc, g in zip(per_leaf, grads_b, strict=True)]
                         if per_leaf
@@ -187,11 +194,16 @@ class CohortExecutor(InProcess):
                     if len(i):
                         losses[j].append(float(sums[j]) / len(i))
             else:  # every client drew an empty Poisson sample: a noise-only step
-                leaves = [(p, None) for p, _ in self._leaves(trains, expanded=False)]
-                grads = [p.new_zeros((0, *p.shape[1:])) for p, _ in leaves]
+                leaves = named
+                grads = [p.new_zeros((0, *p.shape[1:])) for _, p, _ in leaves]
             with torch.no_grad():
-                self._step(leaves, grads, owner.to(self.device), expected, plan.lr, sigmas, noise_gens)
+                noised = self._noised_mean(leaves, grads, owner.to(self.device), expected, sigmas, noise_gens)
+                optimizer.step(noised, opt.lr_at(round_num, step))
                 self._truncate(ranks)
+        for j, state in enumerate(kept):
+            if state is not None:  # kept on the client for its next round, never sent
+                state.clear()
+                state.update(optimizer.client_state(j))
         seconds = (time.perf_counter() - tic) / k
         stacked = self._tensors()
         updates = []
@@ -217,22 +229,25 @@ class CohortExecutor(InProcess):
             )
         return updates
 
-    def _leaves(self, trains: frozenset[str], expanded: bool = True) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(stacked parameter [K, ...], its per-example leaf [N, ...]) for every trained tensor."""
+    def _leaves(
+        self, trains: frozenset[str], expanded: bool = True
+    ) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        """(name, stacked parameter [K, ...], its per-example leaf [N, ...]) for every trained tensor."""
         leaves = []
-        for module in self.layers.values():
+        for layer, module in self.layers.items():
             for kind in module.kinds:
                 if kind in trains:
-                    leaves.append((module.stacks[kind], module.leaves[kind] if expanded else None))
+                    leaves.append((_NAME[kind](layer), module.stacks[kind], module.leaves[kind] if expanded else None))
         if HEAD in trains:
             leaves += [
-                (self.head.weight, self.head.w_e if expanded else None),
-                (self.head.bias, self.head.b_e if expanded else None),
+                ("head.weight", self.head.weight, self.head.w_e if expanded else None),
+                ("head.bias", self.head.bias, self.head.b_e if expanded else None),
             ]
         return leaves
 
-    def _step(self, leaves, grads, owner, expected, lr, sigmas, noise_gens) -> None:  # noqa: ANN001
-        """Per client: (clip each example to C, sum, add noise sigma*C) / expected batch; SGD."""
+    def _noised_mean(self, leaves, grads, owner, expected, sigmas, noise_gens) -> list[torch.Tensor]:  # noqa: ANN001
+        """Per client: (clip each example to C, sum, add noise sigma*C) / expected batch: the gradient
+        Opacus hands the optimizer, for every client at once ([K, ...] per trained tensor)."""
         k = len(expected)
         if sigmas is not None and len(owner):
             sq = torch.zeros(len(owner), device=owner.device)
@@ -241,7 +256,8 @@ class CohortExecutor(InProcess):
             factor = (self.clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # Opacus's clip factor
         else:
             factor = torch.ones(len(owner), device=owner.device)
-        for (param, _), g in zip(leaves, grads, strict=True):
+        out = []
+        for (_, param, _), g in zip(leaves, grads, strict=True):
             scaled = g * factor.reshape((-1,) + (1,) * (g.dim() - 1))
             summed = torch.zeros_like(param).index_add_(0, owner, scaled)  # per-client sums
             if sigmas is not None:
@@ -249,7 +265,8 @@ class CohortExecutor(InProcess):
                     summed[j] += gaussian(
                         sigmas[j] * self.clip, summed[j].shape, noise_gens[j], self.secret, device=summed.device
                     )
-            param -= lr * summed / expected.reshape((k,) + (1,) * (param.dim() - 1))
+            out.append(summed / expected.reshape((k,) + (1,) * (param.dim() - 1)))
+        return out
 
     # ---- the executor contract ---------------------------------------------------------------
     def run_round(
@@ -278,7 +295,7 @@ class CohortExecutor(InProcess):
             starts = [self.store.start_state(c, global_state) for c in cids]
             sigmas = [self.store.budget(c).sigma for c in cids] if self.store.budgets is not None else None
             try:
-                updates = self._train_chunk(cids, starts, plan, [self.seed(c, seeds) for c in cids], sigmas)
+                updates = self._train_chunk(cids, starts, plan, [self.seed(c, seeds) for c in cids], sigmas, round_num)
             except torch.OutOfMemoryError:
                 if size == 1:
                     raise

@@ -52,7 +52,8 @@ class SequentialExecutor(InProcess):
                 update = client_round(
                     self.model, store.start_state(cid, global_state), store.data[cid], plan,
                     client_id=cid, seed=self.seed(cid, seeds), budget=store.budget(cid), clip=self.clip,
-                    rank=store.ranks[cid], secure=self.secret,
+                    rank=store.ranks[cid], secure=self.secret, round_num=round_num,
+                    optimizer_state=store.optimizer_state(cid, plan.local_optimizer.keep_state),
                 )  # fmt: skip
                 if plan.keeps:
                     store.keep(cid, self.model.tensors(list(plan.keeps)))

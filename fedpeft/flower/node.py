@@ -21,8 +21,9 @@ node config:
   max-delta       ... or a larger delta
   allow-no-dp     false: it refuses a spec with privacy off (default true)
 
-Between rounds the node keeps each client's ledger and the tensors its strategy keeps locally
-(FedSA's B) in Flower's node state (context.state) and on disk. Ledgers are written before the
+Between rounds the node keeps each client's ledger, the tensors its strategy keeps locally
+(FedSA's B) and, with train.optimizer_state = keep, its optimizer state, in Flower's node state
+(context.state) and on disk; none of them is ever sent. Ledgers are written before the
 updates leave the node: a reply that is lost never under-counts privacy spent. A saved ledger is
 the record: the node keeps spending with its sigma and q (whatever the spec or the data say now),
 never above its target, lowered to a spec's smaller one.
@@ -48,6 +49,7 @@ from fedpeft.data import TokenizedData, load_file, tokenize
 from fedpeft.executors.base import ClientFailure, ClientResult, InProcess
 from fedpeft.flower import wire
 from fedpeft.flower.environment import runtime_install_warning
+from fedpeft.optim import OptimizerState
 from fedpeft.privacy.accounting import ClientBudget
 from fedpeft.runfiles import atomic_write
 from fedpeft.state import AdapterState
@@ -58,6 +60,7 @@ log = logging.getLogger("fedpeft")
 
 LEDGER = "fedpeft.ledger.{}"  # per client: ConfigRecord in context.state, {"budget": JSON}
 PERSONAL = "fedpeft.personal.{}"  # per client: ArrayRecord in context.state
+OPTIMIZER = "fedpeft.optimizer.{}"  # per client: ArrayRecord in context.state, "tensor|key" -> state tensor
 STATE_DIR = "state-dir"
 DATA_FILE = "data-file"
 PUBLIC_SIZE = "public-size"
@@ -126,7 +129,8 @@ def partition(context: Context, spec: Spec) -> list[int]:
 
 
 class ClientRecords:
-    """One client's ledger and kept tensors: in context.state, and under state-dir when configured."""
+    """One client's ledger, kept tensors and kept optimizer state: in context.state, and under
+    state-dir when configured."""
 
     def __init__(self, context: Context, cid: int, private: bool) -> None:
         self.context = context
@@ -153,7 +157,23 @@ class ClientRecords:
             return wire.from_record(self.context.state[PERSONAL.format(self.cid)])
         return {}
 
-    def save(self, budget: ClientBudget | None, personal: dict[str, torch.Tensor]) -> None:
+    def optimizer(self) -> OptimizerState:
+        if self.dir is not None and self._file("-optimizer.pt").is_file():
+            return torch.load(self._file("-optimizer.pt"), weights_only=True)
+        if OPTIMIZER.format(self.cid) in self.context.state:
+            out: OptimizerState = {}
+            for flat, tensor in wire.from_record(self.context.state[OPTIMIZER.format(self.cid)]).items():
+                name, _, key = flat.rpartition("|")
+                out.setdefault(name, {})[key] = tensor
+            return out
+        return {}
+
+    def save(
+        self, budget: ClientBudget | None, personal: dict[str, torch.Tensor], optimizer: OptimizerState | None = None
+    ) -> None:
+        if optimizer:
+            flat = {f"{name}|{key}": t for name, st in optimizer.items() for key, t in st.items()}
+            self.context.state[OPTIMIZER.format(self.cid)] = wire.to_record(flat)
         if budget is not None:
             self.context.state[LEDGER.format(self.cid)] = ConfigRecord({"budget": json.dumps(budget.to_dict())})
         if personal:
@@ -166,6 +186,8 @@ class ClientRecords:
             atomic_write(self._file(".json"), lambda p: p.write_text(text))
         if personal:
             atomic_write(self._file("-personal.pt"), lambda p: torch.save(personal, p))
+        if optimizer:
+            atomic_write(self._file("-optimizer.pt"), lambda p: torch.save(optimizer, p))
 
 
 @dataclass
@@ -280,7 +302,7 @@ class Node:
             if isinstance(budget, ClientFailure):
                 failed[cid] = budget
                 continue
-            store.adopt(cid, budget, rec.personal(), data[cid])
+            store.adopt(cid, budget, rec.personal(), data[cid], rec.optimizer())
         training = [cid for cid in request.clients if cid not in failed]
         start = worker.template.with_tensors(request.adapter)
         try:
