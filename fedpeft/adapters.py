@@ -321,21 +321,28 @@ def load_exported(directory: str | Path) -> tuple[nn.Module, Tokenizer]:
     `PeftModel.from_pretrained(base, directory)` (a linear family: `families.load_family`).
     Returns (model in eval mode, tokenizer)."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     directory = Path(directory)
     meta_path = directory / EXPORT_META
     if not meta_path.is_file():
         raise FileNotFoundError(f"{directory} has no {EXPORT_META}; is it a fedpeft export?")
-    meta = json.loads(meta_path.read_text())
-    base, tokenizer = build_model(meta["model"], meta["num_labels"], meta["layers"], meta["seed"])
-    if FAMILIES.get(meta.get("adapter", "lora")).linear:
-        return load_family(base, directory, meta["seed"]).eval(), tokenizer
-    if (directory / EXPORT_BASE).is_file():
-        from safetensors.torch import load_file
+    try:
+        meta = json.loads(meta_path.read_text())
+        base, tokenizer = build_model(meta["model"], meta["num_labels"], meta["layers"], meta["seed"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{meta_path} is not a readable fedpeft export record ({exc!r})") from None
+    try:
+        if FAMILIES.get(meta.get("adapter", "lora")).linear:
+            return load_family(base, directory, meta["seed"]).eval(), tokenizer
+        if (directory / EXPORT_BASE).is_file():
+            from safetensors.torch import load_file
 
-        modules = dict(base.named_modules())
-        with torch.no_grad():
-            for name, delta in load_file(str(directory / EXPORT_BASE)).items():
-                modules[name.removesuffix(".base_delta")].weight.add_(delta)
-    model = PeftModel.from_pretrained(base, str(directory))
+            modules = dict(base.named_modules())
+            with torch.no_grad():
+                for name, delta in load_file(str(directory / EXPORT_BASE)).items():
+                    modules[name.removesuffix(".base_delta")].weight.add_(delta)
+        model = PeftModel.from_pretrained(base, str(directory))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # e.g. a torn or truncated weights file
+        raise ValueError(f"the exported adapter in {directory} cannot be read ({exc}); re-export it") from None
     return model.eval(), tokenizer

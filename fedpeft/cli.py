@@ -32,6 +32,8 @@ def _prepare_out(out: str | None, spec: Spec, resume: bool) -> Path:
             raise ConfigError("--resume needs --out DIR: the directory of the run to continue")
         return Path("runs") / f"{spec.name}-{datetime.now():%Y%m%d-%H%M%S}"
     path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path} is a file, not a directory: choose another --out")
     if resume:
         if not has_checkpoint(path):
             raise ConfigError(f"nothing to resume: {path / CHECKPOINT} does not exist")
@@ -126,8 +128,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy(args: argparse.Namespace) -> int:
-    from fedpeft.privacy.accounting import calibrate_sigma, epsilon
+    from fedpeft.privacy.accounting import calibrate_sigma, check_mechanism, epsilon
 
+    check_mechanism(args.q, args.steps, args.delta, args.sigma)
     if args.sigma is not None:
         eps = epsilon(((args.sigma, args.q, args.steps),), args.delta, args.accountant)
         print(
@@ -303,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fedpeft: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a directory it may not write: what finished is kept (atomic writes)
+        if os.environ.get("FEDPEFT_DEBUG"):
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"fedpeft: error: {exc.strerror or exc}{where} (files written before it are intact)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -103,9 +103,7 @@ class ModelConfig:
     targets: tuple[str, ...] = field(
         default=(), metadata=_help("module names LoRA adapts; empty = the model's default")
     )
-    train_head: bool = field(
-        default=True, metadata=_help("train the classifier head (else frozen at a shared seeded init)")
-    )
+    train_head: bool = field(default=True, metadata=_help("train the classifier head (else frozen, shared seeded init)"))
     head_init: str = field(default="random", metadata=_help(
         "the head before training: random (seeded), label-names (rows = the base encoder's centred, "
         "unit-norm embeddings of the label names) or public (logistic regression on the base encoder's "
@@ -279,6 +277,9 @@ class SweepConfig:
         default=(), metadata={"help": "client-level target epsilons (privacy.client_epsilon); inf = off", "item": float}
     )
     seeds: tuple[int, ...] = field(default=(), metadata={"help": "seeds (federation.seed)", "item": int})
+    lrs: tuple[str, ...] = field(default=(), metadata=_help(
+        "per-arm learning rates: ARM=LR or ARM@EPSILON=LR (ARM: a strategy, or strategy+family), else train.lr"
+    ))  # fmt: skip
 
     def __post_init__(self) -> None:
         for name, eps in (("epsilons", self.epsilons), ("client_epsilons", self.client_epsilons)):
@@ -286,7 +287,7 @@ class SweepConfig:
         _require(all(s >= 0 for s in self.seeds), f"sweep.seeds must be >= 0 (got {list(self.seeds)})")
         for name, values in (
             ("strategies", self.strategies), ("adapters", self.adapters), ("epsilons", self.epsilons),
-            ("client_epsilons", self.client_epsilons), ("seeds", self.seeds),
+            ("client_epsilons", self.client_epsilons), ("seeds", self.seeds), ("lrs", self.lrs),
         ):  # fmt: skip
             _require(len(set(values)) == len(values), f"sweep.{name} has duplicates: {list(values)}")
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpeft import runfiles
 from fedpeft.adapters import AdaptedModel
 from fedpeft.build import build_parts, client_budgets, make_executor
 from fedpeft.causal import lm_summary, write_generations
@@ -30,7 +31,6 @@ from fedpeft.data import FederatedData
 from fedpeft.executors import ClientFailure, Executor, SecureSum
 from fedpeft.privacy.accounting import calibrate_sigma
 from fedpeft.privacy.client_level import ClientLevelDP
-from fedpeft.runfiles import SUMMARY, has_checkpoint, load_checkpoint, locked, save_checkpoint, write_json, write_rounds
 from fedpeft.spec_io import spec_diff
 from fedpeft.state import BASE, LORA_A, LORA_B, AdapterState, ClientUpdate, kind_of
 from fedpeft.strategies import Strategy
@@ -112,23 +112,24 @@ class Federation:
     # ---------------------------------------------------------------------------------------
     def run(self, out: Path, resume: bool = False, callbacks: Callbacks | None = None) -> RunResult:
         """Run (or resume) all rounds, writing rounds.jsonl and a checkpoint after each round and
-        summary.json plus the PEFT adapter at the end. A run that fails or is interrupted before
-        its first checkpoint leaves no directory behind (unless `out` existed before). `out` is
-        locked for the run: a second run on it fails at once."""
+        summary.json plus the PEFT adapter at the end; a run that fails before its first checkpoint
+        leaves no directory it made. `out` is locked, then checked (runfiles.check_out): a finished
+        run, or an unfinished one without `resume`, is never overwritten, however two runs are timed."""
         created = not out.exists()
-        try:
-            with locked(out):
+        with runfiles.locked(out):  # a second run on `out` fails here, having touched nothing
+            try:
+                runfiles.check_out(out, resume)
                 return self._run(out, resume, callbacks or Callbacks())
-        except BaseException:
-            if created and not has_checkpoint(out):
-                shutil.rmtree(out, ignore_errors=True)  # no round finished: nothing worth keeping
-            raise
+            except BaseException:
+                if created and not runfiles.has_checkpoint(out):
+                    shutil.rmtree(out, ignore_errors=True)  # no round finished: nothing worth keeping
+                raise
 
     def _run(self, out: Path, resume: bool, callbacks: Callbacks) -> RunResult:
         spec, fed = self.spec, self.spec.federation
         base, server_state = self.strategy.init(self.model.state(), fed.seed)  # the model is still untrained
         if resume:
-            ckpt = load_checkpoint(out)
+            ckpt = runfiles.load_checkpoint(out)
             if (saved := Spec.from_dict(ckpt["spec"])) != spec:
                 raise ConfigError("cannot resume with a different spec; " + spec_diff(saved, spec))
             run = _Progress(**ckpt["progress"])
@@ -216,8 +217,8 @@ class Federation:
             run.history.append(record)
             # checkpoint, then log: the log never runs ahead of what a resume restores
             ckpt = {"spec": spec.to_dict(), "progress": vars(run), "client_states": self.executor.client_states()}
-            save_checkpoint(out, ckpt)
-            write_rounds(out, run.history)
+            runfiles.save_checkpoint(out, ckpt)
+            runfiles.write_rounds(out, run.history)
             if callbacks.on_round_end:
                 callbacks.on_round_end(record)
 
@@ -227,7 +228,7 @@ class Federation:
             scores = evaluate(self.model, base, self.data.test, spec.train.eval_batch_size)  # FedSA: none kept yet
             summary |= lm_summary(scores, summary["loss"], answers)
         self.model.export(run.state, out, label_names=self.data.label_names)
-        write_json(out / SUMMARY, summary)
+        runfiles.write_json(out / runfiles.SUMMARY, summary)
         return RunResult(summary, run.history, run.state)
 
     def _validate(self, rnd: int, results: list, state: AdapterState) -> tuple[list[ClientUpdate], dict[int, str]]:
@@ -290,8 +291,7 @@ class Federation:
         k = self.strategy.base_change_rank(num_updates, state.rank)
         return sum(k * (state.B(layer).shape[0] + state.A(layer).shape[1]) * 4 for layer in state.layers)
 
-    def _upload_bytes(self, update: ClientUpdate, state: AdapterState) -> int:
-        """Bytes a client sent."""
+    def _upload_bytes(self, update: ClientUpdate, state: AdapterState) -> int:  # what a client sent
         return sum(self._bytes(state, name, update.rank) for name in update.tensors)
 
     def _download_bytes(self, run: _Progress, cid: int) -> int:

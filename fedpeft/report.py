@@ -31,11 +31,23 @@ def run_label(strategy: str, adapter: str | None, client_epsilon: float | None =
     return label if client_epsilon is None else f"{label} (client ε={client_epsilon:g})"
 
 
+# what every table reads of a run's summary.json
+REQUIRED = ("strategy", "accuracy", "seed", "majority_rate", "bytes_up", "bytes_down", "seconds")
+
+
 def collect(directory: Path) -> list[dict[str, Any]]:
     """Every finished run under `directory` (a summary.json, its rounds.jsonl beside it)."""
     runs = []
     for path in sorted(Path(directory).rglob("summary.json")):
-        summary = json.loads(path.read_text())
+        try:
+            summary = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not readable JSON ({exc}); remove it or re-run that cell") from None
+        missing = [k for k in REQUIRED if not isinstance(summary, dict) or k not in summary]
+        if missing:
+            raise ValueError(
+                f"{path} is not a fedpeft summary (no {', '.join(missing)}); remove it or re-run that cell"
+            )
         rounds_file = path.with_name("rounds.jsonl")
         history = [json.loads(line) for line in rounds_file.read_text().splitlines()] if rounds_file.exists() else []
         label = run_label(summary["strategy"], summary.get("adapter"), summary.get("client_target_epsilon"))
@@ -275,20 +287,20 @@ def write_report(
     runs = [run for d in directories for run in collect(d)]
     if not runs:
         raise ValueError(f"no finished runs (summary.json) under {', '.join(map(str, directories))}")
-    out.mkdir(parents=True, exist_ok=True)
     rows = summarise(runs)
+    strategies = [r["strategy"] for r in rows]
+    unknown = [b for b in baselines or [] if b not in strategies]
+    if unknown:  # before anything is written
+        raise ValueError(
+            f"baseline {unknown[0]!r} is not a strategy of these runs ({', '.join(dict.fromkeys(strategies))})"
+        )
+    out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "results.csv", "markdown": out / "results.md"}
     with paths["csv"].open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     text = markdown(rows)
-    strategies = [r["strategy"] for r in rows]
-    unknown = [b for b in baselines or [] if b not in strategies]
-    if unknown:
-        raise ValueError(
-            f"baseline {unknown[0]!r} is not a strategy of these runs ({', '.join(dict.fromkeys(strategies))})"
-        )
     comparable = len(set(strategies)) > 1 and any("seed" in r for r in runs)
     for baseline in (baselines or ["fedavg" if "fedavg" in strategies else strategies[0]]) if comparable else []:
         text += "\n" + paired(runs, baseline)

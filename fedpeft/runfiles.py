@@ -56,7 +56,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
     """Hold `out` for one run: a second run on the same directory fails at once, naming the holder."""
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a directory: choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the run directory {out}: {exc.strerror or exc}; choose another --out") from None
     handle = (out / LOCK).open("a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -74,6 +79,16 @@ def locked(out: Path) -> Iterator[None]:
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """Refuse to overwrite: `out` may hold an unfinished run only to resume it, and never a finished one."""
+    if (out / SUMMARY).exists():
+        raise ConfigError(f"{out} already holds a finished run; choose another --out")
+    if resume and not has_checkpoint(out):
+        raise ConfigError(f"nothing to resume in {out}: it holds no checkpoint")
+    if not resume and has_checkpoint(out):
+        raise ConfigError(f"{out} holds an unfinished run; add --resume to continue it, or choose another --out")
 
 
 def jsonable(obj: Any) -> Any:

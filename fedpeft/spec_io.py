@@ -121,7 +121,13 @@ def spec_from_dict(data: Mapping[str, Any]) -> Spec:
     unknown = set(data) - set(SECTIONS) - {"name"}
     if unknown:
         raise ConfigError(f"unknown spec section(s) {sorted(unknown)}; valid: name, {', '.join(SECTIONS)}")
-    kwargs: dict[str, Any] = {"name": str(data.get("name", Spec.name))}
+    name = str(data.get("name", Spec.name))
+    if not re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,127}", name):
+        raise ConfigError(
+            f"name {name!r} must be 1-128 letters, digits or . _ + - (not starting with .): it names the run's "
+            "directory, which must stay inside runs/"
+        )
+    kwargs: dict[str, Any] = {"name": name}
     for section, klass in SECTIONS.items():
         table = data.get(section, {})
         if not isinstance(table, Mapping):

@@ -61,6 +61,7 @@ def cells(spec: Spec, out: Path) -> list[Cell]:
             f"no strategy of sweep.strategies {list(strategies)} runs the adapter families {list(adapters)}; "
             "the linear families run with fedavg"
         )
+    lrs = arm_lrs(sweep.lrs, {run_label(s, a) for s, a in pairs}, epsilons)
     grid = []
     for seed, client_epsilon, epsilon, (strategy, adapter) in itertools.product(
         seeds, client_epsilons, epsilons, pairs
@@ -69,12 +70,36 @@ def cells(spec: Spec, out: Path) -> list[Cell]:
         options = spec.strategy.options if strategy == spec.strategy.name else ()
         flat = {"privacy.epsilon": epsilon, "privacy.client_epsilon": client_epsilon,
                 "federation.seed": seed, "model.adapter": adapter}  # fmt: skip
+        lr = lrs.get((run_label(strategy, adapter), epsilon), lrs.get((run_label(strategy, adapter), None)))
+        if lr is not None:
+            flat["train.lr"] = lr
         cell_spec = replace(spec.with_flat(flat), strategy=StrategyConfig(name=strategy, options=options))
         path = out / run_label(strategy, adapter)
         if sweep.client_epsilons:
             path = path / f"client-eps-{eps_label(client_epsilon)}"
         grid.append(Cell(cell_spec, path / f"eps-{eps_label(epsilon)}" / f"seed-{seed}"))
     return grid
+
+
+def arm_lrs(entries: tuple[str, ...], arms: set[str], epsilons: tuple[float, ...]) -> dict[tuple, float]:
+    """`sweep.lrs` as {(arm, epsilon or None): lr}; an entry that names no arm or budget of the grid,
+    or is not ARM=LR / ARM@EPSILON=LR, is an error."""
+    out: dict[tuple, float] = {}
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        arm, at, eps_text = key.strip().partition("@")
+        try:
+            lr, eps = float(value), float(eps_text) if at else None
+        except ValueError:
+            lr = eps = None
+        if not sep or lr is None or not lr > 0 or (at and eps is None):
+            raise ConfigError(f"sweep.lrs entry {entry!r} is not ARM=LR or ARM@EPSILON=LR with LR > 0 (e.g. ffa@8=0.1)")
+        if arm not in arms:
+            raise ConfigError(f"sweep.lrs entry {entry!r} names no arm of the grid: {', '.join(sorted(arms))}")
+        if eps is not None and eps not in epsilons:
+            raise ConfigError(f"sweep.lrs entry {entry!r} names no budget of the grid: {list(epsilons)}")
+        out[(arm, eps)] = lr
+    return out
 
 
 def _check_sweep_spec(out: Path, spec: Spec) -> None:

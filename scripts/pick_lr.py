@@ -1,9 +1,14 @@
 """The learning-rate pilot's rule, applied to its result files: for each lr directory (lr-X/, one
-`fedpeft sweep` each), the mean accuracy over the last 3 rounds of every cell (strategy x budget),
-their average, and the winner. The rule is fixed before the grid runs and applied to every
-strategy alike (issue 15: no per-strategy tuning).
+`fedpeft sweep` each), the mean accuracy over the last 3 rounds of every cell (strategy x budget).
+
+Two rules, each fixed before its grid runs:
+- default (comparison v2, issue 15): the lr with the best average over all cells, for every strategy;
+- `--per-arm` (comparison v3, issue 30: the papers tune each method): for each arm (strategy, or
+  strategy+family) and budget, the lr with the best last-3 accuracy; ties go to the smaller lr.
+  Printed as the `sweep.lrs` entries (ARM@EPSILON=LR) of the grid.
 
     .venv/bin/python scripts/pick_lr.py docs/results/fedsvd-comparison-pilot [--out pilot.md]
+    .venv/bin/python scripts/pick_lr.py docs/results/fedsvd-comparison-v3/pilot --per-arm --out pilot.md
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pilot", help="directory holding lr-*/ sweep directories")
     parser.add_argument("--out", help="also write the table (Markdown) here")
+    parser.add_argument("--per-arm", action="store_true", help="pick per arm and budget (the v3 rule)")
     args = parser.parse_args(argv)
     dirs = sorted(Path(args.pilot).glob("lr-*"), key=lambda p: float(p.name.removeprefix("lr-")))
     if not dirs:
@@ -49,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines))
         print("no lr has every cell finished", file=sys.stderr)
         return 1
+    if args.per_arm:
+        return _per_arm(table, cells, lines, args.out)
     best = max(complete, key=lambda lr: sum(v[0] for v in complete[lr].values()))
     lines += ["", f"Chosen: lr = {best:g} (the best mean over the {len(cells)} cells), for every strategy."]
     text = "\n".join(lines) + "\n"
@@ -56,6 +64,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(text)
     print(json.dumps({"lr": best}))
+    return 0
+
+
+def _per_arm(table: dict[float, dict[str, tuple]], cells: list[str], lines: list[str], out: str | None) -> int:
+    """The v3 rule: per cell (arm x budget), the lr with the best last-3 accuracy, ties to the smaller."""
+    missing = [c for c in cells if any(c not in row for row in table.values())]
+    if missing:
+        print("\n".join(lines))
+        print(f"cells not finished at every lr: {missing}", file=sys.stderr)
+        return 1
+    entries, chosen = [], []
+    for cell in cells:
+        arm, _, eps = cell.partition(" ε=")
+        best = max(sorted(table), key=lambda lr: (round(table[lr][cell][0], 6), -lr))
+        chosen.append(f"| {arm} | {eps} | {best:g} | {100 * table[best][cell][0]:.1f} |")
+        entries.append(f"{arm}@{eps}={best:g}")
+    lines += ["", "Chosen per arm and budget (best last-3 accuracy; ties to the smaller lr):", "",
+              "| arm | ε | lr | last-3 accuracy (%) |", "|---|---:|---:|---:|", *chosen,
+              "", "As the grid's `[sweep] lrs`:", "",
+              "```toml", "lrs = [" + ", ".join(f'"{e}"' for e in entries) + "]", "```"]  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if out:
+        Path(out).write_text(text)
+    print(json.dumps({"lrs": entries}))
     return 0
 
 

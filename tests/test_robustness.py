@@ -4,6 +4,7 @@ duplicate identities, and the run's own files (a lock, torn files, checkpoint fa
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -241,6 +242,37 @@ def test_a_second_run_on_the_same_out_fails_at_once(tmp_path):
         holder.kill()
 
 
+def test_a_run_built_before_another_finished_on_its_out_refuses_to_overwrite_it(tmp_path):
+    """The race of issue 34: B passes its checks while `out` is empty, A runs and finishes there,
+    then B runs. B is refused under the lock and A's files are untouched."""
+    out = tmp_path / "run"
+    spec = tiny_spec(federation__rounds=1)
+    first, second = Federation.build(spec), Federation.build(spec.with_flat({"federation.seed": 1}))
+    first.run(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        second.run(out)
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        second.run(out, resume=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+
+def test_two_simulates_on_one_out_started_a_second_apart_leave_one_run(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "fedpeft.cli", "simulate", "--out", str(out), "--set", "model.name=tiny-bert",
+               "data.name=synthetic", "federation.rounds=2", "privacy.epsilon=inf"]  # fmt: skip
+    first = subprocess.Popen(
+        [*command, "federation.seed=0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(1.0)
+    second = subprocess.run([*command, "federation.seed=1"], capture_output=True, text=True, timeout=300)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert second.returncode == 2, second.stderr
+    assert "is in use by another run" in second.stderr or "already holds a finished run" in second.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seed"] == 0  # the first run's result, not overwritten
+
+
 def test_a_torn_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     out = tmp_path / "run"
     spec = tiny_spec(federation__rounds=3)
@@ -254,6 +286,7 @@ def test_a_torn_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     assert "resuming from" in caplog.text
     assert [r["round"] for r in result.history] == [1, 2]
     assert result.history[1]["accuracy"] == pytest.approx(reference.history[1]["accuracy"], abs=1e-6)
+    (out / "summary.json").unlink()  # cut before the summary again, and both checkpoints unreadable
     (out / "checkpoint.pt").write_bytes(b"junk")
     (out / "checkpoint.prev.pt").write_bytes(b"junk")
     with pytest.raises(ConfigError, match="no readable checkpoint"):

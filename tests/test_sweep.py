@@ -33,6 +33,21 @@ def test_grid_covers_every_combination(tmp_path):
     assert (tmp_path / "fedsvd" / "eps-inf" / "seed-1") in {c.path for c in grid}
 
 
+def test_per_arm_learning_rates_reach_their_cells(tmp_path):
+    """sweep.lrs: an arm's budget-specific lr, else its default, else train.lr."""
+    spec = _sweep_spec(sweep__lrs=["fedsvd=0.2", "fedsvd@inf=0.05"], train__lr=0.3)
+    lrs = {(c.spec.strategy.name, c.spec.privacy.epsilon): c.spec.train.lr for c in cells(spec, tmp_path)}
+    assert lrs == {("fedsvd", math.inf): 0.05, ("fedsvd", 4.0): 0.2, ("fedavg", math.inf): 0.3, ("fedavg", 4.0): 0.3}
+    for bad, message in (
+        (["ffa=0.1"], "names no arm of the grid: fedavg, fedsvd"),
+        (["fedavg@3=0.1"], "names no budget of the grid"),
+        (["fedavg:0.1"], "is not ARM=LR or ARM@EPSILON=LR"),
+        (["fedavg=-1"], "is not ARM=LR"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            cells(_sweep_spec(sweep__lrs=bad), tmp_path)
+
+
 def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, monkeypatch):
     spec = _sweep_spec()
     original = Federation.run

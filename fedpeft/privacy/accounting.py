@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from fedpeft.privacy.cache import cached
 
-__all__ = ["epsilon", "calibrate_budget", "calibrate_sigma", "ClientBudget", "sample_rate"]
+__all__ = ["epsilon", "calibrate_budget", "calibrate_sigma", "check_mechanism", "ClientBudget", "sample_rate"]
 
 Entry = tuple[float, float, int]  # (noise multiplier sigma, sample rate q, steps)
 
@@ -33,10 +33,26 @@ def _compose(steps: tuple[Entry, ...], delta: float, accountant: str) -> float:
         return float(acc.get_epsilon(delta=delta))
 
 
+def check_mechanism(q: float, steps: int, delta: float, sigma: float | None = None) -> None:
+    """ValueError, saying what to change, for inputs no accountant can take (a q of 0 or a step
+    count of 0 would send a calibration searching forever)."""
+    if not (isinstance(q, (int, float)) and 0 < q <= 1):
+        raise ValueError(f"the sampling rate q must be in (0, 1] (got {q}): q = batch size / examples")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1 (got {steps!r})")
+    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ValueError(f"delta must be in (0, 1) (got {delta}); it is usually below 1 / examples, e.g. 1e-5")
+    if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a finite number > 0 (got {sigma}); sigma = 0 is no privacy (epsilon inf)")
+
+
 @functools.lru_cache(maxsize=4096)
 def epsilon(history: tuple[Entry, ...], delta: float, accountant: str = "prv") -> float:
     """Epsilon at `delta` of the composition of the DP-SGD steps in `history` (Opacus's
     accountant; cached in memory and on disk, fedpeft.privacy.cache)."""
+    for _, q, n in history:
+        if n > 0:
+            check_mechanism(q, int(n), delta)
     steps = tuple((float(s), float(q), int(n)) for s, q, n in history if n > 0)
     if not steps:
         return 0.0
@@ -126,6 +142,7 @@ def calibrate_sigma(target_epsilon: float, delta: float, q: float, steps: int, a
     computed once per distinct inputs on this machine (fedpeft.privacy.cache)."""
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"target epsilon must be finite and > 0 (got {target_epsilon})")
+    check_mechanism(q, steps, delta)
     key = f"sigma|{accountant}|{target_epsilon!r}|{delta!r}|{q!r}|{steps}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

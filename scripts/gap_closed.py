@@ -1,0 +1,94 @@
+"""Where each arm of a comparison lands between its floor and its ceiling, per budget.
+
+The floor of a seed is its spec's model before round 1 (every adapter at its untrained start, the
+head as `model.head_init` sets it) on that seed's test split; the ceiling is a sweep of centralised
+runs on the same seeds (one client holding the union of the clients' data; the same test split).
+For every arm and budget: the final accuracy, the mean over the last 3 rounds, and the fraction of
+the gap closed, (last-3 - floor) / (ceiling last-3 - floor), per seed, then mean and 95% CI.
+
+    .venv/bin/python scripts/gap_closed.py SPEC.toml GRID_DIR CEILING_DIR [--out FILE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from fedpeft.build import build_parts
+from fedpeft.client import evaluate
+from fedpeft.report import _ci95, _order, collect
+from fedpeft.spec_io import load_spec
+
+
+def floors(spec_path: str, seeds: list[int]) -> dict[int, float]:
+    """Each seed's accuracy before round 1."""
+    spec = load_spec(spec_path)
+    out = {}
+    for seed in seeds:
+        parts = build_parts(spec.with_flat({"federation.seed": seed}))
+        out[seed] = evaluate(parts.model, parts.model.state(), parts.data.test, spec.train.eval_batch_size)["accuracy"]
+    return out
+
+
+def _pm(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    if not values:
+        return ""
+    mean, ci = sum(values) / len(values), _ci95(values)
+    return f"{scale * mean:.{digits}f}" + ("" if math.isnan(ci) else f" ± {scale * ci:.{digits}f}")
+
+
+def table(grid: list[dict], floor: dict[int, float], ceiling: dict[int, float], ceiling_final: dict[int, float]) -> str:
+    strategies, targets = _order(grid)
+    seeds = sorted(set(floor) & set(ceiling))
+    lines = [
+        f"Floor (before round 1) {_pm([floor[s] for s in seeds])}%, ceiling (centralised, last 3 rounds) "
+        f"{_pm([ceiling[s] for s in seeds])}% (final {_pm([ceiling_final[s] for s in seeds])}%), over seeds "
+        f"{seeds}; gap {_pm([ceiling[s] - floor[s] for s in seeds])} points.",
+        "",
+        "| arm | budget | seeds | final (%) | last 3 (%) | gap closed |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for target in targets:
+        for strategy in strategies:
+            cell = [r for r in grid if r["strategy"] == strategy and r["target"] == target and r["seed"] in floor]
+            if not cell:
+                continue
+            closed = [(r["accuracy_last3"] - floor[r["seed"]]) / (ceiling[r["seed"]] - floor[r["seed"]]) for r in cell]
+            budget = "no DP" if math.isinf(target) else f"ε = {target:g}"
+            lines.append(
+                f"| {strategy} | {budget} | {len(cell)} | {_pm([r['accuracy'] for r in cell])} | "
+                f"{_pm([r['accuracy_last3'] for r in cell])} | {_pm(closed, 1.0, 2)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("spec", help="the grid's spec (for the floor)")
+    parser.add_argument("grid", help="the grid's sweep directory")
+    parser.add_argument("ceiling", help="the ceiling's sweep directory (same seeds)")
+    parser.add_argument("--out", help="also write the table (Markdown) here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    grid, top = collect(Path(args.grid)), collect(Path(args.ceiling))
+    if not grid or not top:
+        print(f"no finished runs under {args.grid if not grid else args.ceiling}", file=sys.stderr)
+        return 2
+    ceiling = {r["seed"]: r["accuracy_last3"] for r in top}
+    ceiling_final = {r["seed"]: r["accuracy"] for r in top}
+    floor = floors(args.spec, sorted(ceiling))
+    text = table(grid, floor, ceiling, ceiling_final)
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text)
+    print(json.dumps({"floor": floor, "ceiling": ceiling}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
