@@ -77,3 +77,25 @@ def test_rotten_tomatoes_and_minilm_load_offline():
     assert len(model.backbone.encoder.layer) == 1
     with torch.no_grad():
         assert model(ids, mask).shape == (1, 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_chatterbot_test_split_shares_no_conversation_and_no_answer_with_any_client(seed):
+    """Issue 33: held out by conversation, and no test answer is verbatim a client's prompt or
+    answer. The clients' pairs are read back from their token rows (the byte tokenizer inverts)."""
+    from fedpeft.causal import ByteChatTokenizer
+
+    raw = DATASETS.get("chatterbot")()
+    tokenizer = ByteChatTokenizer()
+    data = prepare(DataConfig(name="chatterbot", partition="natural", test_size=100), 4, tokenizer, 2048, seed, raw=raw)
+    assert 60 <= len(data.test_pairs) <= 110 and len(data.test) == len(data.test_pairs)
+    clients = set()
+    for client in data.clients:
+        for row in client.input_ids.tolist():
+            cut = row.index(2)  # <user> prompt <assistant> answer <end>
+            clients.add((tokenizer.decode(row[1:cut]), tokenizer.decode(row[cut + 1 : row.index(3)])))
+    assert len(clients) == sum(len(c) for c in data.clients)
+    unit = {(p, a): u for p, a, u in zip(raw.texts, raw.answers, raw.units, strict=True)}
+    assert not {unit[pair] for pair in data.test_pairs} & {unit[pair] for pair in clients}
+    client_text = {p for p, _ in clients} | {a for _, a in clients}
+    assert not [a for _, a in data.test_pairs if a in client_text]

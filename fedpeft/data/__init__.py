@@ -105,6 +105,26 @@ def load_file(path: str | Path, label_names: tuple[str, ...]) -> TextDataset:
     return TextDataset(texts, labels, [path.stem] * len(texts), label_names)
 
 
+def _by_unit(raw: TextDataset, test_size: int, public_size: int, seed: int) -> tuple[list[int], list[int], list[int]]:
+    """Held-out rows by whole units: units in seeded random order to the test split until it holds
+    `test_size` rows, then to the public split, the rest to the pool. With `raw.novel_answers`, a
+    test row whose answer is verbatim a prompt or answer of the pool is dropped (from both)."""
+    import torch
+
+    by_unit: dict[str, list[int]] = {}
+    for row, unit in enumerate(raw.units):
+        by_unit.setdefault(unit, []).append(row)
+    names = sorted(by_unit)
+    test, public, pool = [], [], []
+    for i in torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist():
+        rows = by_unit[names[i]]
+        (test if len(test) < test_size else public if len(public) < public_size else pool).extend(rows)
+    if raw.novel_answers and raw.answers is not None:
+        seen = {raw.texts[i] for i in pool} | {raw.answers[i] for i in pool}
+        test = [i for i in test if raw.answers[i] not in seen]
+    return test, public, sorted(pool)
+
+
 def prepare(
     cfg: DataConfig,
     num_clients: int,
@@ -126,6 +146,8 @@ def prepare(
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     test_rows, pool = order[: cfg.test_size], sorted(order[held:])
     public_rows = order[cfg.test_size : held]
+    if raw.units is not None:  # whole units (conversations) to the server, never split with a client
+        test_rows, public_rows, pool = _by_unit(raw, cfg.test_size, cfg.public_size, seed)
     if cfg.max_examples:
         keep = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1))[: cfg.max_examples]
         pool = sorted(pool[i] for i in keep.tolist())

@@ -22,12 +22,18 @@ class TextDataset:
     groups: list[str]
     label_names: tuple[str, ...]
     answers: list[str] | None = None
+    # the unit the server's held-out splits are drawn by, whole (a conversation); None: each row its own
+    units: list[str] | None = None
+    # instruction data: a held-out pair whose answer is verbatim a prompt or answer of the training side is dropped
+    novel_answers: bool = False
 
     def __post_init__(self) -> None:
         if not (len(self.texts) == len(self.labels) == len(self.groups)):
             raise ValueError("texts, labels and groups must have the same length")
         if self.answers is not None and len(self.answers) != len(self.texts):
             raise ValueError("an instruction dataset needs one answer per prompt")
+        if self.units is not None and len(self.units) != len(self.texts):
+            raise ValueError("units must give one holdout unit per example")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,10 @@ statement answers the one before it, so a conversation [s0, s1, s2] gives the pa
 (s1, s2). The topic is each pair's group (a natural non-IID split) and its label index (so the
 Dirichlet partitioner splits by topic too). Files are read with a YAML parser, never by importing
 the package. Duplicate (prompt, answer) pairs keep their first occurrence.
+
+The server's test split is drawn by conversation (each pair's unit is its conversation), and a test
+pair whose answer is verbatim a training prompt or answer is dropped (`novel_answers`): a split by
+pair put 28-42 of 100 test pairs beside a training pair of their own conversation (issue 33).
 """
 
 from __future__ import annotations
@@ -39,10 +43,10 @@ def load() -> TextDataset:
 
     files = sorted(data_dir().glob("*.yml"))
     topics = tuple(f.stem for f in files)
-    prompts, answers, labels, seen = [], [], [], set()
+    prompts, answers, labels, units, seen = [], [], [], [], set()
     for index, path in enumerate(files):
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        for conversation in doc.get("conversations") or []:
+        for number, conversation in enumerate(doc.get("conversations") or []):
             lines = [_text(s) for s in conversation if s is not None and _text(s)]
             for prompt, answer in itertools.pairwise(lines):
                 if (prompt, answer) in seen:
@@ -51,4 +55,6 @@ def load() -> TextDataset:
                 prompts.append(prompt)
                 answers.append(answer)
                 labels.append(index)
-    return TextDataset(prompts, labels, [topics[i] for i in labels], topics, answers=answers)
+                units.append(f"{path.stem}/{number}")
+    groups = [topics[i] for i in labels]
+    return TextDataset(prompts, labels, groups, topics, answers=answers, units=units, novel_answers=True)
