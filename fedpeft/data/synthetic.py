@@ -36,7 +36,9 @@ THINGS = ("apple", "sky", "leaf", "sun", "night", "snow", "car", "door", "cup", 
 
 def load_qa(size: int = 600, seed: int = 1234) -> TextDataset:
     """Instruction pairs for tiny causal LMs: "what colour is the <thing>?" -> "the <thing> is
-    <colour>." with a fixed colour per thing, so a model can learn the answers; topics are the things."""
+    <colour>." with a fixed colour per thing, so a model can learn the answers; topics are the things.
+    A test fixture, not data: its 12 answers repeat by design, so it keeps the split by row (a split
+    by conversation or without repeated answers, as ChatterBot's, would leave nothing to learn)."""
     rng = random.Random(seed)
     colour = {thing: COLOURS[i % len(COLOURS)] for i, thing in enumerate(THINGS)}
     prompts, answers, labels = [], [], []
