@@ -50,10 +50,11 @@ def check_mechanism(q: float, steps: int, delta: float, sigma: float | None = No
 def epsilon(history: tuple[Entry, ...], delta: float, accountant: str = "prv") -> float:
     """Epsilon at `delta` of the composition of the DP-SGD steps in `history` (Opacus's
     accountant; cached in memory and on disk, fedpeft.privacy.cache)."""
+    # A step at q = 0 samples no one and spends nothing; any other q must be a rate.
     for _, q, n in history:
-        if n > 0:
+        if n > 0 and q != 0:
             check_mechanism(q, int(n), delta)
-    steps = tuple((float(s), float(q), int(n)) for s, q, n in history if n > 0)
+    steps = tuple((float(s), float(q), int(n)) for s, q, n in history if n > 0 and q != 0)
     if not steps:
         return 0.0
     key = f"eps|{accountant}|{delta!r}|" + ";".join(f"{s!r},{q!r},{n}" for s, q, n in steps)
