@@ -73,6 +73,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         else " (scored after the last)" if fed.eval_every >= fed.rounds
         else f" (scored every {fed.eval_every} and after the last)"
     )  # fmt: skip
+    if fed.eval_subset and fed.eval_every < fed.rounds:
+        scored += f" (rounds before the last scored on {fed.eval_subset} seeded test examples, the last on all)"
     console.print(
         f"[bold]fedpeft[/] {spec.name}: {spec.strategy.name} on {spec.model.name} / {spec.data.name}, "
         f"{fed.clients} clients ({fed.clients_per_round} per round), {fed.rounds} rounds{scored}, {mode}"

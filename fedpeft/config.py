@@ -19,7 +19,6 @@ __all__ = [
     "TrainConfig", "SweepConfig", "Spec", "SECTIONS", "OPTIMIZERS", "SCHEDULES", "client_rank",
 ]  # fmt: skip
 
-
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")  # train.optimizer (fedpeft.optim)
 SCHEDULES = ("constant", "linear", "cosine")  # train.schedule
 
@@ -57,6 +56,9 @@ class FederationConfig:
         "Flower: SecAgg+ (the server learns only the sum of the updates); sum-only strategies"
     ))  # fmt: skip
     eval_every: int = field(default=1, metadata=_help("score every N rounds and the last round; others log null"))
+    eval_subset: int = field(default=0, metadata=_help(
+        "score rounds before the last on N seeded test examples (0: the whole split); the last on the whole split"
+    ))  # fmt: skip
     update_bound: float = field(default=0.0, metadata=_help(
         "largest accepted norm of a client's change (its upload - what it was sent); larger ones are "
         "dropped. 0 = auto: under DP the most an honest DP-SGD client can move, without DP none; inf = off"
@@ -72,6 +74,7 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         _require(self.eval_every >= 1, f"federation.eval_every must be >= 1 (got {self.eval_every})")
+        _require(self.eval_subset >= 0, f"federation.eval_subset must be >= 0 (got {self.eval_subset})")
         _require(self.update_bound >= 0, f"federation.update_bound must be >= 0 (got {self.update_bound})")
         _require(self.timeout > 0, f"federation.timeout must be > 0 seconds (got {self.timeout})")
         _require(self.rounds >= 1, f"federation.rounds must be >= 1 (got {self.rounds})")
@@ -103,7 +106,7 @@ class ModelConfig:
     targets: tuple[str, ...] = field(
         default=(), metadata=_help("module names LoRA adapts; empty = the model's default")
     )
-    train_head: bool = field(default=True, metadata=_help("train the classifier head (else frozen, shared seeded init)"))
+    train_head: bool = field(default=True, metadata=_help("train the classifier head (else frozen, shared seeded init)"))  # fmt: skip
     head_init: str = field(default="random", metadata=_help(
         "the head before training: random (seeded), label-names (rows = the base encoder's centred, "
         "unit-norm embeddings of the label names) or public (logistic regression on the base encoder's "
@@ -316,7 +319,6 @@ class Spec:
     train: TrainConfig = TrainConfig()
     sweep: SweepConfig = SweepConfig()
 
-    # ---- nested dict form (TOML, summary.json) -------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
         for section in SECTIONS:
@@ -335,7 +337,6 @@ class Spec:
 
         return spec_from_dict(data)
 
-    # ---- flat dotted form (--set, Flower run-config; fedpeft.spec_io) ----------------------
     def to_flat(self) -> dict[str, Any]:
         """Flat ``section.key -> scalar`` mapping; tuples become comma-joined strings."""
         from fedpeft.spec_io import spec_to_flat

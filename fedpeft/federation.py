@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedpeft import runfiles
+from fedpeft import runfiles, traffic
 from fedpeft.adapters import AdaptedModel
 from fedpeft.build import build_parts, client_budgets, make_executor
 from fedpeft.causal import lm_summary, write_generations
@@ -32,7 +32,7 @@ from fedpeft.executors import ClientFailure, Executor, SecureSum
 from fedpeft.privacy.accounting import calibrate_sigma
 from fedpeft.privacy.client_level import ClientLevelDP
 from fedpeft.spec_io import spec_diff
-from fedpeft.state import BASE, LORA_A, LORA_B, AdapterState, ClientUpdate, kind_of
+from fedpeft.state import BASE, AdapterState, ClientUpdate, kind_of
 from fedpeft.strategies import Strategy
 from fedpeft.validation import UpdateLimits, validate_update
 
@@ -177,18 +177,17 @@ class Federation:
                 run.state, run.server_state, strategy_metrics = self.strategy.aggregate(
                     run.state, updates, rnd, run.server_state
                 )
-                run.base_bytes.append(self._base_change_bytes(run.state, len(reports)))
+                k = self.strategy.base_change_rank(len(reports), run.state.rank)  # its base-weight change's rank
+                run.base_bytes.append(traffic.base_change_bytes(k, run.state))
             else:
                 run.base_bytes.append(0.0)
                 log.warning(
                     "round %d: only %d valid update(s) < min_clients=%d; global adapter unchanged",
                     rnd, len(reports), fed.min_clients,
                 )  # fmt: skip
-            # evaluate (every eval_every rounds, and the last)
-            if rnd % fed.eval_every == 0 or rnd == fed.rounds:
-                metrics = self._evaluate(run.state)
-            else:
-                metrics = {"accuracy": None, "loss": None}
+            # evaluate: every eval_every rounds (on the seeded subset, if any) and the last (the whole split)
+            scored_on = None if rnd % fed.eval_every and rnd < fed.rounds else self._scored_on(rnd)
+            metrics = self._evaluate(run.state, scored_on) if scored_on else {"accuracy": None, "loss": None}
             # account
             for cid, reported in reports:
                 if "epsilon" in reported:
@@ -199,6 +198,7 @@ class Federation:
             record = {
                 "round": rnd,
                 **metrics,
+                "scored_on": scored_on,  # "whole" (the test split), "subset" (federation.eval_subset) or None
                 "epsilon_max": max(run.epsilons.values()) if run.epsilons else (0.0 if self.sigmas else None),
                 "client_epsilon": self._client_epsilon(run.history, z_round),
                 **({"client_noise_multiplier": z_round} if z_round is not None else {}),
@@ -207,7 +207,10 @@ class Federation:
                 "dropped": {str(k): v for k, v in dropped.items()},
                 "aggregated": aggregated,
                 "train_loss": _mean([m.get("train_loss", math.nan) for _, m in reports]),
-                "bytes_up": sum(self._upload_bytes(u, run.state) * (len(reports) if secure else 1) for u in accepted),
+                "bytes_up": sum(
+                    traffic.upload_bytes(u, run.state, spec.model.rank) * (len(reports) if secure else 1)
+                    for u in accepted
+                ),
                 "bytes_down": bytes_down,
                 "adapter_change": self.model.relative_change(run.state),  # mean ||W - W0|| / ||W0||
                 "seconds": time.perf_counter() - tic,
@@ -269,44 +272,39 @@ class Federation:
             dp = (plan.local_optimizer, plan.steps, priv.clip, sigma_max)
         return UpdateLimits(plan.batch_size * plan.steps, spec.model.rank, bound if bound > 0 else None, dp)
 
-    def _evaluate(self, state: AdapterState) -> dict[str, float]:
-        """The global model on the server's test split. For strategies whose clients keep part of
-        the adapter (FedSA), the mean over the personalised models of the clients that trained."""
+    def _scored_on(self, rnd: int) -> str:
+        fed = self.spec.federation
+        return "subset" if rnd < fed.rounds and 0 < fed.eval_subset < len(self.data.test) else "whole"
+
+    def _evaluate(self, state: AdapterState, scored_on: str = "whole") -> dict[str, float]:
+        """The global model on the server's test split (or its seeded subset of eval_subset rows, the
+        same every round). For strategies whose clients keep part of the adapter (FedSA), the mean
+        over the personalised models of the clients that trained."""
+        fed = self.spec.federation
+        test = self.data.test.sample(fed.eval_subset, seed_for(fed.seed, 0, 0, 2)) if scored_on == "subset" else None
         on_test = functools.partial(
-            evaluate, self.model, data=self.data.test, batch_size=self.spec.train.eval_batch_size
+            evaluate,
+            self.model,
+            data=self.data.test if test is None else test,
+            batch_size=self.spec.train.eval_batch_size,
         )
         scores = self.executor.evaluate_personal(state, self.plan, on_test) if self.strategy.personal else []
         if not scores:
             return on_test(state)
         return {key: sum(s[key] for s in scores) / len(scores) for key in scores[0]}
 
-    def _bytes(self, state: AdapterState, name: str, rank: int | None) -> int:
-        """Bytes of one tensor as it travels to or from a client of `rank`: LoRA factors at that rank."""
-        fraction = rank / self.spec.model.rank if rank is not None and kind_of(name) in (LORA_A, LORA_B) else 1.0
-        return int(state.num_bytes([name]) * fraction)
-
-    def _base_change_bytes(self, state: AdapterState, num_updates: int) -> int:
-        """Bytes of one aggregation's factored base-weight change (U [d_out, k], V [k, d_in] per
-        adapted layer, k the strategy's declared rank of the change); 0 for most strategies."""
-        k = self.strategy.base_change_rank(num_updates, state.rank)
-        return sum(k * (state.B(layer).shape[0] + state.A(layer).shape[1]) * 4 for layer in state.layers)
-
-    def _upload_bytes(self, update: ClientUpdate, state: AdapterState) -> int:  # what a client sent
-        return sum(self._bytes(state, name, update.rank) for name in update.tensors)
-
     def _download_bytes(self, run: _Progress, cid: int) -> int:
-        """Bytes a sampled client received: the adapter (at its rank, without what it keeps) plus
-        the factored base-weight changes of every round since it last took part."""
-        rank = client_rank(self.spec.model, cid)
+        """What a sampled client received: the adapter (at its rank, without what it keeps) and the
+        factored base-weight changes of every round since it last took part."""
         sent = [n for n in run.state.tensors if kind_of(n) != BASE and n not in self.plan.keeps]
-        total = sum(self._bytes(run.state, name, rank) for name in sent)
-        total += int(sum(run.base_bytes[run.last_sync.get(cid, 0) :]))
+        missed = run.base_bytes[run.last_sync.get(cid, 0) :]
         run.last_sync[cid] = len(run.base_bytes)
-        return total
+        return traffic.download_bytes(run.state, sent, client_rank(self.spec.model, cid), self.spec.model.rank, missed)
 
     def _summary(self, history: list[dict[str, Any]], epsilons: dict[int, float], elapsed: float) -> dict[str, Any]:
         spec = self.spec
         last = history[-1]
+        whole = [r for r in history if r["accuracy"] is not None and r.get("scored_on", "whole") == "whole"]
         return {
             "name": spec.name,
             "strategy": spec.strategy.name,
@@ -318,9 +316,11 @@ class Federation:
             "rounds": len(history),
             "accuracy": last["accuracy"],
             "loss": last["loss"],
-            "best_accuracy": max(r["accuracy"] for r in history if r["accuracy"] is not None),
-            # the mean of the last three evaluated rounds: less of one round's luck than the final
-            "accuracy_last3": _mean([r["accuracy"] for r in history if r["accuracy"] is not None][-3:]),
+            # over the rounds scored on the whole test split (subset scores are not comparable)
+            "best_accuracy": max(r["accuracy"] for r in whole),
+            # the mean of the last three: less of one round's luck than the final
+            "accuracy_last3": _mean([r["accuracy"] for r in whole[-3:]]),
+            "accuracy_last3_rounds": [r["round"] for r in whole[-3:]],
             "adapter_change": last.get("adapter_change"),
             "majority_rate": self.data.majority_rate,
             "epsilon": (max(epsilons.values()) if epsilons else 0.0) if spec.privacy.enabled else None,

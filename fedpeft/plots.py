@@ -29,7 +29,20 @@ def plot_run(history: list[dict[str, Any]], path: Path, title: str = "", majorit
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     evaluated = [r for r in history if r["accuracy"] is not None]  # federation.eval_every
     accuracy = [r["accuracy"] for r in evaluated]
-    lines = ax.plot([r["round"] for r in evaluated], accuracy, marker="o", color="tab:blue", label="test accuracy")
+    # rounds scored on federation.eval_subset: hollow markers; on the whole test split: filled
+    subset = [r for r in evaluated if r.get("scored_on") == "subset"]
+    whole = [r for r in evaluated if r.get("scored_on") != "subset"]
+    ax.plot([r["round"] for r in evaluated], accuracy, color="tab:blue", alpha=0.5)
+    lines = []
+    if subset:
+        lines += ax.plot(
+            [r["round"] for r in subset], [r["accuracy"] for r in subset], "o", markerfacecolor="white",
+            color="tab:blue", label="test accuracy (seeded subset)",
+        )  # fmt: skip
+    lines += ax.plot(
+        [r["round"] for r in whole], [r["accuracy"] for r in whole], "o", color="tab:blue",
+        label="test accuracy (whole split)" if subset else "test accuracy",
+    )  # fmt: skip
     if majority is not None:
         lines += [ax.axhline(majority, color="grey", linestyle=":", label=f"majority class ({majority:.3f})")]
     low = min(accuracy + ([majority] if majority is not None else []))

@@ -22,6 +22,13 @@ def fmt_metric(value: Any, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _scored_on(record: dict[str, Any]) -> str:
+    """What a round was scored on (logs before federation.eval_subset scored the whole split)."""
+    if record["accuracy"] is None:
+        return "-"
+    return "subset" if record.get("scored_on") == "subset" else "test split"
+
+
 def make_console() -> Console:
     """The console for progress and results, on stderr. In a terminal: live bars. Redirected to a
     file or a pipe: plain lines, never wrapped, no control codes."""
@@ -121,8 +128,9 @@ class ProgressDisplay:
                     )
                 return
             dropped = f"  dropped {sorted(int(k) for k in record['dropped'])}" if record["dropped"] else ""
+            subset = f" (on {fed.eval_subset} of the test split)" if record.get("scored_on") == "subset" else ""
             line = (
-                f"round {record['round']:>3}: accuracy {fmt_metric(record['accuracy'])}  loss {fmt_metric(record['loss'])}  "
+                f"round {record['round']:>3}: accuracy {fmt_metric(record['accuracy'])}  loss {fmt_metric(record['loss'])}{subset}  "
                 f"epsilon_max {_eps(record['epsilon_max'])}  clients {record['clients']}{dropped}  "
                 f"{record['seconds']:.1f}s"
             )
@@ -133,13 +141,14 @@ class ProgressDisplay:
 
 def final_table(summary: dict[str, Any], history: list[dict[str, Any]]) -> Table:
     table = Table(title=f"{summary['name']}: {summary['strategy']}, seed {summary['seed']}")
-    for column in ("round", "accuracy", "loss", "epsilon_max", "clients", "seconds"):
+    for column in ("round", "accuracy", "loss", "scored on", "epsilon_max", "clients", "seconds"):
         table.add_column(column, justify="right")
     for r in history:
         table.add_row(
             str(r["round"]),
             fmt_metric(r["accuracy"]),
             fmt_metric(r["loss"]),
+            _scored_on(r),
             _eps(r["epsilon_max"]),
             str(len(r["clients"])),
             f"{r['seconds']:.1f}",

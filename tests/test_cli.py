@@ -120,6 +120,19 @@ def test_the_header_says_which_rounds_are_scored(tmp_path, capsys):
     assert "round   1: accuracy -" in printed and "round   2: accuracy 0." in printed
 
 
+def test_every_round_prints_a_score_and_says_when_it_is_the_subset(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["simulate", *TINY, "--set", "federation.eval_subset=50", "--out", str(out)]) == 0
+    printed = "".join(capsys.readouterr())
+    assert "rounds before the last scored on 50 seeded test examples, the last on all" in printed
+    first = next(x for x in printed.splitlines() if x.startswith("round   1: accuracy"))
+    last = next(x for x in printed.splitlines() if x.startswith("round   2: accuracy"))
+    assert "accuracy 0." in first and "(on 50 of the test split)" in first
+    assert "accuracy 0." in last and "of the test split" not in last
+    rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["scored_on"] for r in rounds] == ["subset", "whole"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

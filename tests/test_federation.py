@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from fedpeft.config import ConfigError
 from fedpeft.federation import Callbacks, Federation, sample_clients
 from fedpeft.privacy.accounting import calibrate_budget
 from fedpeft.state import ClientUpdate
@@ -212,6 +213,45 @@ def test_frozen_head_stays_at_its_shared_seeded_init(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_eval_subset_scores_rounds_before_the_last_on_a_fixed_seeded_subset(tmp_path, monkeypatch):
+    """federation.eval_subset: rounds 1..R-1 on the same seeded rows, round R on the whole split;
+    the model and its training are untouched, and last-3 and best use whole-split scores only."""
+    import fedpeft.federation as federation_module
+    from fedpeft.federation import seed_for
+
+    scored = []  # the rows each evaluation saw
+
+    def spy(model, state, data, batch_size):  # noqa: ANN001, ANN202
+        scored.append(data.input_ids.clone())
+        return evaluate(model, state, data, batch_size)
+
+    evaluate = federation_module.evaluate
+    monkeypatch.setattr(federation_module, "evaluate", spy)
+    spec = tiny_spec(federation__rounds=3, federation__eval_subset=20, data__test_size=60)
+    federation = Federation.build(spec)
+    result = federation.run(tmp_path / "subset")
+    assert [r["scored_on"] for r in result.history] == ["subset", "subset", "whole"]
+    subset = federation.data.test.sample(20, seed_for(spec.federation.seed, 0, 0, 2))
+    assert len(subset) == 20 and len(federation.data.test) == 60
+    assert [len(x) for x in scored] == [20, 20, 60]
+    assert torch.equal(scored[0], subset.input_ids) and torch.equal(scored[1], subset.input_ids)
+    assert torch.equal(scored[2], federation.data.test.input_ids)
+    monkeypatch.undo()
+    whole = Federation.build(tiny_spec(federation__rounds=3, data__test_size=60)).run(tmp_path / "whole")
+    assert [r["scored_on"] for r in whole.history] == ["whole"] * 3
+    assert result.history[-1]["accuracy"] == whole.history[-1]["accuracy"]  # the same training
+    assert result.summary["accuracy_last3"] == result.summary["best_accuracy"] == result.history[-1]["accuracy"]
+    assert result.summary["accuracy_last3_rounds"] == [3] and whole.summary["accuracy_last3_rounds"] == [1, 2, 3]
+    from fedpeft.plots import plot_run
+
+    assert plot_run(result.history, tmp_path / "a.png").stat().st_size > 0
+
+
+def test_eval_subset_must_not_be_negative():
+    with pytest.raises(ConfigError, match="federation.eval_subset must be >= 0"):
+        tiny_spec(federation__eval_subset=-1)
+
+
 def test_missing_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="CUDA is not available; use auto or cpu"):
         Federation.build(tiny_spec(federation__device="cuda"))

@@ -51,6 +51,15 @@ class TokenizedData:
     def select(self, index: torch.Tensor) -> TokenizedData:
         return TokenizedData(self.input_ids[index], self.attention_mask[index], self.labels[index])
 
+    def sample(self, n: int, seed: int) -> TokenizedData:
+        """`n` rows drawn without replacement by `seed`, in their original order (all when n >= len)."""
+        import torch
+
+        if n >= len(self):
+            return self
+        index = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return self.select(index.sort().values)
+
     @property
     def is_sequence(self) -> bool:
         """Targets per token (a causal LM's), not one label per example."""
