@@ -29,12 +29,11 @@ from fedpeft.client import LocalTraining, evaluate
 from fedpeft.config import ConfigError, Spec, client_rank
 from fedpeft.data import FederatedData
 from fedpeft.executors import ClientFailure, Executor, SecureSum
-from fedpeft.privacy.accounting import calibrate_sigma
 from fedpeft.privacy.client_level import ClientLevelDP
 from fedpeft.spec_io import spec_diff
 from fedpeft.state import BASE, AdapterState, ClientUpdate, kind_of
 from fedpeft.strategies import Strategy
-from fedpeft.validation import UpdateLimits, validate_update
+from fedpeft.validation import UpdateLimits, expected_reply, spec_limits, validate_update
 
 __all__ = ["Callbacks", "Federation", "RunResult", "sample_clients", "seed_for"]
 
@@ -251,7 +250,8 @@ class Federation:
 
     def _check(self, update: ClientUpdate, state: AdapterState) -> str | None:
         noised = self.client_dp is not None  # a SecureSum under distributed client-level DP carries noise
-        return validate_update(update, list(self.plan.uploads), state, self._limits, sum_noised=noised)
+        expect = expected_reply(self.spec, self.plan, getattr(self.executor, "store", None), update.client_id)
+        return validate_update(update, list(self.plan.uploads), state, self._limits, noised, expect)
 
     def _client_epsilon(self, history: list[dict[str, Any]], z_round: float | None) -> float | None:
         """Client-level epsilon after this round, from every round's realised noise multiplier."""
@@ -261,16 +261,7 @@ class Federation:
 
     @functools.cached_property
     def _limits(self) -> UpdateLimits:
-        """The spec's limits on an update (validation.UpdateLimits), computed once."""
-        spec, plan = self.spec, self.plan
-        bound = spec.federation.update_bound
-        dp = None
-        if bound == 0 and spec.privacy.enabled:  # auto: what an honest DP-SGD client can reach
-            priv, steps = spec.privacy, spec.federation.rounds * plan.steps
-            # no honest client's sigma exceeds the one calibrated at q = 1 (no amplification)
-            sigma_max = calibrate_sigma(priv.epsilon, priv.delta, 1.0, steps, priv.accountant)
-            dp = (plan.local_optimizer, plan.steps, priv.clip, sigma_max)
-        return UpdateLimits(plan.batch_size * plan.steps, spec.model.rank, bound if bound > 0 else None, dp)
+        return spec_limits(self.spec, self.plan)
 
     def _scored_on(self, rnd: int) -> str:
         fed = self.spec.federation

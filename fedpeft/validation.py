@@ -12,13 +12,28 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from fedpeft.config import Spec, client_rank
 from fedpeft.optim import LocalOptimizer
+from fedpeft.privacy.accounting import calibrate_sigma, sample_rate
 from fedpeft.state import LORA_A, LORA_B, AdapterState, ClientUpdate, kind_of
 
-__all__ = ["UpdateLimits", "at_rank", "dp_update_bound", "optimizer_update_bound", "padding", "validate_update"]
+if TYPE_CHECKING:
+    from fedpeft.client import LocalTraining
+    from fedpeft.executors.base import ClientStore
+
+__all__ = [
+    "Expected",
+    "UpdateLimits",
+    "at_rank",
+    "dp_update_bound",
+    "optimizer_update_bound",
+    "padding",
+    "validate_update",
+]
 
 TAIL = 6.0  # standard deviations of slack: an honest client exceeds a bound with probability < 1e-8
 
@@ -67,19 +82,58 @@ def optimizer_update_bound(
 
 
 @dataclass(frozen=True)
+class Expected:
+    """What the server knows of one client's reply before it arrives, from the spec and the
+    client's public size, never from the reply: its aggregation weight (None where the server does
+    not hold the client's size: a remote node), its rank (None: the model's, homogeneous) and its
+    sigma (None: not known; under DP the reply must then carry one, at most the largest honest).
+    The DP norm bound is computed from these, so a node cannot widen its own bound by what it says."""
+
+    num_examples: int | None  # under DP with the size unknown: batch_size x local_steps (E[B] = batch_size)
+    rank: int | None
+    sigma: float | None
+    expected_batch: float  # E[B] = min(batch_size, size): batch_size where the size is unknown
+    private: bool = False  # under DP-SGD: a reply must carry its sigma
+
+
+def _differs(update: ClientUpdate, expect: Expected) -> str | None:
+    """Why the reply's own numbers disagree with what the server expects, or None."""
+    if update.rank != expect.rank:
+        return f"rank {update.rank!r} != {expect.rank!r}, this client's rank in the spec"
+    if expect.num_examples is not None and update.num_examples != expect.num_examples:
+        return (f"num_examples {update.num_examples} != {expect.num_examples}, this client's weight "
+                "(expected batch x local_steps: under DP a node with fewer examples than the batch cannot "
+                "join a federation whose server does not hold its size)")  # fmt: skip
+    sigma, dp = update.metrics.get("sigma"), expect.private
+    if dp and sigma is None:
+        return "sigma missing: under DP a reply carries its noise multiplier"
+    if dp and expect.sigma is not None and not math.isclose(float(sigma), expect.sigma, rel_tol=1e-9):
+        return f"sigma {sigma!r} != {expect.sigma:.6g}, calibrated for this client from the spec and its size"
+    return None
+
+
+@dataclass(frozen=True)
 class UpdateLimits:
     """The spec's limits on an update: the most examples a client can report (batch x steps), the
-    model's rank, and the norm bound (None: none; `dp` computes it per update from its sigma)."""
+    model's rank, and the norm bound (None: none; `dp` computes it per update from the sigma and
+    expected batch the server expects of that client, `Expected`)."""
 
     max_examples: int
     model_rank: int
     norm_bound: float | None = None
     dp: tuple[LocalOptimizer, int, float, float] | None = None  # (optimizer, steps, clip, largest honest sigma)
 
-    def bound(self, update: ClientUpdate, numel: int, start_norm: float = 0.0) -> float | None:
+    def bound(
+        self, update: ClientUpdate, numel: int, start_norm: float = 0.0, expect: Expected | None = None
+    ) -> float | None:
+        """The norm bound for `update`: from `expect` (the server's values) where given; else (a
+        direct call, tests) from the update's own weight and sigma, capped at the largest honest."""
         if self.dp is None:
             return self.norm_bound
         opt, steps, clip, sigma_max = self.dp
+        if expect is not None:
+            sigma = min(expect.sigma if expect.sigma is not None else float(update.metrics["sigma"]), sigma_max)
+            return optimizer_update_bound(opt, steps, clip, sigma, expect.expected_batch, numel, start_norm)
         sigma = min(float(update.metrics.get("sigma", sigma_max)), sigma_max)
         expected_batch = max(update.num_examples - 0.5, 0.5) / steps  # num_examples = round(E[B] * steps)
         return optimizer_update_bound(opt, steps, clip, sigma, expected_batch, numel, start_norm)
@@ -111,7 +165,7 @@ def _padding_is_zero(update: ClientUpdate) -> str | None:
 
 def validate_update(
     update: ClientUpdate, expected: list[str], reference: AdapterState, limits: UpdateLimits | None = None,
-    sum_noised: bool = False,
+    sum_noised: bool = False, expect: Expected | None = None,
 ) -> str | None:  # fmt: skip
     """Why `update` must not be aggregated, or None if it is sound. `reference`: what the client
     was sent (the global adapter).
@@ -122,7 +176,7 @@ def validate_update(
     only its form is checked. A mean that fails is dropped whole: no member can be singled out."""
     if hasattr(update, "members"):
         update = dataclasses.replace(update, num_examples=1, metrics={})
-        limits = None if sum_noised else limits
+        limits, expect = None if sum_noised else limits, None
     if set(update.tensors) != set(expected):
         missing, extra = set(expected) - set(update.tensors), set(update.tensors) - set(expected)
         return f"wrong tensors (missing {sorted(missing)[:2]}, unexpected {sorted(extra)[:2]})"
@@ -144,6 +198,8 @@ def validate_update(
             return f"{name}: dtype {tensor.dtype} != expected {ref.dtype}"
         if not torch.isfinite(tensor).all():
             return f"{name}: non-finite values (NaN or inf)"
+    if expect is not None and (why := _differs(update, expect)):
+        return why
     if update.rank is not None:
         model_rank = limits.model_rank if limits is not None else reference.rank
         if isinstance(update.rank, bool) or not 1 <= update.rank <= model_rank:
@@ -154,9 +210,36 @@ def validate_update(
         numel = sum(update.tensors[n].numel() for n in expected)
         sent = {n: at_rank(reference.tensors[n], kind_of(n), update.rank).double() for n in expected}
         start_norm = math.sqrt(sum(float(t.pow(2).sum()) for t in sent.values()))
-        bound = limits.bound(update, numel, start_norm)
+        bound = limits.bound(update, numel, start_norm, expect)
         if bound is not None and math.isfinite(bound):
             norm = math.sqrt(sum(float((update.tensors[n].double() - sent[n]).pow(2).sum()) for n in expected))
             if norm > bound:
                 return f"update norm {norm:.4g} > bound {bound:.4g} (federation.update_bound)"
     return None
+
+
+def spec_limits(spec: Spec, plan: LocalTraining) -> UpdateLimits:
+    """The spec's limits on any update: weight, rank, and the norm bound (auto under DP: what an
+    honest DP-SGD client of the spec's optimizer can reach)."""
+    bound = spec.federation.update_bound
+    dp = None
+    if bound == 0 and spec.privacy.enabled:
+        priv, steps = spec.privacy, spec.federation.rounds * plan.steps
+        # no honest client's sigma exceeds the one calibrated at q = 1 (no amplification)
+        sigma_max = calibrate_sigma(priv.epsilon, priv.delta, 1.0, steps, priv.accountant)
+        dp = (plan.local_optimizer, plan.steps, priv.clip, sigma_max)
+    return UpdateLimits(plan.batch_size * plan.steps, spec.model.rank, bound if bound > 0 else None, dp)
+
+
+def expected_reply(spec: Spec, plan: LocalTraining, store: ClientStore | None, cid: int) -> Expected:
+    """What client `cid`'s reply must say, from the spec and the public sizes the server holds
+    (`store`, in-process: all of them; a remote node's size is its own, so under DP its weight must
+    be batch_size x local_steps and its sigma at most the largest honest one)."""
+    dp, rank = spec.privacy.enabled, client_rank(spec.model, cid)
+    if store is None:
+        return Expected(plan.batch_size * plan.steps if dp else None, rank, None, float(plan.batch_size), dp)
+    budget = store.budget(cid)
+    size = (budget.size if budget is not None else 0) or len(store.data[cid])
+    batch = sample_rate(plan.batch_size, size) * size
+    sigma = budget.sigma if budget is not None else None
+    return Expected(max(1, round(batch * plan.steps)), rank, sigma, batch, dp)

@@ -145,6 +145,70 @@ def test_the_dp_bound_holds_for_honest_clients_and_stops_a_scaled_one(tmp_path):
         assert "update norm" in validate_update(attack, list(fed.plan.uploads), state, limits)
 
 
+def _honest_round(**overrides):  # noqa: ANN003, ANN202
+    spec = tiny_spec(
+        **{"federation__rounds": 2, "federation__clients": 4, "federation__clients_per_round": 4,
+           "privacy__epsilon": 8.0, **overrides}
+    )  # fmt: skip
+    fed = Federation.build(spec)
+    state = fed.model.state()
+    return fed, state, fed.executor.run_round(1, [0, 1, 2, 3], state, fed.plan, {c: 10 + c for c in range(4)})
+
+
+def test_a_node_cannot_widen_its_own_bound_by_what_it_reports():
+    """Issue 34.1: the bound was computed from the reply's num_examples and sigma; a node that
+    said num_examples = 1 and left sigma out raised its bound over 200x and an inflated sign flip
+    passed. The round loop's check (Federation._check) now takes both from the server's knowledge
+    and drops a reply whose numbers differ."""
+    fed, state, results = _honest_round()
+    honest = results[0]
+    change = {n: t - state.tensors[n] for n, t in honest.tensors.items()}
+    numel = sum(t.numel() for t in change.values())
+    norm = math.sqrt(sum(float(c.pow(2).sum()) for c in change.values()))
+    own_bound = fed._limits.bound(honest, numel)
+    liar = ClientUpdate(honest.client_id, 1, {}, {k: v for k, v in honest.metrics.items() if k != "sigma"}, honest.rank)
+    inflated_bound = fed._limits.bound(liar, numel)
+    assert inflated_bound > 20 * own_bound  # what the old check would have allowed
+    k = 0.5 * (own_bound + inflated_bound) / norm  # a sign flip inside the lie's bound, outside the honest one
+    liar.tensors = {n: state.tensors[n] - k * c for n, c in change.items()}
+    assert fed._check(honest, state) is None
+    assert "num_examples 1 != " in fed._check(liar, state)
+    liar.num_examples = honest.num_examples  # the weight right, sigma still left out
+    assert "sigma missing" in fed._check(liar, state)
+    liar.metrics["sigma"] = 10 * honest.metrics["sigma"]  # a larger sigma than the server calibrated
+    assert "calibrated for this client" in fed._check(liar, state)
+    liar.metrics["sigma"] = honest.metrics["sigma"]  # every number honest: the norm bound catches it
+    assert "update norm" in fed._check(liar, state)
+
+
+def test_a_remote_node_under_dp_must_report_the_batch_weight_and_a_sigma():
+    """Where the server does not hold a node's size (Flower), under DP the weight must be
+    batch x steps (E[B] = batch) and sigma present; the bound uses at most the largest honest sigma."""
+    from fedpeft.validation import expected_reply
+
+    fed, state, results = _honest_round()
+    expect = expected_reply(fed.spec, fed.plan, None, 0)
+    assert expect.num_examples == fed.plan.batch_size * fed.plan.steps and expect.sigma is None
+    honest = results[0]
+    limits = fed._limits
+    assert validate_update(honest, list(fed.plan.uploads), state, limits, expect=expect) is None
+    small = ClientUpdate(0, 3, honest.tensors, dict(honest.metrics), honest.rank)
+    assert "num_examples 3 != " in validate_update(small, list(fed.plan.uploads), state, limits, expect=expect)
+    nosigma = ClientUpdate(0, honest.num_examples, honest.tensors, {}, honest.rank)
+    assert "sigma missing" in validate_update(nosigma, list(fed.plan.uploads), state, limits, expect=expect)
+
+
+def test_the_rank_is_the_spec_s_not_the_reply_s():
+    """Issue 34.2: a rank-4 client that claims rank 8 (or no rank) with its padding filled was accepted."""
+    fed, state, results = _honest_round(model__rank=8, model__client_ranks="4,8,4,8", privacy__epsilon=math.inf)
+    low = next(u for u in results if u.client_id == 0)
+    assert low.rank == 4 and fed._check(low, state) is None
+    filled = {n: t.clone() + 0.01 for n, t in low.tensors.items()}  # padding past rank 4 no longer zero
+    for claim in (8, None):
+        lie = ClientUpdate(0, low.num_examples, filled, dict(low.metrics), claim)
+        assert f"rank {claim!r} != 4, this client's rank in the spec" in fed._check(lie, state)
+
+
 def test_dp_update_bound_is_at_least_the_noise_it_must_admit():
     # pure noise, no signal: the norm of N(0, S (sigma C)^2 I_d) / E[B] * lr is about lr sigma C sqrt(S d) / E[B]
     g = torch.Generator().manual_seed(0)
