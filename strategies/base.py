@@ -51,17 +51,28 @@ ROBUST = ("mean", "median", "trimmed-mean")
 def combine(updates: list[ClientUpdate], name: str, how: str = "mean", trim: float = 0.2) -> torch.Tensor:
     """One tensor from every client's: the weighted mean (`mean`), or, robust to a few outlying
     clients, the coordinate-wise median (`median`, as Flower's FedMedian: the mean of the two middle
-    values for an even count) or trimmed mean (`trimmed-mean`: drop int(trim * K) values at each
-    end of every coordinate, average the rest, as Flower's FedTrimmedAvg). Robust ones ignore the
-    examples' weights, as Flower's do."""
+    values for an even count) or trimmed mean (`trimmed-mean`: drop `trimmed_count(trim, K)` values
+    at each end of every coordinate, average the rest, as Flower's FedTrimmedAvg, except that a
+    positive trim drops at least one per side). Robust ones ignore the examples' weights, as
+    Flower's do."""
     if how == "mean":
         return weighted_mean(updates, name)
     ordered = torch.stack([u.tensors[name].double() for u in updates]).sort(dim=0).values
     k = len(updates)
     if how == "median":
         return ((ordered[(k - 1) // 2] + ordered[k // 2]) / 2).float()
-    cut = int(trim * k)
+    cut = trimmed_count(trim, k)
     return ordered[cut : k - cut].mean(dim=0).float()
+
+
+def trimmed_count(trim: float, k: int) -> int:
+    """How many of k values a trimmed mean drops at each end: int(trim * k) as scipy's trim_mean,
+    but at least one when trim > 0 (at k = 4 and trim 0.2, int(0.8) = 0 would trim nothing and an
+    attacker would pass untouched), and never so many that nothing is left (k = 2 keeps both: their
+    mean is their median)."""
+    if trim <= 0:
+        return 0
+    return min(max(1, int(trim * k)), (k - 1) // 2)
 
 
 @dataclasses.dataclass(frozen=True)
