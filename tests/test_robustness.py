@@ -110,6 +110,19 @@ def test_any_malformed_reply_is_a_failure_with_a_reason_never_an_exception(reply
     assert (reason is None) == sound, (reason, content)
 
 
+def test_a_refusal_reason_cannot_forge_a_log_line_or_colour_the_terminal():
+    forged = "spent\nround   9: accuracy 1.0000 \x1b[31mALL CLEAR\x1b[0m\r\x00" + "x" * 5000
+    spec = tiny_spec(federation__clients=1, federation__clients_per_round=1)
+    grid = ReplyGrid()
+    grid.content = RecordDict({wire.STATUS: ConfigRecord({wire.REFUSED: json.dumps({"0": forged})})})
+    (result,) = FlowerExecutor(grid, spec, connect_timeout=0).run_round(1, [0], STATE, PLAN, {0: 1})
+    assert isinstance(result, ClientFailure) and result.refused
+    assert result.reason.startswith("spent\\nround   9")  # the newline shown as its escape, on one line
+    assert not any(c in result.reason for c in "\n\r\x1b\x00")
+    assert "\\x1b[31m" in result.reason and len(result.reason) <= 1000
+    assert wire.node_text("plain words: 0.5, ok") == "plain words: 0.5, ok"
+
+
 def test_a_partition_query_without_config_is_ignored_with_a_reason(tmp_path, caplog):
     spec = tiny_spec(federation__rounds=1, federation__clients=2, federation__clients_per_round=2)
     grid = LocalGrid(2)
@@ -260,6 +273,23 @@ def test_robust_aggregation_matches_numpy_and_scipy(name, how):
         assert float(new.tensors[n].abs().max()) < 100  # the attacker did not get through
 
 
+@pytest.mark.parametrize(("k", "cut"), [(2, 0), (3, 1), (4, 1), (5, 1), (9, 1), (10, 2), (20, 4)])
+def test_a_positive_trim_drops_at_least_one_per_side(k, cut):
+    from fedpeft.strategies.base import combine, trimmed_count
+    from scipy.stats import trim_mean
+
+    assert trimmed_count(0.2, k) == cut
+    assert trimmed_count(0.0, k) == 0
+    values = np.arange(1.0, k + 1)
+    values[0] = -1e6  # one attacker far below
+    ups = [ClientUpdate(i, 1, {"x": torch.tensor([v])}) for i, v in enumerate(values)]
+    got = float(combine(ups, "x", "trimmed-mean", 0.2))
+    # against scipy's trim_mean at the proportion that cuts exactly `cut` per side
+    assert got == pytest.approx(trim_mean(values, cut / k), rel=1e-6)
+    if k >= 3:
+        assert got > 0  # the attacker was trimmed even where int(0.2 k) = 0
+
+
 def test_robust_options_are_checked():
     with pytest.raises(ValueError, match="robust must be one of"):
         make_strategy("fedavg", {"robust": "mode"})
@@ -276,6 +306,26 @@ def test_a_second_claim_of_a_partition_is_refused_and_logged(tmp_path, caplog):
     assert all(r["clients"] == [0, 1] for r in result.history)
     assert not [t for nid, t in grid.calls if nid == 200 and t == "train"]
     assert "node 200 claims partition 1, already held by node(s) [101]" in caplog.text
+
+
+def test_a_claim_of_k_of_n_that_disagrees_with_the_federation_s_n_is_refused(tmp_path, caplog):
+    spec = tiny_spec(federation__rounds=1, federation__clients=4, federation__clients_per_round=4)
+    grid = LocalGrid(4)
+    grid.add_node(200, 0, {wire.NUM_PARTITIONS: 1})  # "partition 0 of 1": every client
+    result = Federation.build(spec, executor=FlowerExecutor(grid, spec, connect_timeout=0)).run(tmp_path / "run")
+    assert result.history[0]["clients"] == [0, 1, 2, 3]
+    assert not [t for nid, t in grid.calls if nid == 200 and t == "train"]
+    assert (
+        "node 200 claims to be partition 0 of 1, but the nodes that claimed first make(s) 4 partitions" in caplog.text
+    )
+    # with the operator's map the number of partitions is the map's, whoever connects first
+    bound = tiny_spec(federation__rounds=1, federation__clients=2, federation__clients_per_round=2,
+                      federation__node_ids=(100, 101))  # fmt: skip
+    grid = LocalGrid(2)
+    grid.contexts[100].node_config[wire.NUM_PARTITIONS] = 1  # node 100 claims both clients
+    result = Federation.build(bound, executor=FlowerExecutor(grid, bound, connect_timeout=0)).run(tmp_path / "b")
+    assert result.history[0]["clients"] == [1]
+    assert "node 100 claims to be partition 0 of 1, but federation.node_ids make(s) 2 partitions" in caplog.text
 
 
 def test_node_ids_bind_partitions_to_the_operators_nodes(tmp_path, caplog):

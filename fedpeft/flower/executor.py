@@ -59,6 +59,7 @@ class FlowerExecutor:
         self._asked: set[int] = set()  # node ids already asked for their partition
         self._first = True
         self._ignored: list[str] = []  # why nodes were left out, for the error when none is usable
+        self._partitions: int | None = None  # the num-partitions of the accepted claims (one for all)
 
     # -- node discovery ---------------------------------------------------------------------
     def _discover(self) -> None:
@@ -94,7 +95,7 @@ class FlowerExecutor:
         self._asked.update(node_ids)  # asked once: a node that does not answer is not waited for again
         for nid, reply in self._exchange(messages, timeout=min(self.timeout, 60.0)):
             if reply.has_error():
-                why = f"node {nid} did not say which partition it holds: {reply.error.reason}"
+                why = f"node {nid} did not say which partition it holds: {wire.node_text(reply.error.reason)}"
                 log.warning("%s", why)
                 self._ignored.append(why)
                 continue
@@ -109,6 +110,13 @@ class FlowerExecutor:
             if not 0 <= k < parts <= clients:
                 why = f"node {nid} is partition {k} of {parts}, but the federation has {clients} clients"
                 log.warning("%s; ignored", why)
+                self._ignored.append(why)
+                continue
+            expected = len(bound) if bound else self._partitions
+            if expected is not None and parts != expected:
+                source = "federation.node_ids" if bound else "the nodes that claimed first"
+                why = f"node {nid} claims to be partition {k} of {parts}, but {source} make(s) {expected} partitions"
+                log.warning("%s; refused", why)
                 self._ignored.append(why)
                 continue
             if bound and (k >= len(bound) or bound[k] != nid):
@@ -126,6 +134,7 @@ class FlowerExecutor:
                 continue
             for cid in wire.node_clients(k, parts, clients):
                 self.nodes[cid] = nid
+            self._partitions = parts  # every later claim must divide the clients the same way
 
     # -- one round --------------------------------------------------------------------------
     def run_round(
@@ -235,7 +244,7 @@ class FlowerExecutor:
 
     def _result(self, cid: int, nid: int, reply: Message) -> ClientResult:
         if reply.has_error():
-            return ClientFailure(cid, f"node {nid} failed: {reply.error.reason}")
+            return ClientFailure(cid, f"node {nid} failed: {wire.node_text(reply.error.reason)}")
         return wire.read_train_reply(reply.content, cid, nid)
 
     # -- evaluation of personalised models (FedSA): on the nodes, which hold the personal parts --
@@ -254,7 +263,7 @@ class FlowerExecutor:
         scores = []
         for nid, reply in self._exchange(messages):
             if reply.has_error():
-                log.warning("node %d could not evaluate: %s", nid, reply.error.reason)
+                log.warning("node %d could not evaluate: %s", nid, wire.node_text(reply.error.reason))
                 continue
             scores += wire.read_evaluate_reply(reply.content)
         return scores

@@ -206,6 +206,15 @@ def train_reply(results: list[ClientResult], private: bool) -> RecordDict:
     return content
 
 
+def node_text(text: object, limit: int = 1000) -> str:
+    """A node's own words (a refusal reason, an error), safe to put in the server's log and files:
+    every character that is not printable (a newline, an ANSI escape, a NUL) is written as its
+    escape sequence, so a node cannot forge a log line or colour the terminal; at most `limit`
+    characters are kept."""
+    text = str(text)[: 4 * limit]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)[:limit]
+
+
 def read_train_reply(content: RecordDict, cid: int, nid: int) -> ClientResult:
     """Client `cid`'s result in node `nid`'s reply. Never raises: a reply that is not what
     `train_reply` writes is a ClientFailure saying what is wrong with it."""
@@ -214,7 +223,7 @@ def read_train_reply(content: RecordDict, cid: int, nid: int) -> ClientResult:
     except _Malformed as exc:
         return ClientFailure(cid, f"node {nid} sent a malformed reply: {exc}")
     except Exception as exc:  # a record Flower itself cannot decode
-        return ClientFailure(cid, f"node {nid} sent a malformed reply: {type(exc).__name__}: {str(exc)[:200]}")
+        return ClientFailure(cid, f"node {nid} sent a malformed reply: {type(exc).__name__}: {node_text(exc, 200)}")
 
 
 class _Malformed(ValueError):
@@ -231,7 +240,7 @@ def _read_train_reply(content: RecordDict, cid: int, nid: int) -> ClientResult:
     if not isinstance(refused, dict) or not all(isinstance(v, str) for v in refused.values()):
         raise _Malformed(f"{STATUS}.{REFUSED} is not an object of reasons")
     if str(cid) in refused:
-        return ClientFailure(cid, refused[str(cid)][:1000], refused=True)
+        return ClientFailure(cid, node_text(refused[str(cid)]), refused=True)
     if update_key(cid) not in content:
         return ClientFailure(cid, f"node {nid} sent no update for client {cid}")
     if not isinstance(content[update_key(cid)], ArrayRecord):
@@ -320,7 +329,7 @@ def read_secure_metrics(metrics: dict, clients: list[int]) -> tuple[dict[int, di
             raise ValueError(f"client {cid}'s metrics are not finite numbers")
         if values:
             trained[cid] = {k: float(v) for k, v in values.items() if k != NUM_EXAMPLES}
-    return trained, {int(c): str(r)[:1000] for c, r in refused.items() if int(c) in clients}
+    return trained, {int(c): node_text(r) for c, r in refused.items() if int(c) in clients}
 
 
 # -- evaluate (personalised models, on the nodes that hold them) -----------------------------------
