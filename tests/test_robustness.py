@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from fedpeft.strategies import make_strategy
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -121,6 +121,28 @@ def test_a_refusal_reason_cannot_forge_a_log_line_or_colour_the_terminal():
     assert not any(c in result.reason for c in "\n\r\x1b\x00")
     assert "\\x1b[31m" in result.reason and len(result.reason) <= 1000
     assert wire.node_text("plain words: 0.5, ok") == "plain words: 0.5, ok"
+
+
+def test_an_oversized_tensor_is_refused_before_it_is_decoded(monkeypatch):
+    spec = tiny_spec(federation__clients=1, federation__clients_per_round=1)
+    decoded = []
+    monkeypatch.setattr(wire, "from_record", lambda record: decoded.append(record) or {})
+    inflated = Array(dtype="float32", shape=(3, 2), stype="numpy.ndarray", data=b"\0" * 10**7)  # 10 MB "3 x 2"
+    for tensors, why in [
+        ({**STATE.tensors, "l.lora_A.weight": torch.zeros(2, 3_000_000)}, "shape (2, 3000000) in 24,000,"),
+        ({**STATE.tensors, "l.lora_B.weight": inflated}, "shape (3, 2) in 10,000,000 bytes, expected (3, 2)"),
+        ({**STATE.tensors, "extra": torch.zeros(1)}, "unexpected tensor 'extra'"),
+    ]:
+        grid = ReplyGrid()
+        arrays = {n: t if isinstance(t, Array) else Array(t.contiguous()) for n, t in tensors.items()}
+        grid.content = RecordDict({
+            wire.STATUS: ConfigRecord({wire.REFUSED: "{}"}),
+            wire.update_key(0): ArrayRecord(arrays),
+            wire.metrics_key(0): MetricRecord({wire.NUM_EXAMPLES: 8}),
+        })  # fmt: skip
+        (result,) = FlowerExecutor(grid, spec, connect_timeout=0).run_round(1, [0], STATE, PLAN, {0: 1})
+        assert isinstance(result, ClientFailure) and why in result.reason, result
+    assert decoded == []  # none of them was decoded
 
 
 def test_a_partition_query_without_config_is_ignored_with_a_reason(tmp_path, caplog):

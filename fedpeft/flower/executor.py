@@ -163,10 +163,11 @@ class FlowerExecutor:
             sent = [seeds[c] for c in cids] if not self.spec.privacy.enabled else None
             content = wire.train_message(round_num, cids, self.spec_json, adapter, sent)
             messages.append(Message(content, nid, MessageType.TRAIN, group_id=str(round_num)))
+        shapes = {name: tuple(global_state.tensors[name].shape) for name in plan.uploads}
         for nid, reply in self._exchange(messages):
             for cid in groups.get(nid, []):
                 if cid not in results:
-                    results[cid] = self._result(cid, nid, reply)
+                    results[cid] = self._result(cid, nid, reply, shapes)
                     if on_client is not None:
                         on_client(cid)
         waited = "forever" if math.isinf(self.timeout) else f"{self.timeout:g} s"
@@ -242,10 +243,10 @@ class FlowerExecutor:
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         return [(node_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
 
-    def _result(self, cid: int, nid: int, reply: Message) -> ClientResult:
+    def _result(self, cid: int, nid: int, reply: Message, shapes: dict[str, tuple[int, ...]]) -> ClientResult:
         if reply.has_error():
             return ClientFailure(cid, f"node {nid} failed: {wire.node_text(reply.error.reason)}")
-        return wire.read_train_reply(reply.content, cid, nid)
+        return wire.read_train_reply(reply.content, cid, nid, shapes)
 
     # -- evaluation of personalised models (FedSA): on the nodes, which hold the personal parts --
     def evaluate_personal(

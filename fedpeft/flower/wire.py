@@ -215,11 +215,33 @@ def node_text(text: object, limit: int = 1000) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)[:limit]
 
 
-def read_train_reply(content: RecordDict, cid: int, nid: int) -> ClientResult:
+ARRAY_HEADER_BYTES = 1024  # an Array's bytes beyond its numbers (the .npy header) are far fewer
+
+
+def check_array_sizes(record: ArrayRecord, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Before a reply's arrays are decoded: every name one the server expects, of the expected shape,
+    and no more bytes than that many float64 numbers and a header; _Malformed otherwise. A node that
+    sends a 1 GB tensor is then dropped without the copies that decoding makes."""
+    for name in record.keys():
+        if name not in shapes:
+            raise _Malformed(f"unexpected tensor {node_text(name, 80)!r}")
+        array = record[name]
+        numel = math.prod(shapes[name])
+        if tuple(array.shape) != shapes[name] or len(array.data) > 8 * numel + ARRAY_HEADER_BYTES:
+            raise _Malformed(
+                f"{name}: shape {tuple(array.shape)} in {len(array.data):,} bytes, expected {shapes[name]} "
+                f"in at most {8 * numel + ARRAY_HEADER_BYTES:,}"
+            )
+
+
+def read_train_reply(
+    content: RecordDict, cid: int, nid: int, shapes: dict[str, tuple[int, ...]] | None = None
+) -> ClientResult:
     """Client `cid`'s result in node `nid`'s reply. Never raises: a reply that is not what
-    `train_reply` writes is a ClientFailure saying what is wrong with it."""
+    `train_reply` writes is a ClientFailure saying what is wrong with it. `shapes`: the uploads the
+    server expects, checked before any array is decoded."""
     try:
-        return _read_train_reply(content, cid, nid)
+        return _read_train_reply(content, cid, nid, shapes)
     except _Malformed as exc:
         return ClientFailure(cid, f"node {nid} sent a malformed reply: {exc}")
     except Exception as exc:  # a record Flower itself cannot decode
@@ -230,7 +252,9 @@ class _Malformed(ValueError):
     pass
 
 
-def _read_train_reply(content: RecordDict, cid: int, nid: int) -> ClientResult:
+def _read_train_reply(
+    content: RecordDict, cid: int, nid: int, shapes: dict[str, tuple[int, ...]] | None
+) -> ClientResult:
     if STATUS not in content or not isinstance(content[STATUS], ConfigRecord) or REFUSED not in content[STATUS]:
         raise _Malformed(f"no {STATUS}.{REFUSED}")
     try:
@@ -257,6 +281,8 @@ def _read_train_reply(content: RecordDict, cid: int, nid: int) -> ClientResult:
     rank = metrics.pop(RANK, None)
     if rank is not None and not isinstance(rank, int):
         raise _Malformed(f"{metrics_key(cid)}.{RANK} = {rank!r} is not an integer")
+    if shapes is not None:
+        check_array_sizes(content[update_key(cid)], shapes)
     return ClientUpdate(cid, num_examples, from_record(content[update_key(cid)]), metrics, rank)
 
 
