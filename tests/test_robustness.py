@@ -26,6 +26,7 @@ from fedpeft.federation import Federation
 from fedpeft.flower import wire
 from fedpeft.flower.executor import FlowerExecutor
 from fedpeft.flower.local import LocalGrid, pushed
+from fedpeft.flower.untrusted import node_text
 from fedpeft.state import AdapterState, ClientUpdate
 from fedpeft.validation import UpdateLimits, dp_update_bound, validate_update
 from tests.conftest import tiny_spec
@@ -120,7 +121,7 @@ def test_a_refusal_reason_cannot_forge_a_log_line_or_colour_the_terminal():
     assert result.reason.startswith("spent\\nround   9")  # the newline shown as its escape, on one line
     assert not any(c in result.reason for c in "\n\r\x1b\x00")
     assert "\\x1b[31m" in result.reason and len(result.reason) <= 1000
-    assert wire.node_text("plain words: 0.5, ok") == "plain words: 0.5, ok"
+    assert node_text("plain words: 0.5, ok") == "plain words: 0.5, ok"
 
 
 def test_an_oversized_tensor_is_refused_before_it_is_decoded(monkeypatch):

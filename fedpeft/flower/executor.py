@@ -28,6 +28,7 @@ from fedpeft.client import LocalTraining
 from fedpeft.config import ConfigError, Spec
 from fedpeft.executors.base import ClientFailure, ClientResult, Scores, SecureSum
 from fedpeft.flower import secagg, wire
+from fedpeft.flower.untrusted import Shapes, node_text
 from fedpeft.privacy.client_level import AGGREGATE_ID
 from fedpeft.state import AdapterState
 
@@ -95,7 +96,7 @@ class FlowerExecutor:
         self._asked.update(node_ids)  # asked once: a node that does not answer is not waited for again
         for nid, reply in self._exchange(messages, timeout=min(self.timeout, 60.0)):
             if reply.has_error():
-                why = f"node {nid} did not say which partition it holds: {wire.node_text(reply.error.reason)}"
+                why = f"node {nid} did not say which partition it holds: {node_text(reply.error.reason)}"
                 log.warning("%s", why)
                 self._ignored.append(why)
                 continue
@@ -243,9 +244,9 @@ class FlowerExecutor:
         node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         return [(node_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
 
-    def _result(self, cid: int, nid: int, reply: Message, shapes: dict[str, tuple[int, ...]]) -> ClientResult:
+    def _result(self, cid: int, nid: int, reply: Message, shapes: Shapes) -> ClientResult:
         if reply.has_error():
-            return ClientFailure(cid, f"node {nid} failed: {wire.node_text(reply.error.reason)}")
+            return ClientFailure(cid, f"node {nid} failed: {node_text(reply.error.reason)}")
         return wire.read_train_reply(reply.content, cid, nid, shapes)
 
     # -- evaluation of personalised models (FedSA): on the nodes, which hold the personal parts --
@@ -264,7 +265,7 @@ class FlowerExecutor:
         scores = []
         for nid, reply in self._exchange(messages):
             if reply.has_error():
-                log.warning("node %d could not evaluate: %s", nid, wire.node_text(reply.error.reason))
+                log.warning("node %d could not evaluate: %s", nid, node_text(reply.error.reason))
                 continue
             scores += wire.read_evaluate_reply(reply.content)
         return scores

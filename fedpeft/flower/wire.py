@@ -36,6 +36,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from fedpeft.config import Spec
 from fedpeft.executors.base import ClientFailure, ClientResult
+from fedpeft.flower.untrusted import Shapes, array_size_error, node_text
 from fedpeft.state import ClientUpdate
 
 __all__ = [
@@ -92,11 +93,8 @@ REPLY_FIELDS: dict[str, tuple[str, str]] = {
         "under distributed client-level DP clipped and noised too), quantised and masked: uniform without the masks"),
     "query:config.partition-id": (PUBLIC, "the node's partition: its node config, which the operator sets"),
     "query:config.num-partitions": (PUBLIC, "how many partitions: node config"),
-    "evaluate:metrics.<c>.accuracy": (
-        DP_OUTPUT,
-        "the personalised model (global adapter + the client's kept tensors, trained by DP-SGD) on the "
-        "server's public test split: post-processing of DP output",
-    ),
+    "evaluate:metrics.<c>.accuracy": (DP_OUTPUT, "the personalised model (global adapter + the client's kept "
+        "tensors, trained by DP-SGD) on the server's public test split: post-processing of DP output"),
     "evaluate:metrics.<c>.loss": (DP_OUTPUT, "as evaluate:metrics.<c>.accuracy"),
 }
 # fmt: on
@@ -206,40 +204,9 @@ def train_reply(results: list[ClientResult], private: bool) -> RecordDict:
     return content
 
 
-def node_text(text: object, limit: int = 1000) -> str:
-    """A node's own words (a refusal reason, an error), safe to put in the server's log and files:
-    every character that is not printable (a newline, an ANSI escape, a NUL) is written as its
-    escape sequence, so a node cannot forge a log line or colour the terminal; at most `limit`
-    characters are kept."""
-    text = str(text)[: 4 * limit]
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)[:limit]
-
-
-ARRAY_HEADER_BYTES = 1024  # an Array's bytes beyond its numbers (the .npy header) are far fewer
-
-
-def check_array_sizes(record: ArrayRecord, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Before a reply's arrays are decoded: every name one the server expects, of the expected shape,
-    and no more bytes than that many float64 numbers and a header; _Malformed otherwise. A node that
-    sends a 1 GB tensor is then dropped without the copies that decoding makes."""
-    for name in record.keys():
-        if name not in shapes:
-            raise _Malformed(f"unexpected tensor {node_text(name, 80)!r}")
-        array = record[name]
-        numel = math.prod(shapes[name])
-        if tuple(array.shape) != shapes[name] or len(array.data) > 8 * numel + ARRAY_HEADER_BYTES:
-            raise _Malformed(
-                f"{name}: shape {tuple(array.shape)} in {len(array.data):,} bytes, expected {shapes[name]} "
-                f"in at most {8 * numel + ARRAY_HEADER_BYTES:,}"
-            )
-
-
-def read_train_reply(
-    content: RecordDict, cid: int, nid: int, shapes: dict[str, tuple[int, ...]] | None = None
-) -> ClientResult:
-    """Client `cid`'s result in node `nid`'s reply. Never raises: a reply that is not what
-    `train_reply` writes is a ClientFailure saying what is wrong with it. `shapes`: the uploads the
-    server expects, checked before any array is decoded."""
+def read_train_reply(content: RecordDict, cid: int, nid: int, shapes: Shapes | None = None) -> ClientResult:
+    """Client `cid`'s result in node `nid`'s reply; a ClientFailure saying what is wrong with a reply
+    that is not what `train_reply` writes (`shapes`: the expected uploads, checked before decoding)."""
     try:
         return _read_train_reply(content, cid, nid, shapes)
     except _Malformed as exc:
@@ -252,9 +219,7 @@ class _Malformed(ValueError):
     pass
 
 
-def _read_train_reply(
-    content: RecordDict, cid: int, nid: int, shapes: dict[str, tuple[int, ...]] | None
-) -> ClientResult:
+def _read_train_reply(content: RecordDict, cid: int, nid: int, shapes: Shapes | None) -> ClientResult:
     if STATUS not in content or not isinstance(content[STATUS], ConfigRecord) or REFUSED not in content[STATUS]:
         raise _Malformed(f"no {STATUS}.{REFUSED}")
     try:
@@ -281,8 +246,8 @@ def _read_train_reply(
     rank = metrics.pop(RANK, None)
     if rank is not None and not isinstance(rank, int):
         raise _Malformed(f"{metrics_key(cid)}.{RANK} = {rank!r} is not an integer")
-    if shapes is not None:
-        check_array_sizes(content[update_key(cid)], shapes)
+    if shapes is not None and (why := array_size_error(content[update_key(cid)], shapes)):
+        raise _Malformed(why)
     return ClientUpdate(cid, num_examples, from_record(content[update_key(cid)]), metrics, rank)
 
 
