@@ -3,7 +3,7 @@
 A LocalGrid delivers the server's messages to the real ClientApp in this process, one Flower
 Context per node (what a SuperNode keeps between messages), so these tests exercise the same
 message encoding, node state and failure handling as a deployment, in seconds. The slow tests in
-test_flower_runtime.py run the same app through Flower's own runtimes.
+test_flower_simulation.py and test_flower_deployment.py run the same app through Flower's own runtimes.
 """
 
 from __future__ import annotations
