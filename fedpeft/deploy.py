@@ -12,6 +12,7 @@ import datetime
 import ipaddress
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -115,6 +116,17 @@ def make_certs(
     return Certificates(out / "ca.crt", out / "server.pem", out / "server.key", tuple(node_keys))
 
 
+NODE_IDS = "federation.node_ids"
+
+
+def registered_node_id(output: str) -> int:
+    """The node id in what `flwr supernode register --format json` printed."""
+    match = re.search(r'"node-id":\s*(\d+)', output) or re.search(r"SuperNode (\d+) registered", output)
+    if match is None:
+        raise RuntimeError(f"no node id in the output of flwr supernode register:\n{output[-2000:]}")
+    return int(match.group(1))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -203,7 +215,9 @@ class LocalDeployment:
 
     Node k gets `--node-config "partition-id=k num-partitions=N state-dir=<dir>/node-k"`: its own
     data partition and a disk for its privacy ledger. `flwr` commands run with FLWR_HOME=<dir>/flwr,
-    whose config.toml names this SuperLink as the connection `fedpeft-local`.
+    whose config.toml names this SuperLink as the connection `fedpeft-local`. The node ids the
+    SuperLink gives at registration are kept (`node_ids`) and every run is bound to them
+    (federation.node_ids): a node that connects first cannot take another's partition.
     """
 
     directory: Path
@@ -211,6 +225,7 @@ class LocalDeployment:
     port: int = 0
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     certs: Certificates | None = None
+    node_ids: list[int] = field(default_factory=list)  # node k's id, given by the SuperLink at registration
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory).resolve()
@@ -251,7 +266,9 @@ class LocalDeployment:
         )  # fmt: skip
         self._wait_for_superlink(timeout)
         for k in range(self.nodes):
-            self.flwr(["supernode", "register", str(self.certs.node_keys[k].with_suffix(".pub")), "fedpeft-local"])
+            public = str(self.certs.node_keys[k].with_suffix(".pub"))
+            done = self.flwr(["supernode", "register", public, "fedpeft-local", "--format", "json"])
+            self.node_ids.append(registered_node_id(done.stdout + done.stderr))
         for k in range(self.nodes):
             self.start_node(k)
 
@@ -296,6 +313,10 @@ class LocalDeployment:
         return result
 
     def run_command(self, app: str | Path, run_config: str) -> list[str]:
+        """`flwr run` of `run_config` (fedpeft.deploy.run_config_arg), bound to this deployment's nodes
+        unless it names federation.node_ids itself."""
+        if self.node_ids and f'{NODE_IDS}=""' in run_config:
+            run_config = run_config.replace(f'{NODE_IDS}=""', f'{NODE_IDS}="{",".join(map(str, self.node_ids))}"')
         return [_bin("flwr"), "run", str(app), "fedpeft-local", "--stream", "--run-config", run_config]
 
     def run(

@@ -351,6 +351,30 @@ def test_a_claim_of_k_of_n_that_disagrees_with_the_federation_s_n_is_refused(tmp
     assert "node 100 claims to be partition 0 of 1, but federation.node_ids make(s) 2 partitions" in caplog.text
 
 
+def test_a_deployment_without_node_ids_is_warned_about_and_the_helper_binds_its_nodes():
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    from fedpeft.deploy import LocalDeployment, registered_node_id, run_config_arg
+    from fedpeft.flower.server_app import unbound_warning
+
+    deployed = HttpGrid.__new__(HttpGrid)  # the SuperLink's grid, unconnected
+    assert "UNBOUND PARTITIONS" in unbound_warning(deployed, tiny_spec())
+    bound = tiny_spec(federation__clients=2, federation__clients_per_round=2, federation__node_ids=(7, 9))
+    assert unbound_warning(deployed, bound) is None
+    assert unbound_warning(LocalGrid(2), tiny_spec()) is None  # the simulation's grids: no warning
+    printed = "SuperNode 4242 registered successfully.\n" + json.dumps({"success": True, "node-id": 4242})
+    assert registered_node_id(printed) == 4242
+    with pytest.raises(RuntimeError, match="no node id"):
+        registered_node_id("SuperNode couldn't be registered.")
+    dep = LocalDeployment.__new__(LocalDeployment)
+    dep.node_ids = [11, 22]
+    spec = tiny_spec(federation__clients=2, federation__clients_per_round=2)
+    command = dep.run_command("app", run_config_arg(spec, "out"))
+    assert 'federation.node_ids="11,22"' in command[-1] and 'federation.node_ids=""' not in command[-1]
+    own = run_config_arg(spec.with_flat({"federation.node_ids": "5,6"}), "out")
+    assert dep.run_command("app", own)[-1] == own  # a run that binds its own nodes keeps its map
+
+
 def test_node_ids_bind_partitions_to_the_operators_nodes(tmp_path, caplog):
     spec = tiny_spec(federation__rounds=1, federation__clients=2, federation__clients_per_round=2,
                      federation__node_ids=(100, 555))  # fmt: skip

@@ -16,6 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.catalog import check_names
+from fedpeft.config import Spec
 from fedpeft.federation import Callbacks, Federation
 from fedpeft.flower.environment import runtime_install_warning
 from fedpeft.flower.executor import FlowerExecutor
@@ -52,6 +53,20 @@ def _show_progress() -> None:
         log.propagate = False
 
 
+def unbound_warning(grid: Grid, spec: Spec) -> str | None:
+    """A deployment (the SuperLink's grid, not the simulation's in-memory one) whose partitions no
+    federation.node_ids binds: any registered node may claim any partition, first come first served."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    if spec.federation.node_ids or not isinstance(grid, HttpGrid):
+        return None
+    return (
+        "UNBOUND PARTITIONS: federation.node_ids is not set, so the first node to claim a partition holds it; "
+        "node authentication proves a node is registered, not which data it should hold. Set "
+        "federation.node_ids = [id of partition 0, ...] (the ids `flwr supernode register` printed)"
+    )
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _show_progress()
@@ -59,6 +74,8 @@ def main(grid: Grid, context: Context) -> None:
         log.warning(warning)
     spec = spec_from_run_config(context.run_config, default_spec())
     check_names(spec)
+    if warning := unbound_warning(grid, spec):
+        log.warning(warning)
     out = Path(str(context.run_config.get("out") or f"runs/{spec.name}-flwr-{context.run_id}")).resolve()
     if has_checkpoint(out):
         raise FileExistsError(f"{out} already holds a run; choose another out")
