@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -35,8 +37,6 @@ def tiny_spec(**overrides) -> Spec:
 @pytest.fixture(autouse=True, scope="session")
 def _accounting_cache(tmp_path_factory):
     """Accounting results are cached on disk (fedpeft.privacy.cache): one fresh cache per test session."""
-    import os
-
     os.environ["FEDPEFT_CACHE_DIR"] = str(tmp_path_factory.mktemp("accounting-cache"))
     yield
 
@@ -52,3 +52,23 @@ def _node_state(tmp_path, monkeypatch):
 def _threads():
     torch.set_num_threads(1)  # tests compare floats: keep reductions in one thread's order
     yield
+
+
+# The processes the tests start (SuperLink, SuperNodes, ClientApps, Ray workers) use one thread each
+# as well: the suites run on several workers, and two cores shared by many threads spend their time
+# switching between them.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+# The slowest files first (loadfile schedules a file's tests on one worker, in the order files first
+# appear): when both suites run at once (`-m "slow or not slow"`, as CI does), the long end-to-end
+# tests start at once and the short ones fill the cores around them.
+SLOWEST_FIRST = ("test_quickstart.py", "test_audit.py", "test_flower_deployment.py", "test_flower_simulation.py")
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ANN201
+    def rank(item):  # noqa: ANN001, ANN202
+        name = item.path.name
+        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file's own order is kept
