@@ -1,7 +1,9 @@
 """Where each arm of a comparison lands between its floor and its ceiling, per budget.
 
-The floor of a seed is its spec's model before round 1 (every adapter at its untrained start, the
-head as `model.head_init` sets it) on that seed's test split; the ceiling is a sweep of centralised
+The floor of a seed is the better of its spec's model before round 1 (every adapter at its untrained
+start, the head as `model.head_init` sets it) and the majority class, on that seed's test split (a
+random head can start below the majority class: an arm that only learns to say the majority class
+has closed none of the gap); the ceiling is a sweep of centralised
 runs on the same seeds (one client holding the union of the clients' data; the same test split).
 For every arm and budget: the final accuracy, the mean over the last 3 rounds, and the fraction of
 the gap closed, (last-3 - floor) / (ceiling last-3 - floor), per seed, then mean and 95% CI.
@@ -26,12 +28,13 @@ from fedpeft.spec_io import load_spec
 
 
 def floors(spec_path: str, seeds: list[int]) -> dict[int, float]:
-    """Each seed's accuracy before round 1."""
+    """Each seed's floor: the better of its accuracy before round 1 and its majority class rate."""
     spec = load_spec(spec_path)
     out = {}
     for seed in seeds:
         parts = build_parts(spec.with_flat({"federation.seed": seed}))
-        out[seed] = evaluate(parts.model, parts.model.state(), parts.data.test, spec.train.eval_batch_size)["accuracy"]
+        before = evaluate(parts.model, parts.model.state(), parts.data.test, spec.train.eval_batch_size)["accuracy"]
+        out[seed] = max(before, parts.data.majority_rate)
     return out
 
 
@@ -46,7 +49,7 @@ def table(grid: list[dict], floor: dict[int, float], ceiling: dict[int, float], 
     strategies, targets = _order(grid)
     seeds = sorted(set(floor) & set(ceiling))
     lines = [
-        f"Floor (before round 1) {_pm([floor[s] for s in seeds])}%, ceiling (centralised, last 3 rounds) "
+        f"Floor (before round 1, or the majority class if higher) {_pm([floor[s] for s in seeds])}%, ceiling (centralised, last 3 rounds) "
         f"{_pm([ceiling[s] for s in seeds])}% (final {_pm([ceiling_final[s] for s in seeds])}%), over seeds "
         f"{seeds}; gap {_pm([ceiling[s] - floor[s] for s in seeds])} points.",
         "",

@@ -54,12 +54,6 @@ def _threads():
     yield
 
 
-# The processes the tests start (SuperLink, SuperNodes, ClientApps, Ray workers) use one thread each
-# as well: the suites run on several workers, and two cores shared by many threads spend their time
-# switching between them.
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
-
 # The slowest files first (loadfile schedules a file's tests on one worker, in the order files first
 # appear): when both suites run at once (`-m "slow or not slow"`, as CI does), the long end-to-end
 # tests start at once and the short ones fill the cores around them.

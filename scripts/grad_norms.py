@@ -1,0 +1,63 @@
+"""Per-example gradient norms at the start of training, per arm: what DP-SGD's clipping bound C is
+compared with. A C far above them leaves every example unclipped and the noise (sigma C per step)
+far above the signal; a C near their median is the usual choice.
+
+    .venv/bin/python scripts/grad_norms.py SPEC.toml ARM [ARM ...] [--seed 99] [--examples 64]
+
+An ARM is a strategy, or strategy+family (fedavg+core). Each example's gradient is computed alone
+(a batch of one) on the tensors the arm trains, from the spec's untrained start, on client 0's data;
+the table gives the number of trained values and the norms' 10th, 50th and 90th percentiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+
+def arm_norms(spec_path: str, arm: str, seed: int, examples: int) -> tuple[int, list[float]]:
+    from fedpeft.adapters import logits_of
+    from fedpeft.build import build_parts
+    from fedpeft.client import example_loss
+    from fedpeft.spec_io import load_spec
+
+    strategy, _, family = arm.partition("+")
+    flat = {"strategy.name": strategy, "federation.seed": seed} | ({"model.adapter": family} if family else {})
+    parts = build_parts(load_spec(spec_path).with_flat(flat))
+    model = parts.model
+    model.load(model.state())
+    model.set_trainable(set(parts.plan.trains))
+    params = list(model.trainable_named().values())
+    data = parts.data.clients[0]
+    model.module.train()
+    norms = []
+    for i in range(min(examples, len(data))):
+        input_ids, mask, labels = data.batch(torch.tensor([i]))
+        for p in params:
+            p.grad = None
+        example_loss(logits_of(model.module(input_ids=input_ids, attention_mask=mask)), labels).backward()
+        norms.append(float(torch.sqrt(sum((p.grad**2).sum() for p in params if p.grad is not None))))
+    return sum(p.numel() for p in params), sorted(norms)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("spec")
+    parser.add_argument("arms", nargs="+")
+    parser.add_argument("--seed", type=int, default=99)
+    parser.add_argument("--examples", type=int, default=64)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print("| arm | trained values | p10 | median | p90 |\n|---|---:|---:|---:|---:|")
+    for arm in args.arms:
+        count, norms = arm_norms(args.spec, arm, args.seed, args.examples)
+        p10, p90 = norms[len(norms) // 10], norms[(9 * len(norms)) // 10]
+        print(f"| {arm} | {count:,} | {p10:.4f} | {statistics.median(norms):.4f} | {p90:.4f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
