@@ -55,8 +55,8 @@ def _threads():
 
 
 # The slowest files first (loadfile schedules a file's tests on one worker, in the order files first
-# appear): when both suites run at once (`-m "slow or not slow"`, as CI does), the long end-to-end
-# tests start at once and the short ones fill the cores around them.
+# appear; pyproject turns off xdist's reordering by size, which sent the one-test quickstart file last):
+# the long end-to-end tests start at once and the short ones fill the cores around them.
 SLOWEST_FIRST = ("test_quickstart.py", "test_audit.py", "test_flower_deployment.py", "test_flower_simulation.py")
 
 
