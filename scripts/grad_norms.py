@@ -50,10 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=99)
     parser.add_argument("--examples", type=int, default=64)
     args = parser.parse_args(argv)
+    if args.examples < 1:
+        parser.error("--examples must be >= 1")
     torch.set_num_threads(1)
     print("| arm | trained values | p10 | median | p90 |\n|---|---:|---:|---:|---:|")
     for arm in args.arms:
-        count, norms = arm_norms(args.spec, arm, args.seed, args.examples)
+        try:
+            count, norms = arm_norms(args.spec, arm, args.seed, args.examples)
+        except ValueError as exc:  # a missing spec, an unknown strategy or family, an impossible pair
+            print(f"grad_norms: {arm}: {exc}", file=sys.stderr)
+            return 2
         p10, p90 = norms[len(norms) // 10], norms[(9 * len(norms)) // 10]
         print(f"| {arm} | {count:,} | {p10:.4f} | {statistics.median(norms):.4f} | {p90:.4f} |", flush=True)
     return 0
