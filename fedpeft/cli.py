@@ -236,6 +236,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_ledger(args: argparse.Namespace) -> int:
+    from fedpeft.flower.lifetime import ledger_command
+    from fedpeft.flower.node import default_state_dir
+
+    return ledger_command(Path(args.state_dir) if args.state_dir else default_state_dir(), args.reset)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpeft", description="Federated, differentially private LoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -292,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--file", help="also label each non-empty line of FILE (- for stdin)")
     pre.add_argument("--tsv", action="store_true", help="tab-separated: label, probability, text (or prompt, answer)")
     pre.set_defaults(func=cmd_predict)
+
+    node = sub.add_parser("node", help="a Flower node's own records").add_subparsers(dest="what", required=True)
+    led = node.add_parser("ledger", help="each data's lifetime epsilon on this node, and the runs that spent it")
+    led.add_argument("--state-dir", help="the node's state-dir (default: $FEDPEFT_STATE_DIR or the per-user one)")
+    led.add_argument("--reset", metavar="DATA", help="retire DATA's entry (a data file, or a key as listed): audited")
+    led.set_defaults(func=cmd_node_ledger)
 
     lst = sub.add_parser("list", help="list registered models, datasets, strategies and adapter families")
     lst.set_defaults(func=cmd_list)

@@ -17,23 +17,26 @@ node config:
                   partition of the spec's bundled dataset
   public-size     with data-file under DP (required there): the dataset size the node declares
                   public; q, sigma and the aggregation weight are computed from it (docs/privacy.md)
-  max-epsilon     the node's privacy policy: it refuses a spec asking for a larger epsilon
-  max-delta       ... or a larger delta
-  allow-no-dp     false: it refuses a spec with privacy off (default true)
+  max-epsilon     the node's privacy policy (fedpeft.flower.policy): the most epsilon each of its
+                  data may spend over its lifetime, all runs composed (fedpeft.flower.lifetime);
+                  a spec asking more for one run is refused at once
+  max-delta       ... and the largest delta it trains at
+  allow-no-dp     false: it refuses a spec with privacy off
+                  Defaults: with data-file, 10 / 1 over public-size / false; without, inf / 1 / true
 
 Between rounds the node keeps each client's ledger, the tensors its strategy keeps locally
 (FedSA's B) and, with train.optimizer_state = keep, its optimizer state, in Flower's node state
 (context.state) and on disk; none of them is ever sent. Ledgers are written before the
 updates leave the node: a reply that is lost never under-counts privacy spent. A saved ledger is
 the record: the node keeps spending with its sigma and q (whatever the spec or the data say now),
-never above its target, lowered to a spec's smaller one.
+never above its target, lowered to a spec's smaller one. Beside them the node's lifetime ledger
+composes every run's spending on each of its data; a refusal tells the server a category only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +52,14 @@ from fedpeft.data import TokenizedData, load_file, tokenize
 from fedpeft.executors.base import ClientFailure, ClientResult, InProcess
 from fedpeft.flower import wire
 from fedpeft.flower.environment import runtime_install_warning
+from fedpeft.flower.lifetime import DataKey, Lifetime, LifetimeRefusal, bundled_key, file_key
+from fedpeft.flower.policy import DATA_FILE, POLICY, PUBLIC_SIZE, Policy, refusal_category
 from fedpeft.optim import OptimizerState
 from fedpeft.privacy.accounting import ClientBudget
 from fedpeft.runfiles import atomic_write
 from fedpeft.state import AdapterState
 
-__all__ = ["ClientRecords", "Node", "Policy", "Worker", "default_state_dir", "partition"]
+__all__ = ["ClientRecords", "Node", "Policy", "Worker", "default_state_dir", "partition"]  # Policy: flower.policy
 
 log = logging.getLogger("fedpeft")
 
@@ -62,8 +67,6 @@ LEDGER = "fedpeft.ledger.{}"  # per client: ConfigRecord in context.state, {"bud
 PERSONAL = "fedpeft.personal.{}"  # per client: ArrayRecord in context.state
 OPTIMIZER = "fedpeft.optimizer.{}"  # per client: ArrayRecord in context.state, "tensor|key" -> state tensor
 STATE_DIR = "state-dir"
-DATA_FILE = "data-file"
-PUBLIC_SIZE = "public-size"
 
 
 def default_state_dir() -> Path:
@@ -71,41 +74,6 @@ def default_state_dir() -> Path:
     if env := os.environ.get("FEDPEFT_STATE_DIR"):
         return Path(env)
     return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "fedpeft"
-
-
-def _flag(value: object) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes")
-    return bool(value)
-
-
-@dataclass(frozen=True)
-class Policy:
-    """The node's own privacy floor (node config): the server can ask, it cannot go below this."""
-
-    max_epsilon: float = math.inf
-    max_delta: float = 1.0
-    allow_no_dp: bool = True
-
-    @classmethod
-    def of(cls, context: Context) -> Policy:
-        config = context.node_config
-        return cls(
-            float(config.get("max-epsilon", math.inf)),
-            float(config.get("max-delta", 1.0)),
-            _flag(config.get("allow-no-dp", True)),
-        )
-
-    def violation(self, spec: Spec) -> str | None:
-        """Why this node refuses `spec`, or None."""
-        priv = spec.privacy
-        if not priv.enabled:
-            return None if self.allow_no_dp else "node policy: refuses to train without DP (allow-no-dp=false)"
-        if priv.epsilon > self.max_epsilon:
-            return f"node policy: spec asks epsilon {priv.epsilon:g} > this node's max-epsilon {self.max_epsilon:g}"
-        if priv.delta > self.max_delta:
-            return f"node policy: spec asks delta {priv.delta:g} > this node's max-delta {self.max_delta:g}"
-        return None
 
 
 def partition_id(context: Context) -> int:
@@ -136,8 +104,8 @@ class ClientRecords:
         self.context = context
         self.cid = cid
         state_dir = context.node_config.get(STATE_DIR)
-        root = Path(str(state_dir)) if state_dir else (default_state_dir() if private else None)
-        self.dir = root / f"run-{context.run_id}" if root is not None else None
+        self.root = Path(str(state_dir)) if state_dir else (default_state_dir() if private else None)
+        self.dir = self.root / f"run-{context.run_id}" if self.root is not None else None
 
     def _file(self, suffix: str) -> Path:
         assert self.dir is not None
@@ -205,6 +173,8 @@ class Worker:
     model: AdaptedModel
     files: dict[str, TokenizedData] = field(default_factory=dict)  # data-file -> its examples
     warned: set[tuple[int, int, int]] = field(default_factory=set)
+    keys: dict[str, DataKey] = field(default_factory=dict)  # data-file -> its lifetime key, hashed as loaded
+    seen: dict[str, tuple | None] = field(default_factory=dict)  # data-file -> (mtime, size) when loaded
 
     @classmethod
     def build(cls, spec: Spec) -> Worker:
@@ -216,10 +186,20 @@ class Worker:
         return cls(spec, parts.data.test, parts.plan, template, executor, parts.data.label_names, parts.model)
 
     def data_file(self, path: str) -> TokenizedData:
-        if path not in self.files:
+        """The node's data file, tokenized; read again (and hashed again) when it changed on disk."""
+        stat = Path(path).stat() if Path(path).is_file() else None
+        seen = (stat.st_mtime_ns, stat.st_size) if stat else None
+        if path not in self.files or self.seen.get(path) != seen:
             raw = load_file(path, self.label_names)
             self.files[path] = tokenize(raw, self.model.tokenizer, self.spec.model.max_length)
+            self.keys[path], self.seen[path] = file_key(path), seen
         return self.files[path]
+
+    def data_key(self, context: Context, cid: int) -> DataKey:
+        """Which data client `cid` trains on, for the node's lifetime ledger."""
+        if DATA_FILE in context.node_config:
+            return self.keys[str(context.node_config[DATA_FILE])]
+        return bundled_key(self.spec, cid)
 
     def public_size(self, context: Context, cid: int, data: TokenizedData | None) -> int:
         """The size client `cid` declares public: its bundled partition's (derived from the spec),
@@ -248,12 +228,13 @@ class Worker:
         if saved is None:
             return client_budget(spec, cid, self.public_size(context, cid, data))
         if (saved.delta, saved.accountant) != (priv.delta, priv.accountant):
-            return ClientFailure(
+            log.warning(
+                "client %d refused: %s",
                 cid,
                 f"client {cid}'s ledger is kept at delta {saved.delta:g} ({saved.accountant}); the spec asks "
                 f"delta {priv.delta:g} ({priv.accountant}): refused",
-                refused=True,
             )
+            return ClientFailure(cid, POLICY, refused=True)
         if priv.epsilon < saved.target_epsilon:
             saved.target_epsilon = priv.epsilon
         return saved
@@ -273,6 +254,7 @@ class Node:
 
     def __init__(self) -> None:
         self._worker: tuple[str, Worker] | None = None
+        self._announced: set[Policy] = set()
 
     def worker(self, spec_json: str) -> Worker:
         if self._worker is None or self._worker[0] != spec_json:
@@ -292,13 +274,20 @@ class Node:
         if not set(request.clients) <= set(mine):
             strays = sorted(set(request.clients) - set(mine))
             raise ConfigError(f"message for clients {strays} reached a node holding {mine}")
-        if (why := Policy.of(context).violation(spec)) is not None:
-            return [ClientFailure(cid, why, refused=True) for cid in request.clients]
+        policy = Policy.of(context)
+        if policy not in self._announced:  # once per policy: the operator sees what the node enforces
+            self._announced.add(policy)
+            log.info(policy.describe())
+        if (why := policy.violation(spec)) is not None:
+            log.warning("clients %s refused: %s", request.clients, why)
+            return [ClientFailure(cid, POLICY, refused=True) for cid in request.clients]
         data = worker.own_data(context, request.clients, mine)
         records = {cid: ClientRecords(context, cid, spec.privacy.enabled) for cid in request.clients}
         failed: dict[int, ClientResult] = {}
         for cid, rec in records.items():  # its ledger so far, or a new one on its public size
             budget = worker.budget(context, cid, rec.budget(), data[cid]) if spec.privacy.enabled else None
+            if budget is not None and not isinstance(budget, ClientFailure):
+                budget = self._reserve(worker, context, rec, budget, policy)
             if isinstance(budget, ClientFailure):
                 failed[cid] = budget
                 continue
@@ -310,9 +299,37 @@ class Node:
             trained = worker.executor.run_round(request.round, training, start, plan, seeds) if training else []
         finally:
             for cid in training:  # ledgers hit the disk before any update leaves the node
-                records[cid].save(*store.release(cid))
+                budget, personal, optimizer = store.release(cid)
+                records[cid].save(budget, personal, optimizer)
+                if budget is not None and records[cid].root is not None:
+                    lifetime = Lifetime(records[cid].root)
+                    lifetime.settle(worker.data_key(context, cid), str(context.run_id), budget.history,
+                                    budget.delta, budget.accountant)  # fmt: skip
         results = {r.client_id: r for r in trained} | failed
+        for cid, result in results.items():  # the server reads a category; the details stay in this log
+            if (
+                isinstance(result, ClientFailure)
+                and result.refused
+                and result.reason != refusal_category(result.reason)
+            ):
+                log.warning("client %d refused: %s", cid, result.reason)
+                results[cid] = ClientFailure(cid, refusal_category(result.reason), refused=True)
         return [results[cid] for cid in request.clients]
+
+    @staticmethod
+    def _reserve(worker: Worker, context: Context, rec: ClientRecords, budget: ClientBudget, policy: Policy):  # noqa: ANN205
+        """`budget`, once the node's lifetime ledger holds this round's steps on the client's data; a
+        ClientFailure where the data's lifetime epsilon would pass max-epsilon or its file changed."""
+        if rec.root is None:
+            return budget
+        history = list(budget.history_after(worker.plan.steps))
+        key, run = worker.data_key(context, rec.cid), str(context.run_id)
+        try:
+            Lifetime(rec.root).reserve(key, run, history, budget.delta, budget.accountant, policy.max_epsilon)
+        except LifetimeRefusal as refusal:
+            log.warning("client %d refused: %s", rec.cid, refusal)
+            return ClientFailure(rec.cid, refusal.category, refused=True)
+        return budget
 
     def evaluate(self, spec_json: str, adapter: dict[str, torch.Tensor], context: Context) -> dict[int, dict]:
         """The global adapter with each of this node's clients' kept tensors, on the federation's test

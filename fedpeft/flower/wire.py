@@ -36,6 +36,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from fedpeft.config import Spec
 from fedpeft.executors.base import ClientFailure, ClientResult
+from fedpeft.flower.policy import refusal_category
 from fedpeft.flower.untrusted import Shapes, array_size_error, node_text
 from fedpeft.state import ClientUpdate
 
@@ -77,8 +78,7 @@ REPLY_FIELDS: dict[str, tuple[str, str]] = {
     "metrics.<c>.sigma": (PUBLIC, "calibrated from the spec and the client's public size"),
     "metrics.<c>.num_examples": (PUBLIC, "the aggregation weight q * public size * steps"),
     "metrics.<c>.rank": (PUBLIC, "the client's LoRA rank, from the spec's model.client_ranks"),
-    "status.refused": (PUBLIC, "clients that did not train and why: the budget check (a function of the public "
-                       "ledger) or the node's policy, which the node states"),
+    "status.refused": (PUBLIC, "clients that did not train and why: a fixed category (policy.REFUSALS), never a number"),
     "metrics.<c>.train_loss": (NON_PRIVATE, "mean loss on the sampled batches: a statistic of the private data"),
     "metrics.<c>.examples_seen": (NON_PRIVATE, "how many examples the Poisson samples drew: private"),
     "metrics.<c>.seconds": (NON_PRIVATE, "the client's training time: a timing channel"),
@@ -193,7 +193,7 @@ def train_reply(results: list[ClientResult], private: bool) -> RecordDict:
     for result in results:
         cid = result.client_id
         if isinstance(result, ClientFailure):
-            refused[str(cid)] = result.reason
+            refused[str(cid)] = refusal_category(result.reason) if result.refused else result.reason
             continue
         metrics = _leaving_metrics(result, private)
         if result.rank is not None:
@@ -297,7 +297,7 @@ def secure_reply(mean: list[torch.Tensor], weight: int, results: list[ClientResu
     refused = {}
     for result in results:
         if isinstance(result, ClientFailure):
-            refused[str(result.client_id)] = result.reason
+            refused[str(result.client_id)] = refusal_category(result.reason) if result.refused else result.reason
             continue
         values = _leaving_metrics(result, private)
         metrics.update({f"{metrics_key(result.client_id)}.{k}": v for k, v in values.items()})

@@ -183,6 +183,10 @@ class ClientBudget:
             history.append((self.sigma, self.q, steps))
         return tuple(history)
 
+    def history_after(self, steps: int) -> tuple[Entry, ...]:
+        """The ledger's history with `steps` more steps at its sigma and q."""
+        return self._with(steps)
+
     @property
     def steps(self) -> int:
         return sum(n for _, _, n in self.history)

@@ -169,8 +169,11 @@ def audit(
             _write_data(path, texts, labels, with_canary)
         for trial in range(2 * trials):
             with_canary = bool(trial % 2)  # interleaved, so drift cannot masquerade as a difference
+            # each trial is its own world: its own state dir (no lifetime ledger across trials), and
+            # the policy of a node that may train without DP (the control) and without a lifetime cap
             config = {wire.PARTITION_ID: 0, wire.NUM_PARTITIONS: 1, "data-file": str(files[with_canary]),
-                      "public-size": size, "state-dir": str(Path(tmp) / "ledgers")}  # fmt: skip
+                      "public-size": size, "state-dir": str(Path(tmp) / f"ledgers-{trial}"),
+                      "allow-no-dp": "true", "max-epsilon": math.inf}  # fmt: skip
             context = Context(run_id=trial, node_id=1, node_config=config, state=RecordDict(), run_config={})
             message = pushed(Message(wire.train_message(1, [0], spec_json, adapter, [trial]), 1, MessageType.TRAIN))
             reply = app(message, context)

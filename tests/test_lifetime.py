@@ -1,0 +1,161 @@
+"""A node's privacy budget over its data's lifetime (issue 31): every run on the same data composes,
+against Opacus's accountant by hand; secure defaults for a node with its own data; refusals that
+tell the server a category only; a ledger two processes cannot race."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import warnings
+from pathlib import Path
+
+import pytest
+
+from fedpeft.build import client_budget
+from fedpeft.cli import main as cli
+from fedpeft.executors.base import ClientFailure
+from fedpeft.federation import Federation
+from fedpeft.flower import wire
+from fedpeft.flower.executor import FlowerExecutor
+from fedpeft.flower.lifetime import AUDIT_FILE, DataKey, Lifetime, LifetimeRefusal
+from fedpeft.flower.local import LocalGrid
+from fedpeft.flower.policy import BUDGET, POLICY, REAL_MAX_EPSILON, REFUSALS
+from tests.conftest import tiny_spec
+
+
+def _by_hand(history: list[tuple[float, float, int]], delta: float) -> float:
+    """Opacus's PRV accountant on the composed history (the steps of each (sigma, q) summed: the
+    same mechanism composed n times), without fedpeft's accounting code."""
+    from opacus.accountants import PRVAccountant
+
+    total: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        total[(s, q)] = total.get((s, q), 0) + n
+    acc = PRVAccountant()
+    acc.history = [(s, q, n) for (s, q), n in total.items()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(acc.get_epsilon(delta=delta))
+
+
+def _run(spec, out: Path, state: Path, run_id: int, config: dict | None = None):  # noqa: ANN001, ANN202
+    """One Flower run against nodes whose process is new (fresh contexts) and whose disk is `state`."""
+    grid = LocalGrid(spec.federation.clients, state_dir=state, run_id=run_id, node_config=config)
+    return Federation.build(spec, executor=FlowerExecutor(grid, spec, connect_timeout=0)).run(out)
+
+
+def test_three_runs_compose_and_the_third_stops_exactly_where_the_lifetime_total_would_pass(tmp_path):
+    spec = tiny_spec(federation__rounds=3, federation__clients=2, federation__clients_per_round=2, privacy__epsilon=2.0)
+    sizes = [len(c) for c in Federation.build(spec).data.clients]
+    steps, delta = spec.train.local_steps, spec.privacy.delta
+    mech = [(b.sigma, b.q) for b in (client_budget(spec, c, sizes[c]) for c in range(2))]
+    one_run = [[(s, q, steps)] * 3 for s, q in mech]  # per client: a whole run, round by round
+    # max-epsilon halfway between "two runs + one round" and "two runs + two rounds", for the tighter client
+    after = [[_by_hand(2 * one_run[c] + one_run[c][:k], delta) for k in (1, 2)] for c in range(2)]
+    limit = min((a + b) / 2 for a, b in after)
+    assert all(_by_hand(2 * one_run[c], delta) < limit for c in range(2))  # two whole runs fit
+    config = {"max-epsilon": limit}
+    state = tmp_path / "node"
+    first = _run(spec, tmp_path / "r1", state, 1, config)
+    second = _run(spec, tmp_path / "r2", state, 2, config)
+    assert [r["clients"] for r in first.history + second.history] == [[0, 1]] * 6
+    third = _run(spec, tmp_path / "r3", state, 3, config)
+    # each client trains while its composed lifetime total stays within the limit, not a round more
+    for c in range(2):
+        rounds_trained = sum(c in r["clients"] for r in third.history)
+        expected = max(k for k in range(4) if _by_hand(2 * one_run[c] + one_run[c][:k], delta) <= limit)
+        assert rounds_trained == expected
+        assert all(r["dropped"][str(c)] == BUDGET for r in third.history[expected:])
+    assert min(sum(c in r["clients"] for r in third.history) for c in range(2)) == 1
+    fourth = _run(spec, tmp_path / "r4", state, 4, config)
+    assert all(r["clients"] == [] for r in fourth.history)
+    assert all(why == BUDGET for r in fourth.history for why in r["dropped"].values())
+    # the node's ledger reports the composed total, equal to the accountant by hand
+    rows = {row["key"]: row for row in Lifetime(state).table()}
+    for c in range(2):
+        (row,) = [r for key, r in rows.items() if f":client-{c}:" in key]
+        trained = 6 + sum(c in r["clients"] for r in third.history)
+        assert row["epsilon"] == pytest.approx(_by_hand([(mech[c][0], mech[c][1], steps)] * trained, delta), rel=1e-6)
+        assert row["epsilon"] <= limit
+        assert sorted(row["runs"]) == ["1", "2", "3"]  # the fourth was refused before it spent anything
+
+
+def test_a_node_with_its_own_data_refuses_no_dp_and_stops_at_its_default_lifetime_epsilon(tmp_path, caplog):
+    caplog.set_level("INFO", logger="fedpeft")
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"text": f"fine {i}", "label": i % 2}) + "\n" for i in range(40)))
+    own = {"data-file": str(path), "public-size": 40}
+    spec = tiny_spec(federation__rounds=1, federation__clients=2, federation__clients_per_round=2)
+    grid = LocalGrid(2, state_dir=tmp_path / "node")
+    grid.contexts[101].node_config.update(own)
+    nodp = spec.with_flat({"privacy.epsilon": float("inf")})
+    result = Federation.build(nodp, executor=FlowerExecutor(grid, nodp, connect_timeout=0)).run(tmp_path / "nodp")
+    assert result.history[0]["clients"] == [0]  # the simulation default still runs; the real node refuses
+    assert result.history[0]["dropped"] == {"1": POLICY}
+    assert "allow-no-dp false" in caplog.text and f"max-epsilon {REAL_MAX_EPSILON:g}" in caplog.text
+    over = spec.with_flat({"privacy.epsilon": REAL_MAX_EPSILON + 1})
+    result = Federation.build(over, executor=FlowerExecutor(grid, over, connect_timeout=0)).run(tmp_path / "over")
+    assert result.history[0]["dropped"] == {"1": POLICY}
+
+
+def test_changed_data_is_refused_until_the_operator_resets_its_entry(tmp_path, capsys):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"text": f"fine {i}", "label": i % 2}) + "\n" for i in range(40)))
+    spec = tiny_spec(federation__rounds=1, federation__clients=2, federation__clients_per_round=2, privacy__epsilon=3.0)
+    state = tmp_path / "node"
+    own = {"data-file": str(path), "public-size": 40}
+
+    def run(name: str, run_id: int):  # noqa: ANN202
+        grid = LocalGrid(2, state_dir=state, run_id=run_id)
+        grid.contexts[101].node_config.update(own)
+        return Federation.build(spec, executor=FlowerExecutor(grid, spec, connect_timeout=0)).run(tmp_path / name)
+
+    assert run("a", 1).history[0]["clients"] == [0, 1]
+    path.write_text(path.read_text() + json.dumps({"text": "new", "label": 1}) + "\n")
+    assert run("b", 2).history[0]["dropped"] == {"1": POLICY}
+    assert cli(["node", "ledger", "--state-dir", str(state)]) == 0
+    listed = capsys.readouterr().out
+    assert f"file:{path.resolve()}" in listed and "run 1" in listed
+    assert cli(["node", "ledger", "--state-dir", str(state), "--reset", str(path)]) == 0
+    assert f"reset file:{path.resolve()}" in (state / AUDIT_FILE).read_text()
+    assert run("c", 3).history[0]["clients"] == [0, 1]
+    assert cli(["node", "ledger", "--state-dir", str(state), "--reset", str(tmp_path / "nothing")]) == 2
+    assert "no lifetime entry" in capsys.readouterr().err
+
+
+def test_refusal_reasons_leave_a_node_as_categories_only():
+    failures = [
+        ClientFailure(
+            0, "client 0 refuses to train: 5 more steps would spend epsilon 4.261 > its budget 4", refused=True
+        ),
+        ClientFailure(1, POLICY, refused=True),
+    ]
+    sent = json.loads(str(wire.train_reply(failures, private=True)[wire.STATUS][wire.REFUSED]))
+    assert sent == {"0": BUDGET, "1": POLICY} and set(sent.values()) <= set(REFUSALS)
+
+
+def _spend(root: str, name: str, attempts: int, limit: float, out) -> None:  # noqa: ANN001
+    ledger, done = Lifetime(Path(root)), 0
+    for i in range(attempts):
+        try:
+            ledger.reserve(DataKey("bundled:x"), f"{name}-{i}", [(1.0, 0.1, 20)], 1e-5, "prv", limit)
+            done += 1
+        except LifetimeRefusal:
+            pass
+    out.put(done)
+
+
+def test_two_processes_cannot_race_the_ledger_past_its_limit(tmp_path):
+    one = _by_hand([(1.0, 0.1, 20)], 1e-5)
+    limit = (_by_hand([(1.0, 0.1, 20 * 5)], 1e-5) + _by_hand([(1.0, 0.1, 20 * 6)], 1e-5)) / 2  # room for 5 runs
+    assert one < limit
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_spend, args=(str(tmp_path), name, 6, limit, out)) for name in ("p", "q")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    granted = out.get(timeout=5) + out.get(timeout=5)
+    book = Lifetime(tmp_path).read()
+    assert granted == 5 == len(book["data"]["bundled:x"]["runs"])  # no reservation lost, none past the limit
