@@ -226,6 +226,7 @@ class LocalDeployment:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     certs: Certificates | None = None
     node_ids: list[int] = field(default_factory=list)  # node k's id, given by the SuperLink at registration
+    node_config: str = ""  # more node config for every node, e.g. 'max-epsilon=6' (its privacy policy)
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory).resolve()
@@ -280,7 +281,7 @@ class LocalDeployment:
             [
                 _bin("flower-supernode"), "--superlink", self.address, "--root-certificates", str(self.certs.ca),
                 "--auth-supernode-private-key", str(self.certs.node_keys[k]), "--port", str(free_port()),
-                "--node-config", f'partition-id={k} num-partitions={self.nodes} state-dir="{state}"',
+                "--node-config", f'partition-id={k} num-partitions={self.nodes} state-dir="{state}" {self.node_config}'.strip(),
             ],
         )  # fmt: skip
 

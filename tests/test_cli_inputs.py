@@ -72,6 +72,17 @@ def test_out_naming_a_file_and_a_report_of_broken_summaries(tmp_path, capsys):
     _one_line_error(*_answer(["report", str(tmp_path / "sweep")], capsys), "is not readable JSON")
 
 
+def test_node_ledger_on_a_missing_dir_or_a_torn_ledger(tmp_path, capsys):
+    _one_line_error(*_answer(["node", "ledger", "--state-dir", str(tmp_path / "none")], capsys), "no node state there")
+    assert not (tmp_path / "none").exists()
+    (tmp_path / "lifetime.json").write_text("{torn")
+    _one_line_error(*_answer(["node", "ledger", "--state-dir", str(tmp_path)], capsys), "is not a lifetime ledger")
+    _one_line_error(
+        *_answer(["node", "ledger", "--state-dir", str(tmp_path), "--reset", "x"], capsys), "not a lifetime"
+    )
+    assert (tmp_path / "lifetime.json").read_text() == "{torn"  # never rewritten
+
+
 def test_report_with_an_unknown_baseline_writes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["simulate", *TINY, "--out", str(out)]) == 0

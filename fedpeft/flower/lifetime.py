@@ -208,6 +208,8 @@ class Lifetime:
 
 def ledger_command(root: Path, reset: str | None) -> int:
     """`fedpeft node ledger`: each data's lifetime epsilon and the runs that spent it; or --reset."""
+    if not Path(root).is_dir():
+        raise ConfigError(f"{root} is not a directory: no node state there (--state-dir names the node's state-dir)")
     ledger = Lifetime(root)
     if reset is not None:
         entry = ledger.reset(reset)

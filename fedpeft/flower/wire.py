@@ -9,7 +9,7 @@ One RecordDict per message:
                             config (ConfigRecord: round, clients, spec JSON; seeds only with privacy
                             off: under DP a node draws its clients' batches and noise in secret)
   node -> server  train     update.<c> (ArrayRecord) and metrics.<c> (MetricRecord) per client that
-                            trained; status (ConfigRecord: refused = JSON {client: reason})
+                            trained; status (ConfigRecord: refused = JSON {client: category})
   server -> node  evaluate  adapter, config (spec JSON)
   node -> server  evaluate  metrics.<c> (MetricRecord) per client with a personalised model
 
