@@ -5,7 +5,10 @@ Two rules, each fixed before its grid runs:
 - default (comparison v2, issue 15): the lr with the best average over all cells, for every strategy;
 - `--per-arm` (comparison v3, issue 30: the papers tune each method): for each arm (strategy, or
   strategy+family) and budget, the lr with the best last-3 accuracy; ties go to the smaller lr.
-  Printed as the `sweep.lrs` entries (ARM@EPSILON=LR) of the grid.
+  Printed as the `sweep.lrs` entries (ARM@EPSILON=LR) of the grid. An arm whose pick is the grid's
+  largest lr is extended: an lr-X/ directory holding only some arms is an extension, its cells
+  compete with the rest of their arm's row, and the pick says so; every arm must have every lr of
+  the base grid (the directories that hold all arms).
 
     .venv/bin/python scripts/pick_lr.py docs/results/fedsvd-comparison-pilot [--out pilot.md]
     .venv/bin/python scripts/pick_lr.py docs/results/fedsvd-comparison-v3/pilot --per-arm --out pilot.md
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _per_arm(table: dict[float, dict[str, tuple]], cells: list[str], lines: list[str], out: str | None) -> int:
     """The v3 rule: per cell (arm x budget), the lr with the best last-3 accuracy, ties to the smaller."""
-    missing = [c for c in cells if any(c not in row for row in table.values())]
+    base = [lr for lr, row in table.items() if set(row) == set(cells)]
+    missing = [c for c in cells if any(c not in table[lr] for lr in base)] if base else cells
     if missing:
         print("\n".join(lines))
         print(f"cells not finished at every lr: {missing}", file=sys.stderr)
@@ -77,8 +81,11 @@ def _per_arm(table: dict[float, dict[str, tuple]], cells: list[str], lines: list
     entries, chosen = [], []
     for cell in cells:
         arm, _, eps = cell.partition(" ε=")
-        best = max(sorted(table), key=lambda lr: (round(table[lr][cell][0], 6), -lr))
-        chosen.append(f"| {arm} | {eps} | {best:g} | {100 * table[best][cell][0]:.1f} |")
+        row = [lr for lr in sorted(table) if cell in table[lr]]
+        best = max(row, key=lambda lr: (round(table[lr][cell][0], 6), -lr))
+        note = " (extension)" if best not in base else ""
+        note += " (top of its row: extend)" if best == row[-1] else ""
+        chosen.append(f"| {arm} | {eps} | {best:g}{note} | {100 * table[best][cell][0]:.1f} |")
         entries.append(f"{arm}@{eps}={best:g}")
     lines += ["", "Chosen per arm and budget (best last-3 accuracy; ties to the smaller lr):", "",
               "| arm | ε | lr | last-3 accuracy (%) |", "|---|---:|---:|---:|", *chosen,

@@ -53,7 +53,7 @@ from fedpeft.executors.base import ClientFailure, ClientResult, InProcess
 from fedpeft.flower import wire
 from fedpeft.flower.environment import runtime_install_warning
 from fedpeft.flower.lifetime import DataKey, Lifetime, LifetimeRefusal, bundled_key, file_key
-from fedpeft.flower.policy import DATA_FILE, POLICY, PUBLIC_SIZE, Policy, refusal_category
+from fedpeft.flower.policy import DATA_FILE, POLICY, PUBLIC_SIZE, REFUSALS, Policy, refusal_category
 from fedpeft.optim import OptimizerState
 from fedpeft.privacy.accounting import ClientBudget
 from fedpeft.runfiles import atomic_write
@@ -275,9 +275,9 @@ class Node:
             strays = sorted(set(request.clients) - set(mine))
             raise ConfigError(f"message for clients {strays} reached a node holding {mine}")
         policy = Policy.of(context)
-        if policy not in self._announced:  # once per policy: the operator sees what the node enforces
+        if policy not in self._announced:  # once per policy: a real node's operator sees what it enforces
             self._announced.add(policy)
-            log.info(policy.describe())
+            log.log(logging.WARNING if policy.own_data else logging.INFO, policy.describe())
         if (why := policy.violation(spec)) is not None:
             log.warning("clients %s refused: %s", request.clients, why)
             return [ClientFailure(cid, POLICY, refused=True) for cid in request.clients]
@@ -307,11 +307,7 @@ class Node:
                                     budget.delta, budget.accountant)  # fmt: skip
         results = {r.client_id: r for r in trained} | failed
         for cid, result in results.items():  # the server reads a category; the details stay in this log
-            if (
-                isinstance(result, ClientFailure)
-                and result.refused
-                and result.reason != refusal_category(result.reason)
-            ):
+            if isinstance(result, ClientFailure) and result.refused and result.reason not in REFUSALS:
                 log.warning("client %d refused: %s", cid, result.reason)
                 results[cid] = ClientFailure(cid, refusal_category(result.reason), refused=True)
         return [results[cid] for cid in request.clients]
