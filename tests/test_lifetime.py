@@ -14,7 +14,7 @@ import pytest
 from fedpeft.build import client_budget
 from fedpeft.cli import main as cli
 from fedpeft.executors.base import ClientFailure
-from fedpeft.federation import Federation
+from fedpeft.federation import Callbacks, Federation
 from fedpeft.flower import wire
 from fedpeft.flower.executor import FlowerExecutor
 from fedpeft.flower.lifetime import AUDIT_FILE, DataKey, Lifetime, LifetimeRefusal
@@ -38,13 +38,22 @@ def _by_hand(history: list[tuple[float, float, int]], delta: float) -> float:
         return float(acc.get_epsilon(delta=delta))
 
 
-def _run(spec, out: Path, state: Path, run_id: int, config: dict | None = None):  # noqa: ANN001, ANN202
-    """One Flower run against nodes whose process is new (fresh contexts) and whose disk is `state`."""
+def _run(spec, out: Path, state: Path, run_id: int, config: dict | None = None, restart: bool = False):  # noqa: ANN001, ANN202
+    """One Flower run against nodes whose process is new (fresh contexts) and whose disk is `state`;
+    with `restart`, every node restarts again after each round."""
     grid = LocalGrid(spec.federation.clients, state_dir=state, run_id=run_id, node_config=config)
-    return Federation.build(spec, executor=FlowerExecutor(grid, spec, connect_timeout=0)).run(out)
+
+    def restart_all(record: dict) -> None:
+        for nid in list(grid.contexts):
+            grid.restart(nid)
+
+    callbacks = Callbacks(on_round_end=restart_all) if restart else None
+    return Federation.build(spec, executor=FlowerExecutor(grid, spec, connect_timeout=0)).run(out, callbacks=callbacks)
 
 
 def test_three_runs_compose_and_the_third_stops_exactly_where_the_lifetime_total_would_pass(tmp_path):
+    """Every run starts on restarted nodes (fresh Flower contexts, the same disk), and the nodes restart
+    again after each round of the third: only the disk carries the lifetime ledger."""
     spec = tiny_spec(federation__rounds=3, federation__clients=2, federation__clients_per_round=2, privacy__epsilon=2.0)
     sizes = [len(c) for c in Federation.build(spec).data.clients]
     steps, delta = spec.train.local_steps, spec.privacy.delta
@@ -59,7 +68,7 @@ def test_three_runs_compose_and_the_third_stops_exactly_where_the_lifetime_total
     first = _run(spec, tmp_path / "r1", state, 1, config)
     second = _run(spec, tmp_path / "r2", state, 2, config)
     assert [r["clients"] for r in first.history + second.history] == [[0, 1]] * 6
-    third = _run(spec, tmp_path / "r3", state, 3, config)
+    third = _run(spec, tmp_path / "r3", state, 3, config, restart=True)  # nodes restarted after every round
     # each client trains while its composed lifetime total stays within the limit, not a round more
     for c in range(2):
         rounds_trained = sum(c in r["clients"] for r in third.history)
