@@ -50,14 +50,15 @@ def federation_run(spec, out: Path) -> tuple[float, dict[str, float]]:  # noqa: 
     import fedpeft.build as build
     import fedpeft.federation as federation
     import fedpeft.privacy.accounting as accounting
+    import fedpeft.runfiles as runfiles
     from fedpeft.adapters import AdaptedModel
     from fedpeft.plots import plot_run
 
     phases: dict[str, float] = defaultdict(float)
-    originals = (build.client_budget, federation.save_checkpoint, federation.write_rounds, AdaptedModel.export)
+    originals = (build.client_budget, runfiles.save_checkpoint, runfiles.write_rounds, AdaptedModel.export)
     build.client_budget = _timed(phases, "calibration", build.client_budget)
-    federation.save_checkpoint = _timed(phases, "checkpoint", federation.save_checkpoint)
-    federation.write_rounds = _timed(phases, "checkpoint", federation.write_rounds)
+    runfiles.save_checkpoint = _timed(phases, "checkpoint", runfiles.save_checkpoint)
+    runfiles.write_rounds = _timed(phases, "checkpoint", runfiles.write_rounds)
     AdaptedModel.export = _timed(phases, "export", AdaptedModel.export)
     accounting.epsilon.cache_clear()
     accounting.calibrate_sigma.cache_clear()
@@ -83,7 +84,7 @@ def federation_run(spec, out: Path) -> tuple[float, dict[str, float]]:  # noqa: 
         )
         total = time.process_time() - tic
     finally:
-        build.client_budget, federation.save_checkpoint, federation.write_rounds, AdaptedModel.export = originals
+        build.client_budget, runfiles.save_checkpoint, runfiles.write_rounds, AdaptedModel.export = originals
         opacus.GradSampleModule, opacus.optimizers.DPOptimizer, module.to_standard_module = module, optimizer, unwrap
     phases["other"] = total - sum(phases.values())
     phases["  of training: Opacus wrap+unwrap"] = wrap["wrap"]  # already in training, not in the sum
