@@ -7,8 +7,8 @@ Two rules, each fixed before its grid runs:
   strategy+family) and budget, the lr with the best last-3 accuracy; ties go to the smaller lr.
   Printed as the `sweep.lrs` entries (ARM@EPSILON=LR) of the grid. An arm whose pick is the grid's
   largest lr is extended: an lr-X/ directory holding only some arms is an extension, its cells
-  compete with the rest of their arm's row, and the pick says so; every arm must have every lr of
-  the base grid (the directories that hold all arms).
+  compete with the rest of their arm's row, and the pick says so. Only lrs above every complete
+  one can be extensions: an incomplete directory below that is an unfinished sweep, an error.
 
     .venv/bin/python scripts/pick_lr.py docs/results/fedsvd-comparison-pilot [--out pilot.md]
     .venv/bin/python scripts/pick_lr.py docs/results/fedsvd-comparison-v3/pilot --per-arm --out pilot.md
@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
 def _per_arm(table: dict[float, dict[str, tuple]], cells: list[str], lines: list[str], out: str | None) -> int:
     """The v3 rule: per cell (arm x budget), the lr with the best last-3 accuracy, ties to the smaller."""
     base = [lr for lr, row in table.items() if set(row) == set(cells)]
-    missing = [c for c in cells if any(c not in table[lr] for lr in base)] if base else cells
+    # an incomplete lr counts as an extension only above every complete one (the rule extends the
+    # top); one at or below it is an unfinished sweep of the base grid
+    top = max(base, default=-1.0)
+    missing = sorted({c for lr, row in table.items() if lr <= top for c in cells if c not in row}) if base else cells
     if missing:
         print("\n".join(lines))
         print(f"cells not finished at every lr: {missing}", file=sys.stderr)

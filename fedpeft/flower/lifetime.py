@@ -65,7 +65,7 @@ def bundled_key(spec: Spec, cid: int) -> DataKey:
     """Client `cid`'s partition of the spec's bundled dataset: what decides its rows."""
     data = spec.data
     params = json.dumps(
-        {"data": {k: v for k, v in vars(data).items()}, "clients": spec.federation.clients, "seed": spec.federation.seed},
+        {"data": vars(data), "clients": spec.federation.clients, "seed": spec.federation.seed},
         sort_keys=True, default=str,
     )  # fmt: skip
     return DataKey(f"bundled:{data.name}:client-{cid}:{hashlib.sha256(params.encode()).hexdigest()[:16]}")

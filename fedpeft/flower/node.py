@@ -53,7 +53,7 @@ from fedpeft.executors.base import ClientFailure, ClientResult, InProcess
 from fedpeft.flower import wire
 from fedpeft.flower.environment import runtime_install_warning
 from fedpeft.flower.lifetime import DataKey, Lifetime, LifetimeRefusal, bundled_key, file_key
-from fedpeft.flower.policy import DATA_FILE, POLICY, PUBLIC_SIZE, REFUSALS, Policy, refusal_category
+from fedpeft.flower.policy import DATA_FILE, POLICY, PUBLIC_SIZE, REFUSALS, Policy
 from fedpeft.optim import OptimizerState
 from fedpeft.privacy.accounting import ClientBudget
 from fedpeft.runfiles import atomic_write
@@ -306,10 +306,9 @@ class Node:
                     lifetime.settle(worker.data_key(context, cid), str(context.run_id), budget.history,
                                     budget.delta, budget.accountant)  # fmt: skip
         results = {r.client_id: r for r in trained} | failed
-        for cid, result in results.items():  # the server reads a category; the details stay in this log
+        for cid, result in results.items():  # the details stay in this log; wire sends the category only
             if isinstance(result, ClientFailure) and result.refused and result.reason not in REFUSALS:
                 log.warning("client %d refused: %s", cid, result.reason)
-                results[cid] = ClientFailure(cid, refusal_category(result.reason), refused=True)
         return [results[cid] for cid in request.clients]
 
     @staticmethod
