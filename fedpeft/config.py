@@ -63,19 +63,24 @@ class FederationConfig:
         "largest accepted norm of a client's change (its upload - what it was sent); larger ones are "
         "dropped. 0 = auto: under DP the most an honest DP-SGD client can move, without DP none; inf = off"
     ))  # fmt: skip
-    node_ids: tuple[int, ...] = field(
-        default=(),
-        metadata={
-            "help": "Flower: the node id bound to each partition-id k (the operator's map, [id of node 0, ...]); "
-            "a node claiming a partition bound to another id is refused. Empty: any node, one per partition",
-            "item": int,
-        },
-    )
+    outlier_norm: float = field(default=0.0, metadata=_help(
+        "drop an update whose change norm per unit of its DP noise (sigma sqrt(numbers sent)) is above N x the "
+        "round's median (3+ updates, not under secagg); 0 = auto: 1.5 under DP, off without; inf = off"
+    ))  # fmt: skip
+    continues: int = field(default=0, metadata=_help(
+        "Flower: the run id whose node-side state (ledgers, kept tensors) this run continues; 0: its own. "
+        "The ServerApp sets it: its run id, or on resume the run's first"
+    ))  # fmt: skip
+    node_ids: tuple[int, ...] = field(default=(), metadata={"item": int, "help": (
+        "Flower: the node id bound to each partition-id k (the operator's map, [id of node 0, ...]); "
+        "a node claiming a partition bound to another id is refused. Empty: any node, one per partition"
+    )})  # fmt: skip
 
     def __post_init__(self) -> None:
         _require(self.eval_every >= 1, f"federation.eval_every must be >= 1 (got {self.eval_every})")
         _require(self.eval_subset >= 0, f"federation.eval_subset must be >= 0 (got {self.eval_subset})")
         _require(self.update_bound >= 0, f"federation.update_bound must be >= 0 (got {self.update_bound})")
+        _require(self.outlier_norm == 0 or self.outlier_norm > 1, f"federation.outlier_norm must be 0 or > 1 (got {self.outlier_norm})")  # fmt: skip
         _require(self.timeout > 0, f"federation.timeout must be > 0 seconds (got {self.timeout})")
         _require(self.rounds >= 1, f"federation.rounds must be >= 1 (got {self.rounds})")
         _require(self.clients >= 1, f"federation.clients must be >= 1 (got {self.clients})")
@@ -90,6 +95,7 @@ class FederationConfig:
             f"(got {self.min_clients})",
         )
         _require(self.seed >= 0, f"federation.seed must be >= 0 (got {self.seed})")
+        _require(self.continues >= 0, f"federation.continues must be >= 0 (got {self.continues})")
         _require(self.cohort_chunk >= 0, f"federation.cohort_chunk must be >= 0 (got {self.cohort_chunk})")
         _require(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
@@ -112,16 +118,10 @@ class ModelConfig:
         "unit-norm embeddings of the label names) or public (logistic regression on the base encoder's "
         "features of the server's data.public_size examples); all three use no client's data"
     ))  # fmt: skip
-    adapter: str = field(
-        default="lora", metadata=_help("adapter family: lora, or svd | core | paca (linear; `fedpeft list`)")
-    )
-    client_ranks: tuple[int, ...] = field(
-        default=(),
-        metadata={
-            "help": "per-client LoRA ranks <= rank, cycled over clients (e.g. [2, 4, 8]); empty = all rank",
-            "item": int,
-        },
-    )
+    adapter: str = field(default="lora", metadata=_help("adapter family: lora, or svd | core | paca (`fedpeft list`)"))
+    client_ranks: tuple[int, ...] = field(default=(), metadata={"item": int, "help": (
+        "per-client LoRA ranks <= rank, cycled over clients (e.g. [2, 4, 8]); empty = all rank"
+    )})  # fmt: skip
     layers: int = field(default=0, metadata=_help("keep only the first N encoder layers; 0 = all"))
     max_length: int = field(default=64, metadata=_help("tokens per example (longer are truncated)"))
 
@@ -243,7 +243,7 @@ class TrainConfig:
         "reset: fresh every round (stateless clients, as in the papers) | keep: each client keeps its momentum or "
         "moments between its rounds, on its node, never sent"
     ))  # fmt: skip
-    eval_batch_size: int = field(default=256, metadata=_help("batch size of server evaluation"))
+    eval_batch_size: int = field(default=64, metadata=_help("server evaluation's batch size (of similar lengths)"))
 
     def __post_init__(self) -> None:
         _require(self.local_steps >= 1, f"train.local_steps must be >= 1 (got {self.local_steps})")

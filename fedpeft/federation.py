@@ -33,7 +33,7 @@ from fedpeft.privacy.client_level import ClientLevelDP
 from fedpeft.spec_io import spec_diff
 from fedpeft.state import BASE, AdapterState, ClientUpdate, kind_of
 from fedpeft.strategies import Strategy
-from fedpeft.validation import UpdateLimits, expected_reply, spec_limits, validate_update
+from fedpeft.validation import UpdateLimits, expected_reply, norm_outliers, outlier_factor, spec_limits, validate_update
 
 __all__ = ["Callbacks", "Federation", "RunResult", "sample_clients", "seed_for"]
 
@@ -246,6 +246,15 @@ class Federation:
                 accepted.append(result)
                 continue
             log.warning("round %d: client %d: %s", rnd, result.client_id, dropped[result.client_id])
+        if (factor := outlier_factor(self.spec)) and not any(isinstance(u, SecureSum) for u in accepted):
+            # per unit of noise: sigma scales an SGD or momentum client's noise (checked: the server's own
+            # value); Adam's steps are lr-sized whatever the noise, so there only sqrt(d) counts
+            adam = self.plan.local_optimizer.name in ("adam", "adamw")
+            sigmas = {u.client_id: None if adam else u.metrics.get("sigma") for u in accepted}
+            for cid, why in norm_outliers(accepted, list(self.plan.uploads), state, sigmas, factor).items():
+                dropped[cid] = f"update rejected: {why}"
+                log.warning("round %d: client %d: %s", rnd, cid, dropped[cid])
+            accepted = [u for u in accepted if u.client_id not in dropped]
         return accepted, dropped
 
     def _check(self, update: ClientUpdate, state: AdapterState) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,8 +30,12 @@ __all__ = [
     "Expected",
     "UpdateLimits",
     "at_rank",
+    "change_and_bound",
     "dp_update_bound",
+    "noise_ratio",
+    "norm_outliers",
     "optimizer_update_bound",
+    "outlier_factor",
     "padding",
     "validate_update",
 ]
@@ -207,15 +212,69 @@ def validate_update(
         if (why := _padding_is_zero(update)) is not None:
             return why
     if limits is not None:
-        numel = sum(update.tensors[n].numel() for n in expected)
-        sent = {n: at_rank(reference.tensors[n], kind_of(n), update.rank).double() for n in expected}
-        start_norm = math.sqrt(sum(float(t.pow(2).sum()) for t in sent.values()))
-        bound = limits.bound(update, numel, start_norm, expect)
-        if bound is not None and math.isfinite(bound):
-            norm = math.sqrt(sum(float((update.tensors[n].double() - sent[n]).pow(2).sum()) for n in expected))
-            if norm > bound:
-                return f"update norm {norm:.4g} > bound {bound:.4g} (federation.update_bound)"
+        norm, bound = change_and_bound(update, expected, reference, limits, expect)
+        if bound is not None and math.isfinite(bound) and norm > bound:
+            return f"update norm {norm:.4g} > bound {bound:.4g} (federation.update_bound)"
     return None
+
+
+def change_and_bound(
+    update: ClientUpdate, expected: list[str], reference: AdapterState, limits: UpdateLimits, expect: Expected | None
+) -> tuple[float, float | None]:
+    """||upload - sent|| over the `expected` tensors, and the norm bound the server holds it to."""
+    numel = sum(update.tensors[n].numel() for n in expected)
+    sent = {n: at_rank(reference.tensors[n], kind_of(n), update.rank).double() for n in expected}
+    start_norm = math.sqrt(sum(float(t.pow(2).sum()) for t in sent.values()))
+    return change_norm(update, expected, reference), limits.bound(update, numel, start_norm, expect)
+
+
+def change_norm(update: ClientUpdate, expected: list[str], reference: AdapterState) -> float:
+    """||upload - sent|| over the `expected` tensors, what was sent taken at the client's rank."""
+    sent = {n: at_rank(reference.tensors[n], kind_of(n), update.rank).double() for n in expected}
+    return math.sqrt(sum(float((update.tensors[n].double() - sent[n]).pow(2).sum()) for n in expected))
+
+
+OUTLIER_NORM_UNDER_DP = 1.5  # federation.outlier_norm = 0 (auto) under DP: see norm_outliers
+
+
+def norm_outliers(
+    updates: list[ClientUpdate], expected: list[str], reference: AdapterState, sigmas: dict[int, float | None],
+    factor: float,
+) -> dict[int, str]:  # fmt: skip
+    """Clients whose change is an outlier in norm, with why: ||upload - sent|| per unit of its noise,
+    sigma_k sqrt(d_k) (d_k the numbers it sends at its rank; sqrt(d_k) without DP), above `factor`
+    times the median of the round (at least 3 updates, else none).
+
+    Under DP-SGD the noise dominates every honest change, so honest ratios agree to a few percent
+    (each is about lr C sqrt(S) / E[B] times sqrt(1 + signal/noise)); the norm bound must admit the
+    worst-case signal and lets one client send several times an honest norm. A change 1.5 times the
+    round's median is then an attack, not a client; a median needs an honest majority."""
+    if len(updates) < 3 or not math.isfinite(factor):
+        return {}
+    ratios = {u.client_id: noise_ratio(u, expected, reference, sigmas.get(u.client_id)) for u in updates}
+    median = statistics.median(ratios.values())
+    return {
+        cid: f"change norm {r / median:.3g} x the round's median per unit of noise > federation.outlier_norm {factor:g}"
+        for cid, r in ratios.items()
+        if r > factor * median
+    }
+
+
+def outlier_factor(spec: Spec) -> float:
+    """federation.outlier_norm, auto (0) resolved: OUTLIER_NORM_UNDER_DP under DP-SGD, else off (0)."""
+    factor = spec.federation.outlier_norm
+    return factor if factor else (OUTLIER_NORM_UNDER_DP if spec.privacy.enabled else 0.0)
+
+
+def noise_ratio(update: ClientUpdate, expected: list[str], reference: AdapterState, sigma: float | None) -> float:
+    """||upload - sent|| / (sigma sqrt(d)), d the numbers the client sends at its rank (sigma None: 1)."""
+    sent = sum(update.tensors[n].numel() - _padded_count(update.tensors[n], kind_of(n), update.rank) for n in expected)
+    return change_norm(update, expected, reference) / ((sigma or 1.0) * math.sqrt(max(sent, 1)))
+
+
+def _padded_count(tensor: torch.Tensor, kind: str, rank: int | None) -> int:
+    padded = padding(tensor, kind, rank)
+    return 0 if padded is None else padded.numel()
 
 
 def spec_limits(spec: Spec, plan: LocalTraining) -> UpdateLimits:

@@ -14,8 +14,10 @@ update was aggregated (must be 0), and prints each run's final accuracy beside t
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -28,20 +30,22 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
 
+from fedpeft.client import DPSGD, train_client  # noqa: E402
 from fedpeft.config import Spec  # noqa: E402
 from fedpeft.federation import Federation  # noqa: E402
 from fedpeft.flower import wire  # noqa: E402
 from fedpeft.flower.executor import FlowerExecutor  # noqa: E402
 from fedpeft.flower.local import LocalGrid  # noqa: E402
 from fedpeft.state import LORA_A, LORA_B, kind_of  # noqa: E402
-from fedpeft.validation import at_rank, padding  # noqa: E402
+from fedpeft.validation import at_rank, change_and_bound, expected_reply, noise_ratio, outlier_factor, padding  # noqa: E402
 
 BAD_NODE, BAD_CLIENT = 103, 3
 DRILL_SPEC = {
-    "name": "drill", "federation.clients": 4, "federation.clients_per_round": 4, "federation.timeout": 5.0,
+    "name": "drill", "federation.clients": 4, "federation.clients_per_round": 4, "federation.timeout": 1.0,
     "model.name": "tiny-bert", "model.max_length": 24, "model.client_ranks": "8,8,8,4", "data.name": "synthetic",
     "data.partition": "iid", "data.test_size": 300, "strategy.name": "fedavg", "privacy.epsilon": 8.0,
     "train.local_steps": 5, "train.batch_size": 16, "train.lr": 0.5,
+    "federation.node_ids": [100, 101, 102, 103],  # bound, as scripts/deploy_local.py binds its nodes
 }  # fmt: skip
 Tamper = Callable[[Message, Message], Message]
 
@@ -125,6 +129,22 @@ def _missing_tensor(up: dict, sent: dict) -> dict:
     return {n: t for i, (n, t) in enumerate(sorted(up.items())) if i}
 
 
+def _then(*tampers: Tamper) -> Tamper:
+    def tamper(request: Message, reply: Message) -> Message:
+        for t in tampers:
+            reply = t(request, reply)
+        return reply
+
+    return tamper
+
+
+# a node that lies about its own numbers to widen the bound it is checked against (one example, no
+# sigma: before the server checked replies against what it expects, 12.4 -> 2,812), sending an
+# inflated flip that only the wider bound would let through
+_LYING = _then(_metric(wire.NUM_EXAMPLES, 1), _metric("sigma", None), _scaled(-200.0))
+_ALL_PADDED = _tensors(lambda up, sent: {n: _padded(t) if ".lora_" in n else t for n, t in up.items()})
+
+
 FAULTS: dict[str, Tamper | str] = {
     "status without refused": _status(None),
     "refused not JSON": _status("{not json"),
@@ -147,42 +167,121 @@ FAULTS: dict[str, Tamper | str] = {
     "update x10": _scaled(10.0),
     "update x1e6": _scaled(1e6),
     "padded components non-zero": _first(_padded),
+    "lies: 1 example, no sigma, x-200": _LYING,
+    "rank lie: claims 8, padding full": _then(_ALL_PADDED, _metric(wire.RANK, 8)),
+    "rank left out, padding full": _then(_ALL_PADDED, _metric(wire.RANK, None)),
     "crash": "crash",
     "silent past the timeout": "silent",
     "duplicate identity": "impostor",
+    "impostor connects first": "impostor first",
+    "first claims 0 of 1 (all)": "all of one",
 }
 
 
-class ScalingExecutor:
-    """An in-process executor whose client 3 sends `factor` times its real change (seeded noise,
-    so a run with the attack and a clean run differ only in what client 3 sends)."""
+ATTACKS = ("inflated flip", "directed flip", "flip at the edge", "directed at the edge")
+# (strategy.robust, federation.outlier_norm): the plain mean unfiltered, and each rule behind the
+# default norm filter under DP (outlier_norm 0 = auto = 1.5)
+DEFENCES = (("mean", math.inf), ("mean", 0.0), ("median", 0.0), ("centered-clip", 0.0))
 
-    def __init__(self, inner, factor: float) -> None:  # noqa: ANN001
-        self.inner, self.factor = inner, factor
+
+class AttackExecutor:
+    """An in-process executor whose client 3 attacks every round (the others and client 3's own
+    draws are as in a clean run of the same seed, so the two differ only in what client 3 sends):
+
+    - `x10`: ten times its real change (outside the bound: must be dropped);
+    - `inflated flip`: its real (noised) change, negated and scaled to 0.99 of the norm bound the
+      server holds it to, the largest flip the bound lets through;
+    - `directed flip`: the node runs its DP-SGD with the noise left out (clipped, noise-free: the
+      direction of its data's gradient), negates that change and scales it to 0.99 of the bound,
+      spending on direction the norm an honest client spends on noise;
+    - `flip at the edge`, `directed at the edge`: the same two, scaled instead to 0.99 of what the
+      norm filter (federation.outlier_norm) lets through given the other clients' norms this round
+      (an attacker that knows the filter and the honest norms, which DP makes predictable)."""
+
+    def __init__(self, fed: Federation, attack: str) -> None:
+        self.fed, self.inner, self.attack = fed, fed.executor, attack
 
     def __getattr__(self, name: str):  # noqa: ANN204 - the rest of the executor contract
         return getattr(self.inner, name)
 
     def run_round(self, round_num, client_ids, global_state, plan, seeds, on_client=None):  # noqa: ANN001, ANN201
         results = self.inner.run_round(round_num, client_ids, global_state, plan, seeds, on_client)
-        for result in results:
-            if result.client_id == BAD_CLIENT and hasattr(result, "tensors"):
-                result.tensors = scale_change(result.tensors, dict(global_state.tensors), self.factor, result.rank)
+        sent, bad = dict(global_state.tensors), next((r for r in results if r.client_id == BAD_CLIENT), None)
+        if bad is None or not hasattr(bad, "tensors"):
+            return results
+        if self.attack == "x10":
+            bad.tensors = scale_change(bad.tensors, sent, 10.0, bad.rank)
+            return results
+        probe = copy.copy(bad)
+        if self.attack.startswith("directed"):
+            probe.tensors = self._clean_change(round_num, global_state, plan, seeds)
+        fed, uploads = self.fed, list(self.fed.plan.uploads)
+        expect = expected_reply(fed.spec, fed.plan, self.inner.store, BAD_CLIENT)
+        norm, bound = change_and_bound(probe, uploads, global_state, fed._limits, expect)
+        if self.attack.endswith("edge"):  # the filter's median with client 3 on top: the next two's mean
+            others = sorted(
+                noise_ratio(r, uploads, global_state, r.metrics.get("sigma")) for r in results if r is not bad
+            )
+            edge = outlier_factor(fed.spec) * (others[-2] + others[-1]) / 2
+            own = noise_ratio(probe, uploads, global_state, bad.metrics.get("sigma"))
+            target = min(bound, norm * edge / own)
+        else:
+            target = bound
+        bad.tensors = scale_change(probe.tensors, sent, -0.99 * target / norm, bad.rank)
         return results
 
+    def _clean_change(self, round_num, global_state, plan, seeds):  # noqa: ANN001, ANN202
+        store, budget = self.inner.store, self.inner.store.budget(BAD_CLIENT)
+        update = train_client(
+            self.inner.model, store.start_state(BAD_CLIENT, global_state), store.data[BAD_CLIENT], plan,
+            client_id=BAD_CLIENT, seed=seeds[BAD_CLIENT] + 1, dp=DPSGD(0.0, self.inner.clip, budget.size or None),
+            rank=store.ranks[BAD_CLIENT], round_num=round_num,
+        )  # fmt: skip
+        return update.tensors
 
-def scaled_client_accuracy(rounds: int, factor: float = 10.0, spec: Spec | None = None) -> dict:
-    """In process, seeded: the final accuracy clean, with client 3 of 4 scaled x`factor` under the
-    default update bound, and with the bound off (what the attack does unchecked)."""
+
+def attack_runs(spec: Spec, runs: list[tuple[str, str | None]], out: Path, log: Callable[[str], None] = print) -> list:
+    """In process, seeded: one federation per (defence, attack or None for clean). Each row: the
+    accuracy after the last round, the mean over the last three, and how often client 3 was aggregated."""
+    rows = []
+    for (robust, outlier), attack in runs:
+        run_spec = spec.with_flat({"strategy.robust": robust, "federation.outlier_norm": outlier})
+        defence = defence_name(robust, outlier)
+        fed = Federation.build(run_spec)
+        if attack is not None:
+            fed.executor = AttackExecutor(fed, attack)
+        tic = time.perf_counter()
+        result = fed.run(
+            out / f"{defence}-{attack or 'clean'}-{spec.federation.seed}".replace(" ", "-").replace(",", "")
+        )
+        scored = [r["accuracy"] for r in result.history if r["accuracy"] is not None]
+        rows.append({
+            "defence": defence, "attack": attack or "(clean)", "seed": spec.federation.seed,
+            "accuracy": scored[-1], "accuracy_last3": sum(scored[-3:]) / len(scored[-3:]),
+            "client_3_aggregated": sum(BAD_CLIENT in r["clients"] for r in result.history),
+            "seconds": time.perf_counter() - tic,
+        })  # fmt: skip
+        r = rows[-1]
+        log(f"seed {r['seed']} {defence:30s} {r['attack']:20s} accuracy {r['accuracy']:.4f} last3 "
+            f"{r['accuracy_last3']:.4f} client 3 aggregated {r['client_3_aggregated']}x ({r['seconds']:.0f} s)")  # fmt: skip
+    return rows
+
+
+def defence_name(robust: str, outlier: float) -> str:
+    return f"{robust}, " + ("no norm filter" if math.isinf(outlier) else f"norm filter {outlier or 'auto'}")
+
+
+def scaled_client_accuracy(rounds: int, spec: Spec | None = None) -> dict:
+    """In process, seeded: the final accuracy clean, with client 3 of 4 scaled x10 under the
+    default update bound and norm filter, and with both off (what the attack does unchecked)."""
     spec = spec or drill_spec(rounds)
     out = {}
     with tempfile.TemporaryDirectory(prefix="fedpeft-drill-") as tmp:
-        for label, bound, attack in (("clean", 0.0, False), ("x10, default bound", 0.0, True),
-                                     ("x10, bound off", math.inf, True)):  # fmt: skip
-            run_spec = spec.with_flat({"federation.update_bound": bound})
-            fed = Federation.build(run_spec)
+        for label, off, attack in (("clean", 0.0, False), ("x10, default checks", 0.0, True),
+                                   ("x10, bound and filter off", math.inf, True)):  # fmt: skip
+            fed = Federation.build(spec.with_flat({"federation.update_bound": off, "federation.outlier_norm": off}))
             if attack:
-                fed.executor = ScalingExecutor(fed.executor, factor)
+                fed.executor = AttackExecutor(fed, "x10")
             result = fed.run(Path(tmp) / label.replace(" ", "-").replace(",", ""))
             out[label] = {
                 "accuracy": result.history[-1]["accuracy"],
@@ -204,6 +303,10 @@ def run_one(spec: Spec, fault: str | None, out: Path) -> dict:
         grid.silent.add(BAD_NODE)
     elif kind == "impostor":
         grid.add_node(200, BAD_CLIENT)  # claims partition 3, already held by node 103
+    elif kind == "impostor first":
+        grid.add_node(50, BAD_CLIENT)  # asked before node 103: claims partition 3 first
+    elif kind == "all of one":
+        grid.add_node(50, 0, num_partitions=1)  # asked first: claims every client
     elif kind is not None:
         grid.tamper[BAD_NODE] = kind
     row = {"fault": fault or "(clean)", "ended": False, "bad_aggregated": 0, "accuracy": None, "dropped": ""}
@@ -215,11 +318,12 @@ def run_one(spec: Spec, fault: str | None, out: Path) -> dict:
         return row
     history = result.history
     row["accuracy"] = history[-1]["accuracy"]
-    if fault is not None and kind != "impostor":  # every round's reply from node 103 was bad
+    impostor = {"impostor": 200, "impostor first": 50, "all of one": 50}.get(kind)
+    if fault is not None and impostor is None:  # every round's reply from node 103 was bad
         row["bad_aggregated"] = sum(BAD_CLIENT in r["clients"] for r in history)
         row["dropped"] = history[-1]["dropped"].get(str(BAD_CLIENT), "")[:140]
-    if kind == "impostor":  # the impostor must never have been asked to train
-        row["bad_aggregated"] = sum(1 for nid, t in grid.calls if nid == 200 and t == "train")
+    if impostor is not None:  # the impostor must never have been asked to train
+        row["bad_aggregated"] = sum(1 for nid, t in grid.calls if nid == impostor and t == "train")
         row["dropped"] = "impostor refused" if not row["bad_aggregated"] else "impostor trained"
     return row
 
@@ -236,7 +340,7 @@ def run_drill(
             row["seconds"] = time.perf_counter() - tic
             rows.append(row)
             acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
-            log(f"{row['fault']:28s} ended {row['ended']!s:5s} bad aggregated {row['bad_aggregated']}  accuracy {acc}"
+            log(f"{row['fault']:32s} ended {row['ended']!s:5s} bad aggregated {row['bad_aggregated']}  accuracy {acc}"
                 f"  {row['dropped'] or row.get('error', '')}")  # fmt: skip
     clean = rows[0]["accuracy"]
     scaled = scaled_client_accuracy(rounds) if scaled else {}
@@ -256,6 +360,37 @@ def run_drill(
     }
 
 
+def defence_table(rounds: int, seeds: int, out: Path) -> dict:
+    """Every defence clean and under the attacks inside the bound, paired by seed: the mean over
+    seeds of the last three rounds' accuracy, and each attack's cost against the plain mean's clean
+    run of the same seed (the honest reference), with its standard error."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedpeft-defences-") as tmp:
+        for seed in range(seeds):
+            spec = drill_spec(rounds).with_flat({"federation.seed": seed})
+            rows += attack_runs(spec, [(d, a) for d in DEFENCES for a in (None, *ATTACKS)], Path(tmp))
+            out.write_text(json.dumps({"rounds": rounds, "seeds": seed + 1, "runs": rows}, indent=2) + "\n")
+
+    def last3(defence: str, attack: str) -> list[float]:
+        return [r["accuracy_last3"] for r in rows if r["defence"] == defence and r["attack"] == attack]
+
+    table, reference = {}, last3(defence_name(*DEFENCES[0]), "(clean)")
+    for name in (defence_name(*d) for d in DEFENCES):
+        for attack in ("(clean)", *ATTACKS):
+            cost = [v - c for v, c in zip(last3(name, attack), reference, strict=True)]
+            se = statistics.stdev(cost) / math.sqrt(len(cost)) if len(cost) > 1 else math.nan
+            table[f"{name} / {attack}"] = t = {
+                "last3": statistics.mean(last3(name, attack)), "cost": statistics.mean(cost), "cost_se": se,
+                "worst_seed": min(cost),
+            }  # fmt: skip
+            print(f"{name:30s} {attack:20s} last3 {t['last3']:.4f}  vs clean mean {100 * t['cost']:+5.1f} "
+                  f"+- {100 * se:.1f} points (worst seed {100 * t['worst_seed']:+.1f})")  # fmt: skip
+    report = {"rounds": rounds, "seeds": seeds, "spec": drill_spec(rounds).to_dict(), "table": table, "runs": rows}
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -264,8 +399,17 @@ def main() -> None:
         "--quickstart-seeds", type=int, default=0,
         help="also measure one x10 client of four on the quickstart (MiniLM cut to 2 layers) over this many seeds",
     )  # fmt: skip
+    parser.add_argument(
+        "--defences", type=int, default=0, metavar="SEEDS",
+        help="instead: every defence (strategy.robust) clean and under each attack inside the bound, "
+        "over this many seeds, at --rounds; writes attack-defences.json beside --out",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.defences:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        defence_table(args.rounds, args.defences, Path(args.out).with_name("attack-defences.json"))
+        return
     if args.quickstart_seeds:
         from fedpeft.spec_io import default_spec
 

@@ -45,7 +45,7 @@ def weighted_mean(updates: list[ClientUpdate], name: str) -> torch.Tensor:
     return out.float()
 
 
-ROBUST = ("mean", "median", "trimmed-mean")
+ROBUST = ("mean", "median", "trimmed-mean", "centered-clip")
 
 
 def combine(updates: list[ClientUpdate], name: str, how: str = "mean", trim: float = 0.2) -> torch.Tensor:
@@ -53,16 +53,40 @@ def combine(updates: list[ClientUpdate], name: str, how: str = "mean", trim: flo
     clients, the coordinate-wise median (`median`, as Flower's FedMedian: the mean of the two middle
     values for an even count) or trimmed mean (`trimmed-mean`: drop `trimmed_count(trim, K)` values
     at each end of every coordinate, average the rest, as Flower's FedTrimmedAvg, except that a
-    positive trim drops at least one per side). Robust ones ignore the examples' weights, as
-    Flower's do."""
+    positive trim drops at least one per side), or centred clipping (`centered-clip`, see
+    `centered_clip`). Robust ones ignore the examples' weights, as Flower's do."""
     if how == "mean":
         return weighted_mean(updates, name)
-    ordered = torch.stack([u.tensors[name].double() for u in updates]).sort(dim=0).values
-    k = len(updates)
+    stacked = torch.stack([u.tensors[name].double() for u in updates])
+    if how == "centered-clip":
+        return centered_clip(stacked).float()
+    ordered, k = stacked.sort(dim=0).values, len(updates)
     if how == "median":
-        return ((ordered[(k - 1) // 2] + ordered[k // 2]) / 2).float()
+        return _middle(ordered).float()
     cut = trimmed_count(trim, k)
     return ordered[cut : k - cut].mean(dim=0).float()
+
+
+def _middle(ordered: torch.Tensor) -> torch.Tensor:
+    """The median along dim 0 of sorted values: the mean of the two middle ones for an even count."""
+    k = ordered.shape[0]
+    return (ordered[(k - 1) // 2] + ordered[k // 2]) / 2
+
+
+def centered_clip(stacked: torch.Tensor) -> torch.Tensor:
+    """Centred clipping (Karimireddy, He and Jaggi, ICML 2021) started at the coordinate-wise median
+    m: m + mean_k clip_tau(x_k - m), where clip_tau scales a deviation down to norm tau and tau is
+    the median of the K deviations' norms. The result lies within tau of the median, a client's own
+    term adds at most tau / K however far it lies, and half the clients or more are never clipped;
+    unlike a coordinate-wise
+    rule it sees each client's whole tensor, so a deviation spread thinly over many coordinates
+    (each inside the others' range) is clipped as a whole."""
+    centre = _middle(stacked.sort(dim=0).values)
+    deviations = stacked - centre
+    norms = deviations.flatten(1).norm(dim=1)
+    tau = _middle(norms.sort().values)
+    scale = torch.where(norms > tau, tau / norms.clamp_min(1e-300), torch.ones_like(norms))
+    return centre + (deviations * scale.view(-1, *[1] * (stacked.dim() - 1))).mean(dim=0)
 
 
 def trimmed_count(trim: float, k: int) -> int:
@@ -77,7 +101,7 @@ def trimmed_count(trim: float, k: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class RobustCombine:
-    """Options `robust` (mean | median | trimmed-mean, see `combine`) and `trim`, for strategies
+    """Options `robust` (mean | median | trimmed-mean | centered-clip, see `combine`) and `trim`, for strategies
     whose server step combines each uploaded tensor alone (fedavg, ffa, fedsvd). Only the mean is a
     sum, so only then is the strategy sum-only (secure aggregation possible)."""
 

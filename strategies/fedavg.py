@@ -17,7 +17,7 @@ from .base import STRATEGIES, RobustCombine, Strategy
 @STRATEGIES.register("fedavg")
 @dataclass(frozen=True)
 class FedAvg(RobustCombine, Strategy):
-    """Options: robust (mean | median | trimmed-mean, see base.combine) and trim."""
+    """Options: robust (mean | median | trimmed-mean | centered-clip, see base.combine) and trim."""
 
     name = "fedavg"
     trains = frozenset({LORA_A, LORA_B, THETA})

@@ -22,7 +22,7 @@ from .linalg import refactor
 class FedSVD(RobustCombine, Strategy):
     """Options: refactor_period (re-factor every n rounds; the paper finds 1, 2, 5, 10 all work),
     min_norm (skip the re-factor of a layer whose ||B_avg|| is below it: no signal to orient),
-    robust (mean | median | trimmed-mean: how the B's are combined, see base.combine) and trim."""
+    robust (mean | median | trimmed-mean | centered-clip: how the B's are combined, see base.combine) and trim."""
 
     refactor_period: int = 1
     min_norm: float = 1e-8

@@ -25,7 +25,7 @@ from .base import STRATEGIES, RobustCombine, Strategy
 @STRATEGIES.register("ffa")
 @dataclass(frozen=True)
 class FFALoRA(RobustCombine, Strategy):
-    """Options: init_a (kaiming | orthonormal), robust (mean | median | trimmed-mean, see
+    """Options: init_a (kaiming | orthonormal), robust (mean | median | trimmed-mean | centered-clip, see
     base.combine) and trim."""
 
     init_a: str = "kaiming"

@@ -9,6 +9,7 @@ test_flower_simulation.py and test_flower_deployment.py run the same app through
 from __future__ import annotations
 
 import json
+import time
 import tomllib
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def _flatten(table: dict, prefix: str = "") -> dict:
 def test_pyproject_run_config_is_the_quickstart_spec():
     config = _flatten(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
     expected = to_run_config(default_spec())
-    assert config == {"spec": "", "out": "", **expected}
+    assert config == {"spec": "", "out": "", "resume": False, **expected}
     assert spec_from_run_config(config, default_spec()) == default_spec()
 
 
@@ -152,6 +153,51 @@ def test_the_server_app_writes_the_same_files_as_simulate(tmp_path):
     assert not missing, f"the ServerApp did not write {missing}"
 
 
+class _SuperLinkDies(LocalGrid):
+    """The SuperLink dies in round `dies_in`: the ServerApp's grid call fails mid-run."""
+
+    def __init__(self, *args, dies_in: int, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.dies_in, self.rounds = dies_in, 0
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        if any(m.metadata.message_type == "train" for m in messages):
+            self.rounds += 1
+            if self.rounds == self.dies_in:
+                raise ConnectionError("SuperLink unreachable")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_flower_run_cut_by_a_superlink_restart_resumes_on_its_nodes_ledgers(tmp_path, caplog):
+    from fedpeft.flower import server_app
+
+    spec = tiny_spec(federation__rounds=3, federation__clients=2, federation__clients_per_round=2, privacy__epsilon=4.0)
+    reference = Federation.build(spec).run(tmp_path / "ref")
+    out, nodes = tmp_path / "flwr", tmp_path / "node-state"
+    run_config = {**to_run_config(spec), "out": str(out)}
+    with pytest.raises(ConnectionError):  # run 7 dies in round 3, after round 2's checkpoint
+        server_app.main(
+            _SuperLinkDies(2, state_dir=nodes, run_id=7, dies_in=3), Context(7, 0, {}, RecordDict(), run_config)
+        )
+    assert not (out / "summary.json").exists()
+    # resubmitted as it was (the SuperLink restarted: a new run id): refused, one line saying how
+    server_app.main(LocalGrid(2, state_dir=nodes, run_id=8), Context(8, 0, {}, RecordDict(), run_config))
+    assert f"--run-config \"out='{out.resolve()}' resume=true\"" in caplog.text
+    assert not (out / "summary.json").exists()
+    # with resume=true: rounds 1-2 from the checkpoint, round 3 trained on the nodes' run-7 ledgers
+    server_app.main(
+        LocalGrid(2, state_dir=nodes, run_id=9), Context(9, 0, {}, RecordDict(), {**run_config, "resume": True})
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 3
+    assert [r["round"] for r in map(json.loads, (out / "rounds.jsonl").read_text().splitlines())] == [1, 2, 3]
+    # the clients spent what an uninterrupted run spends (their ledgers continued, not restarted)
+    assert summary["epsilon_per_client"] == pytest.approx(reference.summary["epsilon_per_client"])
+    assert sorted(p.name for p in nodes.glob("run-*")) == ["run-7"]
+    ledger = json.loads((nodes / "run-7" / "client-0.json").read_text())["budget"]
+    assert sum(steps for *_, steps in ledger["history"]) == 3 * spec.train.local_steps
+
+
 def test_pyproject_components_are_importable():
     table = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
     for ref in table.values():
@@ -209,6 +255,18 @@ def test_crashed_and_silent_nodes_do_not_end_the_federation(tmp_path, caplog):
         assert "node 101 failed: node crashed" in record["dropped"]["1"]
         assert "node 103 sent no reply" in record["dropped"]["3"]
     assert "client 1: node 101 failed" in caplog.text
+
+
+def test_a_silent_node_is_waited_for_until_the_timeout(tmp_path):
+    spec = tiny_spec(federation__rounds=1, federation__clients=2, federation__clients_per_round=2,
+                     federation__timeout=0.5)  # fmt: skip
+    grid = LocalGrid(2)
+    grid.silent.add(101)
+    tic = time.monotonic()
+    result = _run_flower(spec, tmp_path / "run", grid)
+    assert time.monotonic() - tic >= 0.5  # the round waited for node 101 as a real grid does
+    assert result.history[0]["clients"] == [0]
+    assert "node 101 sent no reply (waited 0.5 s)" in result.history[0]["dropped"]["1"]
 
 
 def test_too_few_updates_skip_aggregation(tmp_path):

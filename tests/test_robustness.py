@@ -273,7 +273,7 @@ def test_padded_rank_components_must_be_zero():
 
 # -- robust aggregation, against Flower's reference behaviour (numpy median, scipy trim_mean) ---------
 @pytest.mark.parametrize("name", ["fedavg", "ffa", "fedsvd"])
-@pytest.mark.parametrize("how", ["median", "trimmed-mean"])
+@pytest.mark.parametrize("how", ["median", "trimmed-mean", "centered-clip"])
 def test_robust_aggregation_matches_numpy_and_scipy(name, how):
     from scipy.stats import trim_mean
 
@@ -291,7 +291,8 @@ def test_robust_aggregation_matches_numpy_and_scipy(name, how):
     new, _, _ = strategy.aggregate(STATE, sent, 1, {"seed": 0})
     for n in uploads:
         stacked = np.stack([u.tensors[n].double().numpy() for u in ups])
-        expected = np.median(stacked, axis=0) if how == "median" else trim_mean(stacked, 0.2, axis=0)
+        expected = {"median": lambda v: np.median(v, axis=0), "trimmed-mean": lambda v: trim_mean(v, 0.2, axis=0),
+                    "centered-clip": _centered_clip_by_hand}[how](stacked)  # fmt: skip
         np.testing.assert_allclose(new.tensors[n].numpy(), expected, rtol=1e-5, atol=1e-6)
         assert float(new.tensors[n].abs().max()) < 100  # the attacker did not get through
 
@@ -311,6 +312,97 @@ def test_a_positive_trim_drops_at_least_one_per_side(k, cut):
     assert got == pytest.approx(trim_mean(values, cut / k), rel=1e-6)
     if k >= 3:
         assert got > 0  # the attacker was trimmed even where int(0.2 k) = 0
+
+
+def _centered_clip_by_hand(values: np.ndarray) -> np.ndarray:
+    """Centred clipping at the median, written out with numpy: m + mean_k min(1, tau/|x_k - m|)(x_k - m)."""
+    m = np.median(values, axis=0)
+    dev = values - m
+    norms = np.sqrt((dev.reshape(len(values), -1) ** 2).sum(1))
+    tau = np.median(norms)
+    scale = np.minimum(1.0, tau / np.maximum(norms, 1e-300))
+    return m + (dev * scale.reshape(-1, *[1] * (values.ndim - 1))).mean(0)
+
+
+@pytest.mark.parametrize("k", [3, 4, 7])
+def test_centered_clip_matches_numpy_and_bounds_one_attacker(k):
+    from fedpeft.strategies.base import combine
+
+    g = torch.Generator().manual_seed(k)
+    honest = [torch.randn(5, 3, generator=g) for _ in range(k)]
+    ups = [ClientUpdate(i, 1, {"x": t}) for i, t in enumerate(honest)]
+    got = combine(ups, "x", "centered-clip")
+    np.testing.assert_allclose(got.numpy(), _centered_clip_by_hand(np.stack([t.numpy() for t in honest])), rtol=1e-5)
+    # however far one client lies, the result stays within tau (the median deviation, set by the
+    # honest clients' spread) of the coordinate-wise median
+    for scale in (1.0, 1e3, 1e9):
+        direction = torch.randn(5, 3, generator=g)
+        ups[0] = ClientUpdate(0, 1, {"x": honest[0] + scale * direction})
+        stacked = torch.stack([u.tensors["x"] for u in ups]).double()
+        median = stacked.sort(dim=0).values
+        median = (median[(k - 1) // 2] + median[k // 2]) / 2
+        norms = (stacked - median).flatten(1).norm(dim=1).sort().values
+        tau = float((norms[(k - 1) // 2] + norms[k // 2]) / 2)
+        got = combine(ups, "x", "centered-clip").double()
+        assert float((got - median).norm()) <= tau + 1e-6
+        assert float(got.abs().max()) < 10  # the attacker at 1e9 did not get through
+
+
+# -- the norm filter (federation.outlier_norm) -----------------------------------------------------------
+def test_norm_outliers_compare_each_change_to_its_own_noise():
+    from fedpeft.validation import norm_outliers
+
+    g = torch.Generator().manual_seed(0)
+    big = AdapterState({"l.lora_A.weight": torch.zeros(8, 400), "l.lora_B.weight": torch.zeros(400, 8)}, 8, 8.0, ("l",))
+    names = list(big.tensors)
+
+    def noised(cid: int, rank: int, sigma: float, scale: float = 1.0) -> ClientUpdate:
+        tensors = {n: torch.zeros_like(t) for n, t in big.tensors.items()}
+        tensors["l.lora_A.weight"][:rank] = scale * sigma * torch.randn(rank, 400, generator=g)
+        tensors["l.lora_B.weight"][:, :rank] = scale * sigma * torch.randn(400, rank, generator=g)
+        return ClientUpdate(cid, 1, tensors, rank=rank)
+
+    # honest clients of different ranks and sigmas: their norms differ 4x, their norms per unit of noise do not
+    honest = [noised(0, 8, 1.0), noised(1, 2, 1.0), noised(2, 8, 0.5), noised(3, 4, 2.0)]
+    sigmas = {0: 1.0, 1: 1.0, 2: 0.5, 3: 2.0}
+    assert norm_outliers(honest, names, big, sigmas, 1.5) == {}
+    # client 3 sends 1.6x its noise (a flip or a push well inside the DP norm bound): dropped, and only it
+    attacked = [*honest[:3], noised(3, 4, 2.0, scale=1.6)]
+    assert list(norm_outliers(attacked, names, big, sigmas, 1.5)) == [3]
+    assert norm_outliers(attacked, names, big, sigmas, math.inf) == {}
+    assert list(norm_outliers(attacked[1:], names, big, sigmas, 1.5)) == [3]  # 3 updates: a majority still
+    assert norm_outliers(attacked[2:], names, big, sigmas, 1.5) == {}  # 2: no majority to compare with
+
+
+class _Inflating:
+    """Client 3 sends its change x3 (inside the DP norm bound: the flip and push of issue 34)."""
+
+    def __init__(self, inner) -> None:  # noqa: ANN001
+        self.inner = inner
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.inner, name)
+
+    def run_round(self, rnd, cids, state, plan, seeds, on_client=None):  # noqa: ANN001, ANN201
+        results = self.inner.run_round(rnd, cids, state, plan, seeds, on_client)
+        for r in results:
+            if r.client_id == 3:
+                r.tensors = {n: state.tensors[n] - 3 * (t - state.tensors[n]) for n, t in r.tensors.items()}
+        return results
+
+
+def test_under_dp_the_default_norm_filter_drops_a_flip_the_bound_admits(tmp_path):
+    spec = tiny_spec(federation__clients_per_round=4, federation__rounds=2, privacy__epsilon=8.0)
+    clean = Federation.build(spec).run(tmp_path / "clean")
+    assert all(r["clients"] == [0, 1, 2, 3] for r in clean.history)  # no honest client dropped
+    runs = {}
+    for outlier in (0.0, math.inf):  # auto (1.5 under DP), off
+        fed = Federation.build(spec.with_flat({"federation.outlier_norm": outlier}))
+        fed.executor = _Inflating(fed.executor)
+        runs[outlier] = fed.run(tmp_path / f"attacked-{outlier}").history
+    assert all(r["clients"] == [0, 1, 2] for r in runs[0.0])
+    assert all("per unit of noise > federation.outlier_norm 1.5" in r["dropped"]["3"] for r in runs[0.0])
+    assert all(r["clients"] == [0, 1, 2, 3] for r in runs[math.inf])  # inside the bound: only the filter sees it
 
 
 def test_robust_options_are_checked():
@@ -418,23 +510,30 @@ def test_a_run_built_before_another_finished_on_its_out_refuses_to_overwrite_it(
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
 
 
-def test_two_simulates_on_one_out_started_a_second_apart_leave_one_run(tmp_path):
+def test_simulates_on_one_out_started_0_to_6_s_apart_leave_one_run(tmp_path):
+    """The race of issue 34 (a second simulate 3 s after the first overwrote its finished run), at
+    offsets 0, 1, 3 and 6 s after the first: five processes, one run directory."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "fedpeft.cli", "simulate", "--out", str(out), "--set", "model.name=tiny-bert",
                "data.name=synthetic", "federation.rounds=2", "privacy.epsilon=inf"]  # fmt: skip
-    first = subprocess.Popen(
-        [*command, "federation.seed=0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    time.sleep(1.0)
-    second = subprocess.run([*command, "federation.seed=1"], capture_output=True, text=True, timeout=300)
-    first.wait(timeout=300)
-    # either may take the run directory first (the first is still importing when the second starts,
-    # on a loaded machine): exactly one runs, the other stops at once, and nothing is overwritten
-    codes = {0: (first.returncode, first.stderr.read()), 1: (second.returncode, second.stderr)}
-    assert sorted(code for code, _ in codes.values()) == [0, 2], codes
+    offsets = (0.0, 0.0, 1.0, 3.0, 6.0)  # the first, then the others this long after it
+    procs, tic = [], time.monotonic()
+    for seed, offset in enumerate(offsets):
+        time.sleep(max(0.0, tic + offset - time.monotonic()))
+        procs.append(subprocess.Popen([*command, f"federation.seed={seed}"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+    codes = {}
+    for seed, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=300)
+        codes[seed] = (proc.returncode, err)
+    # any may take the run directory first (on a loaded machine the first is still importing when
+    # the next starts): exactly one runs, every other stops at once, and nothing is overwritten
+    assert sorted(code for code, _ in codes.values()) == [0] + [2] * (len(offsets) - 1), codes
     winner = next(seed for seed, (code, _) in codes.items() if code == 0)
-    loser = codes[1 - winner][1]
-    assert "is in use by another run" in loser or "already holds a finished run" in loser
+    for seed, (_code, err) in codes.items():
+        if seed != winner:
+            assert "is in use by another run" in err or "already holds a finished run" in err, err
+            assert "Traceback" not in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seed"] == winner  # the run that held the directory, not overwritten
 

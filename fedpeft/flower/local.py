@@ -5,6 +5,8 @@ or a node without starting Flower's runtime."""
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +35,9 @@ def pushed(message: Message) -> Message:
 class LocalGrid(Grid):
     """Nodes 100+k hold partition k of n. Asked to train, `crash` nodes answer with an error and
     `silent` ones never answer (both answer the server's first question, which partition they
-    hold); `tamper[nid](request, reply)` replaces a node's train reply (fault drills)."""
+    hold: a round that asks a silent node returns after the finite timeout it was given, as a real
+    grid does, and at once when none was given); `tamper[nid](request, reply)` replaces a node's
+    train reply (fault drills)."""
 
     def __init__(
         self, n: int, state_dir: Path | None = None, run_id: int = 7, node_config: dict | None = None,
@@ -48,9 +52,13 @@ class LocalGrid(Grid):
         self.tamper: dict[int, Callable[[Message, Message], Message]] = {}
         self.calls: list[tuple[int, str]] = []
 
-    def add_node(self, nid: int, partition_id: int, node_config: dict | None = None) -> None:
-        """One more node, claiming `partition_id` (a duplicate identity when another holds it)."""
-        self.contexts[nid] = self._context(nid, partition_id, self.n, node_config)
+    def add_node(
+        self, nid: int, partition_id: int, node_config: dict | None = None, num_partitions: int | None = None
+    ) -> None:
+        """One more node, claiming `partition_id` of `num_partitions` (default: the grid's n; a
+        duplicate identity when another holds it). The server asks nodes in id order: an id below
+        100 connects before the others."""
+        self.contexts[nid] = self._context(nid, partition_id, num_partitions or self.n, node_config)
 
     def _context(self, nid: int, k: int, n: int, extra: dict | None = None) -> Context:
         config = {wire.PARTITION_ID: k, wire.NUM_PARTITIONS: n, **(extra or {})}
@@ -64,13 +72,14 @@ class LocalGrid(Grid):
         self.contexts[nid] = Context(self.run_id, nid, old.node_config, RecordDict(), {})
 
     def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
-        replies = []
+        replies, waits = [], False
         for message in messages:
             nid = message.metadata.dst_node_id
             pushed(message)
             self.calls.append((nid, message.metadata.message_type))
             training = message.metadata.message_type == "train"
             if training and nid in self.silent:
+                waits = True
                 continue
             if training and nid in self.crash:  # the SuperLink answers for a dead node, as itself
                 reply = Message(Error(code=1, reason="node crashed"), reply_to=message)
@@ -84,6 +93,8 @@ class LocalGrid(Grid):
             if training and nid in self.tamper:
                 reply = self.tamper[nid](message, reply)
             replies.append(reply)
+        if waits and timeout is not None and math.isfinite(timeout):
+            time.sleep(timeout)
         return replies
 
     def get_node_ids(self):  # noqa: ANN201

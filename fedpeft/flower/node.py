@@ -100,12 +100,13 @@ class ClientRecords:
     """One client's ledger, kept tensors and kept optimizer state: in context.state, and under
     state-dir when configured."""
 
-    def __init__(self, context: Context, cid: int, private: bool) -> None:
+    def __init__(self, context: Context, cid: int, spec: Spec) -> None:
         self.context = context
         self.cid = cid
         state_dir = context.node_config.get(STATE_DIR)
-        self.root = Path(str(state_dir)) if state_dir else (default_state_dir() if private else None)
-        self.dir = self.root / f"run-{context.run_id}" if self.root is not None else None
+        self.root = Path(str(state_dir)) if state_dir else (default_state_dir() if spec.privacy.enabled else None)
+        self.run = str(spec.federation.continues or context.run_id)  # a resumed run continues its first's
+        self.dir = self.root / f"run-{self.run}" if self.root is not None else None
 
     def _file(self, suffix: str) -> Path:
         assert self.dir is not None
@@ -282,7 +283,7 @@ class Node:
             log.warning("clients %s refused: %s", request.clients, why)
             return [ClientFailure(cid, POLICY, refused=True) for cid in request.clients]
         data = worker.own_data(context, request.clients, mine)
-        records = {cid: ClientRecords(context, cid, spec.privacy.enabled) for cid in request.clients}
+        records = {cid: ClientRecords(context, cid, spec) for cid in request.clients}
         failed: dict[int, ClientResult] = {}
         for cid, rec in records.items():  # its ledger so far, or a new one on its public size
             budget = worker.budget(context, cid, rec.budget(), data[cid]) if spec.privacy.enabled else None
@@ -303,7 +304,7 @@ class Node:
                 records[cid].save(budget, personal, optimizer)
                 if budget is not None and records[cid].root is not None:
                     lifetime = Lifetime(records[cid].root)
-                    lifetime.settle(worker.data_key(context, cid), str(context.run_id), budget.history,
+                    lifetime.settle(worker.data_key(context, cid), records[cid].run, budget.history,
                                     budget.delta, budget.accountant)  # fmt: skip
         results = {r.client_id: r for r in trained} | failed
         for cid, result in results.items():  # the details stay in this log; wire sends the category only
@@ -318,7 +319,7 @@ class Node:
         if rec.root is None:
             return budget
         history = list(budget.history_after(worker.plan.steps))
-        key, run = worker.data_key(context, rec.cid), str(context.run_id)
+        key, run = worker.data_key(context, rec.cid), rec.run
         try:
             Lifetime(rec.root).reserve(key, run, history, budget.delta, budget.accountant, policy.max_epsilon)
         except LifetimeRefusal as refusal:
@@ -333,7 +334,7 @@ class Node:
         state = worker.template.with_tensors(adapter)
         scores = {}
         for cid in partition(context, worker.spec):
-            if personal := ClientRecords(context, cid, worker.spec.privacy.enabled).personal():
+            if personal := ClientRecords(context, cid, worker.spec).personal():
                 batch = worker.spec.train.eval_batch_size
                 scores[cid] = evaluate(worker.model, state.with_tensors(personal), worker.test, batch)
         return scores

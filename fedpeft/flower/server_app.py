@@ -4,7 +4,9 @@ The spec comes from Flower's run-config (see `fedpeft.spec_io.spec_from_run_conf
 [tool.flwr.app.config] is the quickstart spec in flat form, `--run-config "federation.rounds=3"`
 overrides a key as `fedpeft simulate --set` does, and `--run-config "spec='path/to.toml'"` starts
 from a spec file. Results go to `out` (default runs/<name>-flwr-<run id>): the same rounds.jsonl,
-summary.json and PEFT adapter as an in-process run.
+summary.json and PEFT adapter as an in-process run. A run stopped mid-way (the SuperLink or the
+ServerApp died) resumes from its last checkpoint when resubmitted with the same out and
+`resume=true` in its run-config; the nodes then continue that run's privacy ledgers.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from fedpeft.flower.environment import runtime_install_warning
 from fedpeft.flower.executor import FlowerExecutor
 from fedpeft.plots import write_run_plot
 from fedpeft.progress import fmt_metric
-from fedpeft.runfiles import has_checkpoint
+from fedpeft.runfiles import SUMMARY, has_checkpoint, load_checkpoint
 from fedpeft.spec_io import default_spec, spec_from_run_config
 
 __all__ = ["app"]
@@ -67,6 +69,20 @@ def unbound_warning(grid: Grid, spec: Spec) -> str | None:
     )
 
 
+def _refusal(out: Path, resume: bool) -> str | None:
+    """Why this run may not start on `out`, saying what to run instead (Federation.run checks again
+    under the run directory's lock; this is the message a Flower user needs)."""
+    how = f"--run-config \"out='{out}' resume=true\""
+    if (out / SUMMARY).exists():
+        return f"{out} already holds a finished run; choose another out"
+    if resume and not has_checkpoint(out):
+        return f"nothing to resume in {out}: it holds no checkpoint; submit without resume=true to start it"
+    if not resume and has_checkpoint(out):
+        return (f"{out} holds an unfinished run (a SuperLink or ServerApp stopped mid-run?): resubmit with {how} "
+                "to continue it from its last round (same spec; the nodes continue its ledgers), or choose another out")  # fmt: skip
+    return None
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _show_progress()
@@ -77,11 +93,17 @@ def main(grid: Grid, context: Context) -> None:
     if warning := unbound_warning(grid, spec):
         log.warning(warning)
     out = Path(str(context.run_config.get("out") or f"runs/{spec.name}-flwr-{context.run_id}")).resolve()
-    if has_checkpoint(out):
-        raise FileExistsError(f"{out} already holds a run; choose another out")
+    resume = str(context.run_config.get("resume", "false")).lower() in ("true", "1", "yes")
+    if (why := _refusal(out, resume)) is not None:
+        log.error("%s", why)  # one line, no traceback: `flwr run` shows it with --stream, and the log keeps it
+        return
+    # the nodes keep their clients' ledgers under the run id spec.federation.continues names: this
+    # run's own, or, resumed after a SuperLink restart (a new Flower run id), the first run's
+    first = Spec.from_dict(load_checkpoint(out)["spec"]).federation.continues if resume else 0
+    spec = spec.with_flat({"federation.continues": first or spec.federation.continues or context.run_id})
     log.info("run %d: %s with %s, writing to %s", context.run_id, spec.name, spec.strategy.name, out)
     federation = Federation.build(spec, executor=FlowerExecutor(grid, spec))
-    result = federation.run(out, callbacks=Callbacks(on_round_end=_log_round))
+    result = federation.run(out, resume=resume, callbacks=Callbacks(on_round_end=_log_round))
     write_run_plot(result, spec, out)  # the same files as `fedpeft simulate`
     summary = result.summary
     eps = summary["epsilon"]
