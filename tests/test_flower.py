@@ -168,8 +168,10 @@ class _SuperLinkDies(LocalGrid):
         return super().send_and_receive(messages, timeout=timeout)
 
 
-def test_a_flower_run_cut_by_a_superlink_restart_resumes_on_its_nodes_ledgers(tmp_path, caplog):
+def test_a_flower_run_cut_by_a_superlink_restart_resumes_on_its_nodes_ledgers(tmp_path, caplog, monkeypatch):
     from fedpeft.flower import server_app
+
+    monkeypatch.setattr(server_app, "_show_progress", lambda: None)  # its own handler would hide the log from caplog
 
     spec = tiny_spec(federation__rounds=3, federation__clients=2, federation__clients_per_round=2, privacy__epsilon=4.0)
     reference = Federation.build(spec).run(tmp_path / "ref")
@@ -184,6 +186,10 @@ def test_a_flower_run_cut_by_a_superlink_restart_resumes_on_its_nodes_ledgers(tm
     server_app.main(LocalGrid(2, state_dir=nodes, run_id=8), Context(8, 0, {}, RecordDict(), run_config))
     assert f"--run-config \"out='{out.resolve()}' resume=true\"" in caplog.text
     assert not (out / "summary.json").exists()
+    # resumed with another spec: one line, nothing written
+    changed = {**run_config, "resume": True, "train.lr": spec.train.lr * 2}
+    server_app.main(LocalGrid(2, state_dir=nodes, run_id=8), Context(8, 0, {}, RecordDict(), changed))
+    assert "cannot resume with a different spec" in caplog.text
     # with resume=true: rounds 1-2 from the checkpoint, round 3 trained on the nodes' run-7 ledgers
     server_app.main(
         LocalGrid(2, state_dir=nodes, run_id=9), Context(9, 0, {}, RecordDict(), {**run_config, "resume": True})

@@ -18,7 +18,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.catalog import check_names
-from fedpeft.config import Spec
+from fedpeft.config import ConfigError, Spec
 from fedpeft.federation import Callbacks, Federation
 from fedpeft.flower.environment import runtime_install_warning
 from fedpeft.flower.executor import FlowerExecutor
@@ -103,7 +103,11 @@ def main(grid: Grid, context: Context) -> None:
     spec = spec.with_flat({"federation.continues": first or spec.federation.continues or context.run_id})
     log.info("run %d: %s with %s, writing to %s", context.run_id, spec.name, spec.strategy.name, out)
     federation = Federation.build(spec, executor=FlowerExecutor(grid, spec))
-    result = federation.run(out, resume=resume, callbacks=Callbacks(on_round_end=_log_round))
+    try:
+        result = federation.run(out, resume=resume, callbacks=Callbacks(on_round_end=_log_round))
+    except ConfigError as exc:  # e.g. resumed with another spec, or another run took `out` meanwhile
+        log.error("%s", exc)
+        return
     write_run_plot(result, spec, out)  # the same files as `fedpeft simulate`
     summary = result.summary
     eps = summary["epsilon"]
