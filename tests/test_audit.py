@@ -49,7 +49,10 @@ def test_under_dp_no_statistic_of_the_reply_beats_the_claim(repeatable_secrets):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("claim", [1.0, 2.0, 8.0])
+@pytest.mark.parametrize("claim", [1.0, 2.0])
 def test_under_dp_the_audit_with_more_trials_stays_below_the_claim(claim):
+    # 200 trials a side can prove at most epsilon 3.98 (perfect separation at the 95% bounds): a
+    # claim above that could not fail here (epsilon 8 was such a case and is no longer run)
+    assert epsilon_lower_bound(0, 0, 200, _spec(claim).privacy.delta) > claim
     result = audit(_spec(claim), trials=200)  # the nodes' real secret randomness
     assert all(bound < claim for bound in result.bounds.values()), result.bounds
