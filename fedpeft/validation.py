@@ -223,15 +223,22 @@ def change_and_bound(
 ) -> tuple[float, float | None]:
     """||upload - sent|| over the `expected` tensors, and the norm bound the server holds it to."""
     numel = sum(update.tensors[n].numel() for n in expected)
-    sent = {n: at_rank(reference.tensors[n], kind_of(n), update.rank).double() for n in expected}
+    sent = _sent(update, expected, reference)
     start_norm = math.sqrt(sum(float(t.pow(2).sum()) for t in sent.values()))
-    return change_norm(update, expected, reference), limits.bound(update, numel, start_norm, expect)
+    return _distance(update, sent), limits.bound(update, numel, start_norm, expect)
 
 
 def change_norm(update: ClientUpdate, expected: list[str], reference: AdapterState) -> float:
     """||upload - sent|| over the `expected` tensors, what was sent taken at the client's rank."""
-    sent = {n: at_rank(reference.tensors[n], kind_of(n), update.rank).double() for n in expected}
-    return math.sqrt(sum(float((update.tensors[n].double() - sent[n]).pow(2).sum()) for n in expected))
+    return _distance(update, _sent(update, expected, reference))
+
+
+def _sent(update: ClientUpdate, expected: list[str], reference: AdapterState) -> dict[str, torch.Tensor]:
+    return {n: at_rank(reference.tensors[n], kind_of(n), update.rank).double() for n in expected}
+
+
+def _distance(update: ClientUpdate, sent: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float((update.tensors[n].double() - t).pow(2).sum()) for n, t in sent.items()))
 
 
 OUTLIER_NORM_UNDER_DP = 1.5  # federation.outlier_norm = 0 (auto) under DP: see norm_outliers

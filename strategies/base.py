@@ -78,9 +78,8 @@ def centered_clip(stacked: torch.Tensor) -> torch.Tensor:
     m: m + mean_k clip_tau(x_k - m), where clip_tau scales a deviation down to norm tau and tau is
     the median of the K deviations' norms. The result lies within tau of the median, a client's own
     term adds at most tau / K however far it lies, and half the clients or more are never clipped;
-    unlike a coordinate-wise
-    rule it sees each client's whole tensor, so a deviation spread thinly over many coordinates
-    (each inside the others' range) is clipped as a whole."""
+    unlike a coordinate-wise rule it sees each client's whole tensor, so a deviation spread thinly
+    over many coordinates (each inside the others' range) is clipped as a whole."""
     centre = _middle(stacked.sort(dim=0).values)
     deviations = stacked - centre
     norms = deviations.flatten(1).norm(dim=1)
@@ -101,9 +100,9 @@ def trimmed_count(trim: float, k: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class RobustCombine:
-    """Options `robust` (mean | median | trimmed-mean | centered-clip, see `combine`) and `trim`, for strategies
-    whose server step combines each uploaded tensor alone (fedavg, ffa, fedsvd). Only the mean is a
-    sum, so only then is the strategy sum-only (secure aggregation possible)."""
+    """Options `robust` (mean | median | trimmed-mean | centered-clip, see `combine`) and `trim`, for
+    strategies whose server step combines each uploaded tensor alone (fedavg, ffa, fedsvd). Only the
+    mean is a sum, so only then is the strategy sum-only (secure aggregation possible)."""
 
     robust: str = "mean"
     trim: float = 0.2
