@@ -405,6 +405,8 @@ def main() -> None:
         "over this many seeds, at --rounds; writes attack-defences.json beside --out",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.rounds < 1 or args.defences < 0 or args.quickstart_seeds < 0:
+        parser.error("--rounds must be >= 1, --defences and --quickstart-seeds >= 0")
     torch.set_num_threads(1)
     if args.defences:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
