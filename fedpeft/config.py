@@ -280,9 +280,8 @@ class SweepConfig:
         default=(), metadata={"help": "client-level target epsilons (privacy.client_epsilon); inf = off", "item": float}
     )
     seeds: tuple[int, ...] = field(default=(), metadata={"help": "seeds (federation.seed)", "item": int})
-    lrs: tuple[str, ...] = field(default=(), metadata=_help(
-        "per-arm learning rates: ARM=LR or ARM@EPSILON=LR (ARM: a strategy, or strategy+family), else train.lr"
-    ))  # fmt: skip
+    lrs: tuple[str, ...] = field(default=(), metadata=_help("per-arm learning rates: ARM=LR or ARM@EPSILON=LR (ARM: a strategy, or strategy+family), else train.lr"))  # fmt: skip
+    clips: tuple[str, ...] = field(default=(), metadata=_help("per-arm DP clip bounds, as lrs, else privacy.clip"))
 
     def __post_init__(self) -> None:
         for name, eps in (("epsilons", self.epsilons), ("client_epsilons", self.client_epsilons)):
@@ -290,7 +289,7 @@ class SweepConfig:
         _require(all(s >= 0 for s in self.seeds), f"sweep.seeds must be >= 0 (got {list(self.seeds)})")
         for name, values in (
             ("strategies", self.strategies), ("adapters", self.adapters), ("epsilons", self.epsilons),
-            ("client_epsilons", self.client_epsilons), ("seeds", self.seeds), ("lrs", self.lrs),
+            ("client_epsilons", self.client_epsilons), ("seeds", self.seeds), ("lrs", self.lrs), ("clips", self.clips),
         ):  # fmt: skip
             _require(len(set(values)) == len(values), f"sweep.{name} has duplicates: {list(values)}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,7 +62,8 @@ def cells(spec: Spec, out: Path) -> list[Cell]:
             f"no strategy of sweep.strategies {list(strategies)} runs the adapter families {list(adapters)}; "
             "the linear families run with fedavg"
         )
-    lrs = arm_lrs(sweep.lrs, {run_label(s, a) for s, a in pairs}, epsilons)
+    arms = {run_label(s, a) for s, a in pairs}
+    per_arm = {key: arm_values(key, getattr(sweep, key), arms, epsilons) for key in ("lrs", "clips")}
     grid = []
     for seed, client_epsilon, epsilon, (strategy, adapter) in itertools.product(
         seeds, client_epsilons, epsilons, pairs
@@ -70,9 +72,11 @@ def cells(spec: Spec, out: Path) -> list[Cell]:
         options = spec.strategy.options if strategy == spec.strategy.name else ()
         flat = {"privacy.epsilon": epsilon, "privacy.client_epsilon": client_epsilon,
                 "federation.seed": seed, "model.adapter": adapter}  # fmt: skip
-        lr = lrs.get((run_label(strategy, adapter), epsilon), lrs.get((run_label(strategy, adapter), None)))
-        if lr is not None:
-            flat["train.lr"] = lr
+        arm = run_label(strategy, adapter)
+        for key, name in (("lrs", "train.lr"), ("clips", "privacy.clip")):
+            value = per_arm[key].get((arm, epsilon), per_arm[key].get((arm, None)))
+            if value is not None:
+                flat[name] = value
         cell_spec = replace(spec.with_flat(flat), strategy=StrategyConfig(name=strategy, options=options))
         path = out / run_label(strategy, adapter)
         if sweep.client_epsilons:
@@ -81,24 +85,26 @@ def cells(spec: Spec, out: Path) -> list[Cell]:
     return grid
 
 
-def arm_lrs(entries: tuple[str, ...], arms: set[str], epsilons: tuple[float, ...]) -> dict[tuple, float]:
-    """`sweep.lrs` as {(arm, epsilon or None): lr}; an entry that names no arm or budget of the grid,
-    or is not ARM=LR / ARM@EPSILON=LR, is an error."""
+def arm_values(key: str, entries: tuple[str, ...], arms: set[str], epsilons: tuple[float, ...]) -> dict[tuple, float]:
+    """`sweep.lrs` or `sweep.clips` as {(arm, epsilon or None): value}; an entry that names no arm or
+    budget of the grid, or is not ARM=VALUE / ARM@EPSILON=VALUE with VALUE > 0, is an error."""
     out: dict[tuple, float] = {}
     for entry in entries:
-        key, sep, value = entry.partition("=")
-        arm, at, eps_text = key.strip().partition("@")
+        text, sep, value_text = entry.partition("=")
+        arm, at, eps_text = text.strip().partition("@")
         try:
-            lr, eps = float(value), float(eps_text) if at else None
+            value, eps = float(value_text), float(eps_text) if at else None
         except ValueError:
-            lr = eps = None
-        if not sep or lr is None or not lr > 0 or (at and eps is None):
-            raise ConfigError(f"sweep.lrs entry {entry!r} is not ARM=LR or ARM@EPSILON=LR with LR > 0 (e.g. ffa@8=0.1)")
+            value = eps = None
+        if not sep or value is None or not 0 < value < math.inf or (at and eps is None):
+            raise ConfigError(
+                f"sweep.{key} entry {entry!r} is not ARM=VALUE or ARM@EPSILON=VALUE with 0 < VALUE < inf (e.g. ffa@8=0.1)"
+            )
         if arm not in arms:
-            raise ConfigError(f"sweep.lrs entry {entry!r} names no arm of the grid: {', '.join(sorted(arms))}")
+            raise ConfigError(f"sweep.{key} entry {entry!r} names no arm of the grid: {', '.join(sorted(arms))}")
         if eps is not None and eps not in epsilons:
-            raise ConfigError(f"sweep.lrs entry {entry!r} names no budget of the grid: {list(epsilons)}")
-        out[(arm, eps)] = lr
+            raise ConfigError(f"sweep.{key} entry {entry!r} names no budget of the grid: {list(epsilons)}")
+        out[(arm, eps)] = value
     return out
 
 

@@ -9,6 +9,9 @@ Two rules, each fixed before its grid runs:
   largest lr is extended: an lr-X/ directory holding only some arms is an extension, its cells
   compete with the rest of their arm's row, and the pick says so. Only lrs above every complete
   one can be extensions: an incomplete directory below that is an unfinished sweep, an error.
+- `--per-arm --ladders` (comparison v3 under DP): each arm tries its own lrs (a ladder around its
+  no-DP pick), so no lr-X/ needs every arm; the same pick, and a pick at either end of its arm's
+  ladder is marked for extension that way.
 
     .venv/bin/python scripts/pick_lr.py docs/results/fedsvd-comparison-pilot [--out pilot.md]
     .venv/bin/python scripts/pick_lr.py docs/results/fedsvd-comparison-v3/pilot --per-arm --out pilot.md
@@ -29,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("pilot", help="directory holding lr-*/ sweep directories")
     parser.add_argument("--out", help="also write the table (Markdown) here")
     parser.add_argument("--per-arm", action="store_true", help="pick per arm and budget (the v3 rule)")
+    parser.add_argument("--ladders", action="store_true", help="with --per-arm: each arm has its own lrs")
     args = parser.parse_args(argv)
+    if args.ladders and not args.per_arm:
+        parser.error("--ladders goes with --per-arm")
     dirs = sorted(Path(args.pilot).glob("lr-*"), key=lambda p: float(p.name.removeprefix("lr-")))
     if not dirs:
         print(f"no lr-*/ directories under {args.pilot}", file=sys.stderr)
@@ -54,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         mean = sum(v[0] for v in vals if v) / len(cells) if lr in complete else float("nan")
         shown = ["" if v is None else f"{100 * v[0]:.1f} ({v[1]:.2g})" for v in vals]
         lines.append(f"| {lr:g} | " + " | ".join(shown) + f" | {100 * mean:.2f} |")
+    if args.ladders:
+        return _per_arm(table, cells, lines, args.out, ladders=True)
     if not complete:
         print("\n".join(lines))
         print("no lr has every cell finished", file=sys.stderr)
@@ -70,9 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _per_arm(table: dict[float, dict[str, tuple]], cells: list[str], lines: list[str], out: str | None) -> int:
+def _per_arm(
+    table: dict[float, dict[str, tuple]], cells: list[str], lines: list[str], out: str | None, ladders: bool = False
+) -> int:
     """The v3 rule: per cell (arm x budget), the lr with the best last-3 accuracy, ties to the smaller."""
-    base = [lr for lr, row in table.items() if set(row) == set(cells)]
+    base = list(table) if ladders else [lr for lr, row in table.items() if set(row) == set(cells)]
     # an incomplete lr counts as an extension only above every complete one (the rule extends the
     # top); one at or below it is an unfinished sweep of the base grid
     top = max(base, default=-1.0)
@@ -88,6 +98,7 @@ def _per_arm(table: dict[float, dict[str, tuple]], cells: list[str], lines: list
         best = max(row, key=lambda lr: (round(table[lr][cell][0], 6), -lr))
         note = " (extension)" if best not in base else ""
         note += " (top of its row: extend)" if best == row[-1] else ""
+        note += " (bottom of its row: extend)" if ladders and best == row[0] else ""
         chosen.append(f"| {arm} | {eps} | {best:g}{note} | {100 * table[best][cell][0]:.1f} |")
         entries.append(f"{arm}@{eps}={best:g}")
     lines += ["", "Chosen per arm and budget (best last-3 accuracy; ties to the smaller lr):", "",

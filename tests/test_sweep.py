@@ -41,11 +41,22 @@ def test_per_arm_learning_rates_reach_their_cells(tmp_path):
     for bad, message in (
         (["ffa=0.1"], "names no arm of the grid: fedavg, fedsvd"),
         (["fedavg@3=0.1"], "names no budget of the grid"),
-        (["fedavg:0.1"], "is not ARM=LR or ARM@EPSILON=LR"),
-        (["fedavg=-1"], "is not ARM=LR"),
+        (["fedavg:0.1"], "is not ARM=VALUE or ARM@EPSILON=VALUE"),
+        (["fedavg=-1"], "is not ARM=VALUE"),
+        (["fedavg=inf"], "is not ARM=VALUE"),
     ):
         with pytest.raises(ValueError, match=message):
             cells(_sweep_spec(sweep__lrs=bad), tmp_path)
+
+
+def test_per_arm_clip_bounds_reach_their_cells(tmp_path):
+    """sweep.clips: as sweep.lrs, for privacy.clip (B-only arms' gradients are ~20x smaller than A+B's)."""
+    spec = _sweep_spec(sweep__clips=["fedsvd=0.05", "fedavg@4=0.9"], privacy__clip=2.0)
+    clips = {(c.spec.strategy.name, c.spec.privacy.epsilon): c.spec.privacy.clip for c in cells(spec, tmp_path)}
+    assert clips == {("fedsvd", math.inf): 0.05, ("fedsvd", 4.0): 0.05, ("fedavg", math.inf): 2.0, ("fedavg", 4.0): 0.9}
+    assert all(c.spec.train.lr == spec.train.lr for c in cells(spec, tmp_path))  # clips leave lrs alone
+    with pytest.raises(ValueError, match="sweep.clips entry 'ffa=0.1' names no arm"):
+        cells(_sweep_spec(sweep__clips=["ffa=0.1"]), tmp_path)
 
 
 def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, monkeypatch):
