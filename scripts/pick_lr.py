@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         vals = [row.get(c) for c in cells]
         mean = sum(v[0] for v in vals if v) / len(cells) if lr in complete else float("nan")
         shown = ["" if v is None else f"{100 * v[0]:.1f} ({v[1]:.2g})" for v in vals]
-        lines.append(f"| {lr:g} | " + " | ".join(shown) + f" | {100 * mean:.2f} |")
+        lines.append(f"| {lr:g} | " + " | ".join(shown) + (f" | {100 * mean:.2f} |" if lr in complete else " | |"))
     if args.ladders:
         return _per_arm(table, cells, lines, args.out, ladders=True)
     if not complete:
@@ -87,6 +87,7 @@ def _per_arm(
     # top); one at or below it is an unfinished sweep of the base grid
     top = max(base, default=-1.0)
     missing = sorted({c for lr, row in table.items() if lr <= top for c in cells if c not in row}) if base else cells
+    missing = [] if ladders else missing  # a ladder is whatever lrs its arm ran
     if missing:
         print("\n".join(lines))
         print(f"cells not finished at every lr: {missing}", file=sys.stderr)
