@@ -3,7 +3,9 @@
 sweep directory, each run's mean accuracy over its last 3 rounds minus its seed's starting
 accuracy, per strategy and budget (mean and 95% CI over seeds).
 
-    .venv/bin/python scripts/head_alone.py simulations/fedsvd-comparison.toml [SWEEP_DIR]
+    .venv/bin/python scripts/head_alone.py simulations/fedsvd-comparison.toml [SWEEP_DIR] [--seeds 0,1,2]
+
+The seeds are the spec's sweep seeds (else its own seed) unless --seeds names them.
 """
 
 from __future__ import annotations
@@ -19,13 +21,22 @@ from fedpeft.spec_io import load_spec
 
 
 def main(argv: list[str]) -> int:
+    seeds = None
+    if "--seeds" in argv:
+        at = argv.index("--seeds")
+        try:
+            seeds = [int(s) for s in argv[at + 1].split(",")]
+        except (IndexError, ValueError):
+            print("--seeds takes a comma-separated list of integers, e.g. --seeds 0,1,2")
+            return 2
+        argv = argv[:at] + argv[at + 2 :]
     if not argv:
         print(__doc__)
         return 2
     torch.set_num_threads(1)
     spec = load_spec(argv[0])
     start = {}
-    for seed in spec.sweep.seeds or (spec.federation.seed,):
+    for seed in seeds or spec.sweep.seeds or (spec.federation.seed,):
         parts = build_parts(spec.with_flat({"federation.seed": seed}))
         start[seed] = evaluate(parts.model, parts.model.state(), parts.data.test, 256)["accuracy"]
         print(f"seed {seed}: before round 1 {100 * start[seed]:.1f}% (majority {100 * parts.data.majority_rate:.1f}%)")

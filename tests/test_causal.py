@@ -227,7 +227,7 @@ def test_flower_path_equals_in_process_and_dp_nodes_spend_their_budget(tmp_path)
 def test_simulate_prints_the_base_and_federated_answers(tmp_path, capsys):
     from fedpeft.cli import main
 
-    sets = ["model.name=tiny-llama", "model.targets=[]", "model.max_length=48", "data.name=synthetic-qa", "data.test_size=50",
+    sets = ["model.name=tiny-llama", "federation.executor=sequential", "model.targets=[]", "model.max_length=48", "data.name=synthetic-qa", "data.test_size=50",
             "federation.rounds=1", "train.local_steps=2", "privacy.epsilon=inf"]  # fmt: skip
     assert main(["simulate", *[a for s in sets for a in ("--set", s)], "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().err  # progress and results go to stderr

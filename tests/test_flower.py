@@ -63,10 +63,10 @@ def test_run_config_overrides_map_onto_spec_keys(tmp_path):
     assert spec.federation.rounds == 3 and not spec.privacy.enabled
     path = tmp_path / "mine.toml"
     path.write_text('name = "mine"\n[federation]\nrounds = 9\nclients = 6\n[strategy]\nname = "ffa"\n')
-    spec = spec_from_run_config({**config, "spec": str(path), "train.lr": 0.1}, default_spec())
+    spec = spec_from_run_config({**config, "spec": str(path), "train.lr": 0.2}, default_spec())
     # the file is the base; only keys set away from the default override it, and name the run
-    assert (spec.name, spec.federation.rounds, spec.federation.clients) == ("mine-lr0.1", 9, 6)
-    assert (spec.strategy.name, spec.train.lr) == ("ffa", 0.1)
+    assert (spec.name, spec.federation.rounds, spec.federation.clients) == ("mine-lr0.2", 9, 6)
+    assert (spec.strategy.name, spec.train.lr) == ("ffa", 0.2)
     with pytest.raises(ConfigError, match="federation.rounds must be >= 1"):
         spec_from_run_config({**config, "federation.rounds": 0}, default_spec())
 

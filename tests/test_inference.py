@@ -77,7 +77,7 @@ def test_run_names_say_what_the_overrides_changed():
     assert resolve_spec(None, []).name == "quickstart"
     changed = resolve_spec(None, ["model.name=tiny-bert", "data.name=synthetic", "privacy.epsilon=inf"])
     assert changed.name == "quickstart-tiny-bert-synthetic-epsiloninf"
-    assert resolve_spec(None, ["federation.rounds=5"]).name == "quickstart"  # the quickstart's own value
+    assert resolve_spec(None, ["federation.rounds=24"]).name == "quickstart"  # the quickstart's own value
     assert resolve_spec(None, ["name=mine", "federation.rounds=3"]).name == "mine"
     assert resolve_spec(None, ["sweep.seeds=[0,1]"]).name == "quickstart"  # a sweep's grid is not the run
     long = resolve_spec(None, [f"model.targets={json.dumps(['query', 'key', 'value', 'dense'] * 6)}"]).name
@@ -92,7 +92,7 @@ def test_the_simulate_directory_carries_the_name(tmp_path, monkeypatch, capsys):
     (run,) = (tmp_path / "runs").iterdir()
     name = json.loads((run / "summary.json").read_text())["spec"]["name"]
     assert name.startswith("quickstart-rounds1-tiny-bert-") and "synthetic" in name
-    assert run.name.startswith(f"{name}-") and f"fedpeft {name}: fedsvd" in capsys.readouterr().err
+    assert run.name.startswith(f"{name}-") and f"fedpeft {name}: fedavg" in capsys.readouterr().err
 
 
 def _row(up_mb: float, down_mb: float) -> dict:
