@@ -57,7 +57,19 @@ def _threads():
 # The slowest files first (loadfile schedules a file's tests on one worker, in the order files first
 # appear; pyproject turns off xdist's reordering by size, which sent the one-test quickstart file last):
 # the long end-to-end tests start at once and the short ones fill the cores around them.
-SLOWEST_FIRST = ("test_quickstart.py", "test_audit.py", "test_flower_deployment.py", "test_flower_simulation.py")
+SLOWEST_FIRST = (
+    "test_flower_deployment.py", "test_quickstart.py", "test_audit.py", "test_flower_deployment_faults.py",
+    "test_flower_simulation.py",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):  # noqa: ANN201
+    """A loopback Flower deployment (TLS SuperLink, 3 authenticated SuperNodes), one per test file."""
+    from fedpeft.deploy import LocalDeployment
+
+    with LocalDeployment(tmp_path_factory.mktemp("deployment"), nodes=3) as dep:
+        yield dep
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ANN201
