@@ -78,7 +78,7 @@ def cells(spec: Spec, out: Path) -> list[Cell]:
             if value is not None:
                 flat[name] = value
         cell_spec = replace(spec.with_flat(flat), strategy=StrategyConfig(name=strategy, options=options))
-        path = out / run_label(strategy, adapter)
+        path = out / arm
         if sweep.client_epsilons:
             path = path / f"client-eps-{eps_label(client_epsilon)}"
         grid.append(Cell(cell_spec, path / f"eps-{eps_label(epsilon)}" / f"seed-{seed}"))
