@@ -70,3 +70,31 @@ def test_a_public_head_is_fitted_on_server_data_no_client_holds(tmp_path):
     assert torch.equal(baseline.test.input_ids, same.test.input_ids) and len(test) == len(baseline.test)
     with pytest.raises(ConfigError, match="set data.public_size"):
         build_parts(tiny_spec(model__head_init="public"))
+
+
+def test_gap_closed_measures_each_budget_against_the_ceiling_at_that_budget():
+    import importlib.util
+
+    from tests.runtime_helpers import ROOT
+
+    loader = importlib.util.spec_from_file_location("gap_closed", ROOT / "scripts" / "gap_closed.py")
+    gap_closed = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(gap_closed)
+    inf = float("inf")
+
+    def run(arm, target, seed, last3):
+        return {"strategy": arm, "target": target, "seed": seed, "accuracy": last3, "accuracy_last3": last3}
+
+    grid = [
+        run("fedavg", 8.0, 0, 0.70),
+        run("fedavg", 8.0, 1, 0.65),
+        run("fedavg", 3.0, 0, 0.6),
+        run("ffa", inf, 0, 0.8),
+    ]
+    floor = {0: 0.5, 1: 0.5}
+    ceiling = {(8.0, 0): 0.75, (8.0, 1): 0.75, (inf, 0): 0.9}  # no ceiling at epsilon 3
+    text = gap_closed.table(grid, floor, ceiling, ceiling)
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines() if line.startswith("| ")}
+    assert "0.70 ± " in rows["fedavg", "ε = 8"]  # (0.70 - 0.5) / 0.25 = 0.8 and (0.65 - 0.5) / 0.25 = 0.6
+    assert rows["ffa", "no DP"].endswith("| 0.75 |")  # (0.8 - 0.5) / (0.9 - 0.5), one seed
+    assert ("fedavg", "ε = 3") not in rows and "ε = 3: no ceiling run at this budget, left out." in text

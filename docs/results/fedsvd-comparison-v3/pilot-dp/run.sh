@@ -19,7 +19,7 @@ cell() {  # ARM:LR -> one `fedpeft sweep` of that arm alone, in lr-LR/ARM/
   [[ -f $here/lr-$lr/$arm/$arm/eps-8/seed-99/summary.json ]] && return 0
   OMP_NUM_THREADS=1 .venv/bin/fedpeft sweep simulations/fedsvd-comparison-v3-dp.toml --out "$here/lr-$lr/$arm" \
     --set "train.lr=$lr" "privacy.clip=${CLIP[$arm]}" 'sweep.seeds=[99]' 'sweep.epsilons=[8.0]' \
-    "sweep.strategies=[\"$strategy\"]" "sweep.adapters=[\"$family\"]" > "$here/lr-$lr/$arm.log" 2>&1 \
+    "sweep.strategies=[\"$strategy\"]" "sweep.adapters=[\"$family\"]" 'sweep.lrs=[]' 'sweep.clips=[]' > "$here/lr-$lr/$arm.log" 2>&1 \
     || { echo "failed: $1 (see $here/lr-$lr/$arm.log)"; return 1; }
   echo "done: $1"
 }
