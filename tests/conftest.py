@@ -9,6 +9,11 @@ import torch
 
 from fedpeft.config import Spec
 
+# The processes tests start (Flower's SuperNodes and ClientApps, Ray's actors, the race test's
+# workers) inherit one intra-op thread, as the tests' own process uses (`_threads`): up to 4 test
+# workers already share 2 cores, and a tiny model gains nothing from a second thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 TINY = {
     "name": "tiny",
     "federation.rounds": 3,

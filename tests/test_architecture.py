@@ -65,6 +65,17 @@ def test_flower_is_imported_only_in_the_flower_package():
     assert not offenders
 
 
+def test_the_client_app_imports_torch_only_when_a_handler_needs_it():
+    # Flower imports the ClientApp in a new process for every message; SecAgg+'s key, share and
+    # unmask messages never reach a handler, so importing the app must not cost torch's import
+    import subprocess
+    import sys
+
+    code = "import sys, fedpeft.flower.client_app; print(sorted(m for m in ('torch', 'transformers', 'opacus') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_strategies_import_nothing_above_state_and_registry():
     allowed = {"fedpeft.state", "fedpeft.registry"}
     for path in (ROOT / "strategies").glob("*.py"):

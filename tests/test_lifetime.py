@@ -16,6 +16,7 @@ from fedpeft.cli import main as cli
 from fedpeft.executors.base import ClientFailure
 from fedpeft.federation import Callbacks, Federation
 from fedpeft.flower import wire
+from fedpeft.flower.client_app import make_app
 from fedpeft.flower.executor import FlowerExecutor
 from fedpeft.flower.lifetime import AUDIT_FILE, DataKey, Lifetime, LifetimeRefusal
 from fedpeft.flower.local import LocalGrid
@@ -95,7 +96,7 @@ def test_a_node_with_its_own_data_refuses_no_dp_and_stops_at_its_default_lifetim
     path.write_text("".join(json.dumps({"text": f"fine {i}", "label": i % 2}) + "\n" for i in range(40)))
     own = {"data-file": str(path), "public-size": 40}
     spec = tiny_spec(federation__rounds=1, federation__clients=2, federation__clients_per_round=2)
-    grid = LocalGrid(2, state_dir=tmp_path / "node")
+    grid = LocalGrid(2, state_dir=tmp_path / "node", app=make_app())  # its own node: it announces its policy
     grid.contexts[101].node_config.update(own)
     nodp = spec.with_flat({"privacy.epsilon": float("inf")})
     result = Federation.build(nodp, executor=FlowerExecutor(grid, nodp, connect_timeout=0)).run(tmp_path / "nodp")

@@ -1,11 +1,12 @@
 """Secure aggregation with Flower's SecAgg+ (`federation.secagg`): the server learns only the sum.
 
-A round is Flower's own SecAggPlusWorkflow (server) and secaggplus_mod (nodes) in the installed
-flwr: setup (public keys), share keys (encrypted Shamir shares), collect masked vectors (the nodes
-train and upload their update quantised and masked), unmask (shares of the masks of the nodes that
-stayed, and of the keys of those that dropped out, so their masks cancel). The workflow hands the
-unmasked aggregate to a legacy Strategy; here that strategy only collects it (`_Collect`), and the
-grid executor turns it into one `SecureSum`: the server-side code never holds one node's update.
+A round is Flower's own SecAggPlusWorkflow (server) and secaggplus_mod (nodes: client_app.when_asked)
+in the installed flwr: setup (public keys), share keys (encrypted Shamir shares), collect masked
+vectors (the nodes train and upload their update quantised and masked), unmask (shares of the masks
+of the nodes that stayed, and of the keys of those that dropped out, so their masks cancel). The
+workflow hands the unmasked aggregate to a legacy Strategy; here that strategy only collects it
+(`_Collect`), and the grid executor turns it into one `SecureSum`: the server-side code never
+holds one node's update.
 
 What each node puts into the sum is its clients' change from what they were sent, weighted: the
 weighted mean over its trained clients of (upload - sent), with the sum of their weights (their
@@ -28,10 +29,8 @@ import math
 from types import SimpleNamespace
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.client.mod import secaggplus_mod
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.common import FitIns, FitRes, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
@@ -43,7 +42,7 @@ from fedpeft.executors.base import ClientFailure, ClientResult
 from fedpeft.flower import wire
 from fedpeft.privacy.client_level import ClientLevelDP
 
-__all__ = ["MAX_NODES", "RANGE", "node_reply", "secure_round", "when_asked"]
+__all__ = ["MAX_NODES", "RANGE", "node_reply", "secure_round"]
 
 SHARE_FRACTION = 1.0  # SecAgg+ num_shares as a fraction of the round's nodes: all of them
 THRESHOLD = 0.5  # shares needed to rebuild a dropped node's key: fewer than half may drop out
@@ -94,14 +93,6 @@ def aggregate_mean(results: list[tuple[int, FitRes]]) -> list[torch.Tensor]:
 
 
 # -- node side ---------------------------------------------------------------------------------------
-def when_asked(message: Message, context: Context, call_next):  # noqa: ANN001, ANN201
-    """Flower's secaggplus_mod for the messages of a SecAgg+ round; any other passes untouched
-    (a node serves plain and secure federations alike)."""
-    if RECORD_KEY_CONFIGS in message.content.config_records:
-        return secaggplus_mod(message, context, call_next)
-    return call_next(message, context)
-
-
 def node_reply(node, content: RecordDict, context: Context) -> RecordDict:  # noqa: ANN001
     """Train this node's clients as a plain round does, then answer with their weighted mean
     change (clipped and noised per client under client-level DP) for the mod to mask."""
