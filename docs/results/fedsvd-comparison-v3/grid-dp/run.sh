@@ -10,16 +10,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
 here=docs/results/fedsvd-comparison-v3/grid-dp
+ceiling=docs/results/fedsvd-comparison-v3/ceiling-dp  # beside the grid, so that its runs are not read as grid cells
 spec=simulations/fedsvd-comparison-v3-dp.toml
 budget() {
   local eps=$1
   OMP_NUM_THREADS=1 .venv/bin/fedpeft sweep $spec --out "$here/eps-$eps" --set "sweep.epsilons=[$eps.0]" \
     > "$here/eps-$eps.log" 2>&1 || { echo "grid failed at epsilon $eps (see $here/eps-$eps.log)"; return 1; }
   echo "grid done: epsilon $eps"
-  OMP_NUM_THREADS=1 .venv/bin/fedpeft sweep $spec --out "$here/ceiling/eps-$eps" --set "sweep.epsilons=[$eps.0]" \
+  mkdir -p "$ceiling"
+  OMP_NUM_THREADS=1 .venv/bin/fedpeft sweep $spec --out "$ceiling/eps-$eps" --set "sweep.epsilons=[$eps.0]" \
     federation.clients=1 federation.clients_per_round=1 train.batch_size=1536 train.lr=0.1 privacy.clip=0.81 \
     'sweep.strategies=["fedavg"]' 'sweep.adapters=["lora"]' 'sweep.lrs=[]' 'sweep.clips=[]' \
-    > "$here/ceiling-eps-$eps.log" 2>&1 || { echo "ceiling failed at epsilon $eps (see $here/ceiling-eps-$eps.log)"; return 1; }
+    > "$ceiling/eps-$eps.log" 2>&1 || { echo "ceiling failed at epsilon $eps (see $ceiling/eps-$eps.log)"; return 1; }
   echo "ceiling done: epsilon $eps"
 }
 budget 8 & a=$!
