@@ -7,6 +7,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+
+def budget_label(epsilon: float) -> str:
+    """A privacy budget as tables and plots name it: "no DP" for infinity, else "ε = 8"."""
+    return "no DP" if math.isinf(epsilon) else f"ε = {epsilon:g}"
+
+
 __all__ = ["plot_accuracy_vs_epsilon", "plot_per_epsilon", "plot_run", "pyplot", "write_run_plot"]
 
 
@@ -111,7 +117,7 @@ def plot_accuracy_vs_epsilon(
     if not any(math.isnan(r["majority_rate"]) for r in rows):  # a causal LM has none
         ax.axhline(100 * sum(r["majority_rate"] for r in rows) / len(rows), color="grey", linestyle=":",
                    label="majority class")  # fmt: skip
-    ax.set_xticks(sorted(xs.values()), [("no DP" if math.isinf(e) else f"ε = {e:g}") for e in sorted(xs, key=xs.get)])
+    ax.set_xticks(sorted(xs.values()), [budget_label(e) for e in sorted(xs, key=xs.get)])
     low, high = ax.get_ylim()
     ax.set_ylim(max(0.0, low), min(100.0, high))  # a CI past 0 or 100 is cut at the axis
     ax.set_xlabel("privacy budget (per client, δ fixed)")
@@ -176,7 +182,7 @@ def plot_per_epsilon(  # noqa: ANN001
         if key == "epsilon_max":  # the budget every client's ledger must stay under
             ax.axhline(target, color="grey", linestyle="--", label="target ε")
             ax.set_ylim(bottom=0)
-        ax.set_title("no DP" if math.isinf(target) else f"ε = {target:g}")
+        ax.set_title(budget_label(target))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedpeft.plots import plot_accuracy_vs_epsilon, plot_per_epsilon
+from fedpeft.plots import budget_label, plot_accuracy_vs_epsilon, plot_per_epsilon
 
 __all__ = ["collect", "markdown", "run_label", "summarise", "write_report"]
 
@@ -200,7 +200,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     # no DP first, then epsilon descending (float("inf") parses the "inf" label)
     targets = list(dict.fromkeys(r["epsilon"] for r in sorted(rows, key=lambda r: -float(r["epsilon"]))))
     by = {(r["strategy"], r["epsilon"]): r for r in rows}
-    head = ["strategy"] + [("no DP" if e == "inf" else f"ε = {e}") for e in targets]
+    head = ["strategy"] + [budget_label(float(e)) for e in targets]
     lines = [
         "Final test accuracy (%), mean ± 95% CI over seeds:",
         "",
@@ -246,7 +246,7 @@ def paired(runs: list[dict[str, Any]], baseline: str, key: str = "accuracy", wha
     it, and the design's power: the smallest difference it detects (`detectable`, 80%, 5%)."""
     strategies, targets = _order(runs)
     acc = {(r["strategy"], r["target"], r["seed"]): r.get(key) for r in runs if r.get(key) is not None}
-    head = ["strategy"] + [("no DP" if math.isinf(t) else f"ε = {t:g}") for t in targets]
+    head = ["strategy"] + [budget_label(t) for t in targets]
     lines = [
         f"Difference to {baseline} in {what}, points, paired by seed (mean ± 95% CI; seeds where it is ahead; "
         "MDE = the smallest true difference this many seeds detect with 80% power at the 5% level, at the "

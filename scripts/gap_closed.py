@@ -25,6 +25,7 @@ import torch
 
 from fedpeft.build import build_parts
 from fedpeft.client import evaluate
+from fedpeft.plots import budget_label
 from fedpeft.report import _ci95, _order, collect
 from fedpeft.spec_io import load_spec
 
@@ -47,10 +48,6 @@ def _pm(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * mean:.{digits}f}" + ("" if math.isnan(ci) else f" ± {scale * ci:.{digits}f}")
 
 
-def _budget(target: float) -> str:
-    return "no DP" if math.isinf(target) else f"ε = {target:g}"
-
-
 def table(grid: list[dict], floor: dict[int, float], ceiling: dict[tuple[float, int], float],
           ceiling_final: dict[tuple[float, int], float]) -> str:  # fmt: skip
     """The Markdown table; `ceiling` and `ceiling_final` are keyed by (budget, seed)."""
@@ -59,11 +56,11 @@ def table(grid: list[dict], floor: dict[int, float], ceiling: dict[tuple[float, 
     for target in targets:
         seeds = sorted(s for s in floor if (target, s) in ceiling)
         if not seeds:
-            lines += [f"{_budget(target)}: no ceiling run at this budget, left out.", ""]
+            lines += [f"{budget_label(target)}: no ceiling run at this budget, left out.", ""]
             continue
         top = [ceiling[target, s] for s in seeds]
         lines += [
-            f"{_budget(target)}: floor (before round 1, or the majority class if higher) "
+            f"{budget_label(target)}: floor (before round 1, or the majority class if higher) "
             f"{_pm([floor[s] for s in seeds])}%, ceiling (centralised at this budget, last 3 rounds) {_pm(top)}% "
             f"(final {_pm([ceiling_final[target, s] for s in seeds])}%), over seeds {seeds}; gap "
             f"{_pm([ceiling[target, s] - floor[s] for s in seeds])} points.",
@@ -80,7 +77,7 @@ def table(grid: list[dict], floor: dict[int, float], ceiling: dict[tuple[float, 
                 (r["accuracy_last3"] - floor[r["seed"]]) / (ceiling[target, r["seed"]] - floor[r["seed"]]) for r in cell
             ]
             lines.append(
-                f"| {strategy} | {_budget(target)} | {len(cell)} | {_pm([r['accuracy'] for r in cell])} | "
+                f"| {strategy} | {budget_label(target)} | {len(cell)} | {_pm([r['accuracy'] for r in cell])} | "
                 f"{_pm([r['accuracy_last3'] for r in cell])} | {_pm(closed, 1.0, 2)} |"
             )
     return "\n".join(lines) + "\n"
@@ -105,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text, end="")
     if args.out:
         Path(args.out).write_text(text)
-    print(json.dumps({"floor": floor, "ceiling": {f"{_budget(t)}, seed {s}": v for (t, s), v in ceiling.items()}}))
+    print(json.dumps({"floor": floor, "ceiling": {f"{budget_label(t)}, seed {s}": v for (t, s), v in ceiling.items()}}))
     return 0
 
 
