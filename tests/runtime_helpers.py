@@ -1,9 +1,12 @@
 """Shared by the slow tests of Flower's runtimes (tests/test_flower_simulation.py and
-tests/test_flower_deployment.py, separate files so that pytest-xdist runs them side by side)."""
+tests/test_flower_deployment.py, separate files so that pytest-xdist runs them side by side), and
+`load_script`, which imports one of scripts/ for the tests of its functions."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -11,6 +14,14 @@ from fedpeft.federation import Federation
 from tests.conftest import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/NAME.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def runtime_spec(**overrides):  # noqa: ANN003, ANN202

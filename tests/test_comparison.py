@@ -73,13 +73,9 @@ def test_a_public_head_is_fitted_on_server_data_no_client_holds(tmp_path):
 
 
 def test_gap_closed_measures_each_budget_against_the_ceiling_at_that_budget():
-    import importlib.util
+    from tests.runtime_helpers import load_script
 
-    from tests.runtime_helpers import ROOT
-
-    loader = importlib.util.spec_from_file_location("gap_closed", ROOT / "scripts" / "gap_closed.py")
-    gap_closed = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(gap_closed)
+    gap_closed = load_script("gap_closed")
     inf = float("inf")
 
     def run(arm, target, seed, last3):

@@ -3,7 +3,6 @@ duplicate identities, and the run's own files (a lock, torn files, checkpoint fa
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -30,6 +29,7 @@ from fedpeft.flower.untrusted import node_text
 from fedpeft.state import AdapterState, ClientUpdate
 from fedpeft.validation import UpdateLimits, dp_update_bound, validate_update
 from tests.conftest import tiny_spec
+from tests.runtime_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -608,9 +608,7 @@ def test_process_clean_up_signals_only_processes_started_with_our_environment(tm
 
 # -- the drill, small -------------------------------------------------------------------------------------
 def test_fault_drill_small():
-    spec = importlib.util.spec_from_file_location("fault_drill", ROOT / "scripts" / "fault_drill.py")
-    drill = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(drill)
+    drill = load_script("fault_drill")
     report = drill.run_drill(rounds=1, log=lambda line: None, scaled=False)
     assert report["faults_injected"] == len(drill.FAULTS)
     assert report["federations_ended"] == 0, [r for r in report["runs"] if r["ended"]]
