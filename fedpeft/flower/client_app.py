@@ -62,14 +62,14 @@ def when_asked(message: Message, context: Context, call_next):  # noqa: ANN001, 
 def make_app(node: Node | None = None) -> ClientApp:
     """A ClientApp over `node` (by default a new one, built at the first message that needs it):
     query, train, evaluate."""
-    held: list[Node | None] = [node]
 
     def the_node() -> Node:
-        if held[0] is None:
+        nonlocal node
+        if node is None:
             from fedpeft.flower.node import Node
 
-            held[0] = Node()
-        return held[0]
+            node = Node()
+        return node
 
     client_app = ClientApp()
 
