@@ -26,6 +26,7 @@ from fedpeft.causal import answer_window, evaluate_lm, token_loss
 from fedpeft.data.base import TokenizedData
 from fedpeft.optim import LocalOptimizer, OptimizerState, load_torch_state, torch_state
 from fedpeft.privacy.accounting import ClientBudget, sample_rate
+from fedpeft.privacy.randomness import Seed, Source, TorchSource, batch_source, noise_source, seed_dropout
 from fedpeft.state import AdapterState, ClientUpdate
 
 __all__ = [
@@ -69,9 +70,10 @@ class LocalTraining:
         return dataclasses.replace(self.optimizer or LocalOptimizer(), lr=self.lr, steps=self.steps)
 
 
-def poisson_batches(n: int, q: float, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
+def poisson_batches(n: int, q: float, steps: int, source: Source | torch.Generator) -> list[torch.Tensor]:
     """`steps` Poisson samples of range(n): each row joins each batch independently with prob. q."""
-    return [torch.nonzero(torch.rand(n, generator=generator) < q).squeeze(1) for _ in range(steps)]
+    source = TorchSource(source) if isinstance(source, torch.Generator) else source
+    return [torch.nonzero(source.rand(n) < q).squeeze(1) for _ in range(steps)]
 
 
 def train_client(
@@ -81,7 +83,7 @@ def train_client(
     plan: LocalTraining,
     *,
     client_id: int,
-    seed: int,
+    seed: Seed,
     dp: DPSGD | None = None,
     rank: int | None = None,
     round_num: int = 1,
@@ -89,7 +91,8 @@ def train_client(
 ) -> ClientUpdate:
     """Train one client from the global adapter; return the tensors it uploads.
 
-    `seed` fixes the batches, the DP noise and dropout, so a client's round is reproducible.
+    `seed` fixes the batches, the DP noise and dropout, so a client's round is reproducible; a
+    SecretKey draws them from its keystreams instead (fedpeft.privacy.randomness).
     `round_num` places the round in a schedule over the run. `optimizer_state`: the client's kept
     optimizer state (train.optimizer_state = keep), updated in place; None: fresh state.
     `rank` (heterogeneous ranks) keeps only the first `rank` LoRA components: the rest start at
@@ -103,8 +106,7 @@ def train_client(
     public_n = dp.size if dp is not None and dp.size else n
     q = sample_rate(plan.batch_size, public_n)
     expected_batch = q * public_n
-    generator = torch.Generator().manual_seed(seed)
-    batches = poisson_batches(n, q, plan.steps, generator)
+    batches = poisson_batches(n, q, plan.steps, batch_source(seed))
 
     model.load(global_state, rank=rank)
     model.set_trainable(set(plan.trains))
@@ -118,16 +120,17 @@ def train_client(
     module: torch.nn.Module = model.module
     if dp is not None:
         from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
+
+        from fedpeft.privacy.dpsgd import NodeDPOptimizer
 
         module = GradSampleModule(model.module, batch_first=True, loss_reduction="mean")
-        optimizer = DPOptimizer(
+        optimizer = NodeDPOptimizer(
             inner,  # Opacus clips and noises the gradient, then steps this optimizer on it
+            source=noise_source(seed, model.device),
             noise_multiplier=dp.sigma,
             max_grad_norm=dp.clip,
             expected_batch_size=expected_batch,
             loss_reduction="mean",
-            generator=torch.Generator(device=model.device).manual_seed(seed + 1),
             secure_mode=dp.secure,
         )
 
@@ -136,7 +139,7 @@ def train_client(
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # Opacus's hooks fire with no input requiring grad (frozen embeddings): expected, harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        torch.manual_seed(seed + 2)  # dropout
+        seed_dropout(seed, model.device)
         try:
             for step, index in enumerate(batches):
                 for group in optimizer.param_groups:
@@ -194,7 +197,7 @@ def client_round(
     plan: LocalTraining,
     *,
     client_id: int,
-    seed: int,
+    seed: Seed,
     budget: ClientBudget | None,
     clip: float,
     rank: int | None = None,

@@ -29,7 +29,7 @@ from fedpeft.client import LocalTraining, evaluate
 from fedpeft.config import ConfigError, Spec, client_rank
 from fedpeft.data import FederatedData
 from fedpeft.executors import ClientFailure, Executor, SecureSum
-from fedpeft.privacy.client_level import ClientLevelDP
+from fedpeft.privacy.client_level import ClientLevelDP, randomness
 from fedpeft.spec_io import spec_diff
 from fedpeft.state import BASE, AdapterState, ClientUpdate, kind_of
 from fedpeft.strategies import Strategy
@@ -105,7 +105,7 @@ class Federation:
         if executor is None:
             executor = make_executor(spec, parts.model, parts.data.clients, parts.data.num_labels, budgets)
         sigmas = [b.sigma for b in budgets] if budgets else None
-        client_dp = ClientLevelDP.from_spec(spec)
+        client_dp = ClientLevelDP.from_spec(spec, secret=executor.noise == "secret")  # Flower's: always secret
         return cls(spec, parts.model, parts.data, parts.strategy, executor, parts.plan, sigmas, client_dp)
 
     # ---------------------------------------------------------------------------------------
@@ -332,9 +332,9 @@ class Federation:
             "client_noise_multiplier": self.client_dp.noise_multiplier if self.client_dp is not None else None,
             "delta": spec.privacy.delta if spec.privacy.enabled else None,
             "sigma_per_client": self.sigmas,
-            # where the clients' batches and DP noise came from: seeded (reproducible from the spec,
-            # so only the simulator's own guarantee) or secret (drawn by the clients)
-            "noise": self.executor.noise if spec.privacy.enabled else None,
+            "noise": self.executor.noise if spec.privacy.enabled else None,  # the clients' batches and DP noise
+            # per mechanism: "seeded" (reproducible from the spec, the simulator's guarantee) or "secret" (never sent)
+            "randomness": randomness(self.executor.noise if spec.privacy.enabled else None, self.client_dp, spec),
             "seed": spec.federation.seed,
             "clients": [len(c) for c in self.data.clients],
             "test_examples": len(self.data.test),

@@ -107,19 +107,59 @@ def test_strategies_that_need_each_update_are_refused(strategy):
         check_names(robust)
 
 
-def test_the_flower_path_runs_client_level_dp_as_in_process(tmp_path):
-    """The noise is the server's (seeded here), the sampling the loop's: the Flower path is the
-    in-process run, rounds with no sampled node included."""
+def test_the_flower_path_runs_client_level_dp_as_in_process(tmp_path, monkeypatch):
+    """Under Flower the server's client-level sampling and noise are secret whatever the spec says;
+    with the server's keys fixed (the same sequence on both paths) the Flower path is the in-process
+    run, rounds with no sampled node included."""
+    import dataclasses
+    import hashlib
+    import itertools
+
     from fedpeft.flower.executor import FlowerExecutor
     from fedpeft.flower.local import LocalGrid
+    from fedpeft.privacy import client_level
+    from fedpeft.privacy.randomness import SecretKey
 
     spec = tiny_spec(federation__clients=4, federation__clients_per_round=1, federation__rounds=3,
                      federation__seed=3, privacy__client_epsilon=20.0)  # fmt: skip
-    reference = Federation.build(spec).run(tmp_path / "in-process")
+    assert spec.privacy.noise == "seeded"
+
+    def fixed_keys() -> type[SecretKey]:
+        counter = itertools.count()
+        return type("FixedKey", (SecretKey,), {"draw": classmethod(
+            lambda cls: cls(hashlib.sha256(b"server %d" % next(counter)).digest()))})  # fmt: skip
+
+    monkeypatch.setattr(client_level, "SecretKey", fixed_keys())
+    reference = Federation.build(spec)
+    reference.client_dp = dataclasses.replace(reference.client_dp, secret=True)
+    reference = reference.run(tmp_path / "in-process")
+    monkeypatch.setattr(client_level, "SecretKey", fixed_keys())
     flower = Federation.build(spec, executor=FlowerExecutor(LocalGrid(4), spec, connect_timeout=0)).run(tmp_path / "f")
-    assert [r["clients"] for r in flower.history] == [r["clients"] for r in reference.history] == [[0], [], [1]]
+    assert flower.summary["randomness"] == {"client_sampling": "secret", "client_noise": "secret"}
+    assert [r["clients"] for r in flower.history] == [r["clients"] for r in reference.history]
     for name, tensor in reference.state.tensors.items():
         torch.testing.assert_close(flower.state.tensors[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_under_flower_client_level_sampling_and_noise_cannot_be_recomputed_from_the_spec(tmp_path):
+    """A node holds the spec: the seeded in-process run is what it could recompute. The Flower runs
+    (real keys) differ from it and from each other, in the aggregate every round."""
+    from fedpeft.flower.executor import FlowerExecutor
+    from fedpeft.flower.local import LocalGrid
+
+    spec = tiny_spec(federation__clients=4, federation__clients_per_round=2, federation__rounds=2,
+                     federation__seed=3, privacy__client_epsilon=20.0)  # fmt: skip
+    seeded = Federation.build(spec).run(tmp_path / "seeded")
+    assert seeded.summary["randomness"] == {"client_sampling": "seeded", "client_noise": "seeded"}
+    runs = [
+        Federation.build(spec, executor=FlowerExecutor(LocalGrid(4), spec, connect_timeout=0)).run(tmp_path / f"f{i}")
+        for i in range(2)
+    ]
+    for run in runs:
+        assert run.summary["randomness"] == {"client_sampling": "secret", "client_noise": "secret"}
+    for a, b in [(runs[0], seeded), (runs[0], runs[1])]:
+        for name, tensor in a.state.tensors.items():  # the noise (std z S / 2 per coordinate) differs
+            assert not torch.allclose(tensor, b.state.tensors[name], atol=1e-6), name
 
 
 def test_a_sweep_over_client_level_budgets_labels_and_places_each(tmp_path):
@@ -135,3 +175,14 @@ def test_a_sweep_over_client_level_budgets_labels_and_places_each(tmp_path):
     ]  # fmt: skip
     assert grid[2].path == tmp_path / "fedavg" / "client-eps-4" / "eps-inf" / "seed-0"
     assert grid[2].label == "fedavg (client ε=4) ε=inf seed 0" and grid[0].label == "fedavg ε=inf seed 0"
+
+
+def test_under_client_level_dp_no_rule_lets_one_client_decide_who_enters_the_sum():
+    """The median norm filter compares each update with the others: off under client-level DP, and an
+    explicit factor is refused (client clipping already bounds every update)."""
+    from fedpeft.validation import OUTLIER_NORM_UNDER_DP, outlier_factor
+
+    both = tiny_spec(privacy__epsilon=8.0, privacy__client_epsilon=4.0, federation__clients=8)
+    assert outlier_factor(both) == 0.0 and outlier_factor(tiny_spec(privacy__epsilon=8.0)) == OUTLIER_NORM_UNDER_DP
+    with pytest.raises(ConfigError, match="one client would decide"):
+        check_names(both.with_flat({"federation.outlier_norm": 2.0}))

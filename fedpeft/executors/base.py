@@ -20,7 +20,7 @@ from fedpeft.client import LocalTraining
 from fedpeft.data.base import TokenizedData
 from fedpeft.optim import OptimizerState
 from fedpeft.privacy.accounting import ClientBudget
-from fedpeft.privacy.randomness import secret_seed
+from fedpeft.privacy.randomness import SecretKey, Seed
 from fedpeft.registry import Registry
 from fedpeft.state import AdapterState, ClientUpdate
 
@@ -188,9 +188,9 @@ class InProcess:
     def noise(self) -> str:
         return "secret" if self.secret else "seeded"
 
-    def seed(self, cid: int, seeds: dict[int, int]) -> int:
-        """Client `cid`'s seed for this round: the loop's, or a secret one."""
-        return secret_seed() if self.secret else seeds[cid]
+    def seed(self, cid: int, seeds: dict[int, int]) -> Seed:
+        """Client `cid`'s randomness for this round: the loop's seed, or a fresh secret key."""
+        return SecretKey.draw() if self.secret else seeds[cid]
 
     @property
     def budgets(self) -> list[ClientBudget | None] | None:

@@ -40,7 +40,8 @@ from fedpeft.families import FAMILIES, inject, replace_linear
 from fedpeft.models import MODELS, build_model
 from fedpeft.optim import StackedOptimizer
 from fedpeft.privacy.accounting import ClientBudget, sample_rate
-from fedpeft.privacy.randomness import gaussian
+from fedpeft.privacy.dpsgd import zero_non_finite
+from fedpeft.privacy.randomness import Seed, batch_source, noise_source
 from fedpeft.state import HEAD, LORA_A, LORA_B, THETA, AdapterState, ClientUpdate, a_name, b_name, base_name, theta_name
 
 __all__ = ["CohortExecutor"]
@@ -131,7 +132,7 @@ class CohortExecutor(InProcess):
         cids: list[int],
         starts: list[AdapterState],
         plan: LocalTraining,
-        seeds: list[int],
+        seeds: list[Seed],
         sigmas: list[float] | None,
         round_num: int = 1,
     ) -> list[ClientUpdate]:
@@ -148,10 +149,9 @@ class CohortExecutor(InProcess):
         qs = [sample_rate(plan.batch_size, n) for n in sizes]
         expected = torch.tensor([q * n for q, n in zip(qs, sizes, strict=True)], device=self.device)
         batches = [
-            poisson_batches(len(d), q, plan.steps, torch.Generator().manual_seed(s))
-            for d, q, s in zip(data, qs, seeds, strict=True)
+            poisson_batches(len(d), q, plan.steps, batch_source(s)) for d, q, s in zip(data, qs, seeds, strict=True)
         ]
-        noise_gens = [torch.Generator(device=self.device).manual_seed(s + 1) for s in seeds]
+        noise_gens = [noise_source(s, self.device) for s in seeds]
         trains, train_head = plan.trains, HEAD in plan.trains
         opt = plan.local_optimizer
         kept = [self.store.optimizer_state(c, opt.keep_state) for c in cids]
@@ -250,6 +250,7 @@ class CohortExecutor(InProcess):
         Opacus hands the optimizer, for every client at once ([K, ...] per trained tensor)."""
         k = len(expected)
         if sigmas is not None and len(owner):
+            zero_non_finite(grads)  # as NodeDPOptimizer: a NaN or inf example contributes zero
             sq = torch.zeros(len(owner), device=owner.device)
             for g in grads:
                 sq += g.reshape(len(owner), -1).pow(2).sum(-1)
@@ -262,8 +263,8 @@ class CohortExecutor(InProcess):
             summed = torch.zeros_like(param).index_add_(0, owner, scaled)  # per-client sums
             if sigmas is not None:
                 for j in range(k):
-                    summed[j] += gaussian(
-                        sigmas[j] * self.clip, summed[j].shape, noise_gens[j], self.secret, device=summed.device
+                    summed[j] += noise_gens[j].normal(
+                        sigmas[j] * self.clip, summed[j].shape, self.secret, summed.device
                     )
             out.append(summed / expected.reshape((k,) + (1,) * (param.dim() - 1)))
         return out

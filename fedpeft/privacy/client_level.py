@@ -30,10 +30,11 @@ of the subsampled Gaussian (rate q_c, noise multiplier z) stay within `privacy.c
 Trust: the server is the trusted curator (central DP). What the guarantee covers is what leaves
 it: the global adapter after every round (what clients download, the export). Its own log
 (rounds.jsonl: who was sampled, each update's statistics) is the curator's and is not covered, and
-the amplification by sampling needs the sample to stay secret: with `privacy.noise = "secret"`
-both the sample and the noise come from the server's secret randomness; with "seeded" (the
-default) they follow from the spec, so, as for sample-level DP, the run is reproducible and the
-guarantee is the simulator's own.
+the amplification by sampling needs the sample to stay secret: with `privacy.noise = "secret"`,
+and always under Flower (every node holds the spec), both the sample and the noise come from the
+server's secret randomness (fedpeft.privacy.randomness); with "seeded" (the in-process default)
+they follow from the spec, so, as for sample-level DP, the run is reproducible and the guarantee
+is the simulator's own.
 """
 
 from __future__ import annotations
@@ -46,17 +47,18 @@ import torch
 
 from fedpeft.config import Spec
 from fedpeft.privacy.accounting import calibrate_sigma, epsilon
-from fedpeft.privacy.randomness import gaussian, secret_seed
+from fedpeft.privacy.randomness import SecretKey, Source, TorchSource, source_for
 from fedpeft.state import AdapterState, ClientUpdate
 
-__all__ = ["ClientLevelDP", "clip_update", "poisson_clients"]
+__all__ = ["ClientLevelDP", "clip_update", "poisson_clients", "randomness"]
 
 AGGREGATE_ID = -1  # the client id of the one noised update the strategy aggregates
 
 
-def poisson_clients(generator: torch.Generator, num_clients: int, rate: float) -> list[int]:
+def poisson_clients(source: Source | torch.Generator, num_clients: int, rate: float) -> list[int]:
     """Each client joins independently with probability `rate` (may be none, may be all)."""
-    return torch.nonzero(torch.rand(num_clients, generator=generator) < rate).squeeze(1).tolist()
+    source = TorchSource(source) if isinstance(source, torch.Generator) else source
+    return torch.nonzero(source.rand(num_clients) < rate).squeeze(1).tolist()
 
 
 def clip_update(update: ClientUpdate, sent: AdapterState, clip: float) -> tuple[dict[str, torch.Tensor], float]:
@@ -81,19 +83,25 @@ class ClientLevelDP:
     secret: bool
 
     @classmethod
-    def from_spec(cls, spec: Spec) -> ClientLevelDP | None:
+    def from_spec(cls, spec: Spec, secret: bool = False) -> ClientLevelDP | None:
+        """The spec's mechanism; `secret` forces secret sampling and noise whatever privacy.noise says
+        (the ServerApp: under Flower every node holds the spec, so seeded draws would be theirs too)."""
         priv, fed = spec.privacy, spec.federation
         if not priv.client_enabled:
             return None
         rate = fed.clients_per_round / fed.clients
         z = calibrate_sigma(priv.client_epsilon, priv.delta, rate, fed.rounds, priv.accountant)
-        return cls(rate, z, priv.client_clip, fed.clients, priv.delta, priv.accountant, priv.noise == "secret")
+        return cls(
+            rate, z, priv.client_clip, fed.clients, priv.delta, priv.accountant, secret or priv.noise == "secret"
+        )
 
     def sample(self, seed: int) -> list[int]:
         """This round's clients: from the round's seed, or from secret randomness (`secret`)."""
-        return poisson_clients(
-            torch.Generator().manual_seed(secret_seed() if self.secret else seed), self.num_clients, self.rate
-        )
+        return poisson_clients(self._source(seed, "client-sampling"), self.num_clients, self.rate)
+
+    def _source(self, seed: int, purpose: str) -> Source:
+        """A fresh secret key's stream (`secret`), or the round's seeded generator."""
+        return source_for(SecretKey.draw() if self.secret else seed, purpose)
 
     def epsilon(self, rounds: int, realised: list[float] | None = None) -> float:
         """Client-level epsilon after `rounds` rounds (every round counts, a client sampled or not);
@@ -115,9 +123,9 @@ class ClientLevelDP:
         """One client's part of a distributed round: its change clipped to S plus its share
         N(0, (z S)^2 / shares) of the noise, drawn from secret randomness (on the client's node)."""
         clipped, _ = clip_update(update, sent, self.clip)
-        generator = torch.Generator().manual_seed(secret_seed())
+        source = SecretKey.draw().stream("client-noise-share")
         std = self.noise_multiplier * self.clip / math.sqrt(shares)
-        return {n: d + gaussian(std, d.shape, generator, True).double() for n, d in clipped.items()}
+        return {n: d + source.normal(std, d.shape, True, "cpu").double() for n, d in clipped.items()}
 
     def finish(self, total: ClientUpdate, sent: AdapterState, members: int) -> ClientUpdate:
         """A distributed round's update from the securely aggregated mean of the members' noised
@@ -134,7 +142,7 @@ class ClientLevelDP:
     ) -> tuple[ClientUpdate, list[float]]:
         """One update carrying sent + (sum_k clip(u_k) + N(0, (z S)^2 I)) / (q_c N) on `names`, and
         the norms of the updates before clipping (for the curator's log, to choose S)."""
-        generator = torch.Generator().manual_seed(secret_seed() if self.secret else seed)
+        source = self._source(seed, "client-noise")
         total = {n: torch.zeros_like(sent.tensors[n], dtype=torch.float64) for n in names}
         norms = []
         for update in updates:
@@ -146,8 +154,20 @@ class ClientLevelDP:
         std = self.noise_multiplier * self.clip
         tensors = {
             n: (
-                sent.tensors[n].double() + (t + gaussian(std, t.shape, generator, self.secret).double()) / expected
+                sent.tensors[n].double() + (t + source.normal(std, t.shape, self.secret, "cpu").double()) / expected
             ).float()
             for n, t in total.items()
         }
         return ClientUpdate(AGGREGATE_ID, 1, tensors), norms
+
+
+def randomness(sample_level: str | None, client_dp: ClientLevelDP | None, spec: Spec) -> dict[str, str]:
+    """Where each mechanism's randomness came from (summary.json): "seeded" (reproducible from the
+    spec: the simulator's own guarantee) or "secret" (a key drawn where it runs, never sent).
+    `sample_level`: the executor's noise under DP-SGD (None: off). Under secure aggregation every
+    node draws its own share of the client-level noise."""
+    where = {"sample_level": sample_level} if sample_level is not None else {}
+    if client_dp is not None:
+        server = "secret" if client_dp.secret else "seeded"
+        where |= {"client_sampling": server, "client_noise": "secret" if spec.federation.secagg else server}
+    return where
