@@ -101,6 +101,11 @@ def check_names(spec: Spec) -> None:
                 f"{sum_users[0]} the sum of the clients' updates, so it needs a strategy whose server step "
                 f"uses only that sum; {spec.strategy.name!r} does not: use {valid}"
             )
+    if spec.privacy.client_enabled and spec.federation.outlier_norm:
+        raise ConfigError(
+            "federation.outlier_norm drops updates far from the round's median: under client-level DP one client "
+            "would decide which others enter the clipped sum; leave it 0 (client clipping bounds every update)"
+        )
     adapter = spec.model.adapter
     if not runs_family(spec.strategy.name, adapter):
         valid = ", ".join(n for n in sorted(STRATEGY_INFO) if runs_family(n, adapter))

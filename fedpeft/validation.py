@@ -268,8 +268,11 @@ def norm_outliers(
 
 
 def outlier_factor(spec: Spec) -> float:
-    """federation.outlier_norm, auto (0) resolved: OUTLIER_NORM_UNDER_DP under DP-SGD, else off (0)."""
+    """federation.outlier_norm, auto (0) resolved: OUTLIER_NORM_UNDER_DP under DP-SGD, else off (0). Off
+    under client-level DP: a median rule lets one client decide which others enter the clipped sum."""
     factor = spec.federation.outlier_norm
+    if spec.privacy.client_enabled:
+        return 0.0
     return factor if factor else (OUTLIER_NORM_UNDER_DP if spec.privacy.enabled else 0.0)
 
 

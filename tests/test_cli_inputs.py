@@ -76,9 +76,12 @@ def test_node_ledger_on_a_missing_dir_or_a_torn_ledger(tmp_path, capsys):
     _one_line_error(*_answer(["node", "ledger", "--state-dir", str(tmp_path / "none")], capsys), "no node state there")
     assert not (tmp_path / "none").exists()
     (tmp_path / "lifetime.json").write_text("{torn")
-    _one_line_error(*_answer(["node", "ledger", "--state-dir", str(tmp_path)], capsys), "is not a lifetime ledger")
     _one_line_error(
-        *_answer(["node", "ledger", "--state-dir", str(tmp_path), "--reset", "x"], capsys), "not a lifetime"
+        *_answer(["node", "ledger", "--state-dir", str(tmp_path)], capsys),
+        "is torn and there is nothing to recover it from",
+    )
+    _one_line_error(
+        *_answer(["node", "ledger", "--state-dir", str(tmp_path), "--reset", "x"], capsys), "nothing to recover it from"
     )
     assert (tmp_path / "lifetime.json").read_text() == "{torn"  # never rewritten
 

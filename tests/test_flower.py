@@ -311,7 +311,7 @@ def test_a_node_trains_on_its_own_data_file(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = tiny_spec(federation__rounds=2, federation__clients=3, federation__clients_per_round=3, privacy__epsilon=5.0)
-    grid = LocalGrid(3)
+    grid = LocalGrid(3, state_dir=tmp_path / "nodes")  # a data-file node names where its ledgers live
     grid.contexts[101].node_config["data-file"] = str(path)
     grid.contexts[101].node_config["public-size"] = 40  # what the node declares public
     result = _run_flower(spec, tmp_path / "run", grid)

@@ -13,6 +13,7 @@ import pytest
 
 from fedpeft.build import client_budget
 from fedpeft.cli import main as cli
+from fedpeft.config import ConfigError
 from fedpeft.executors.base import ClientFailure
 from fedpeft.federation import Callbacks, Federation
 from fedpeft.flower import wire
@@ -83,11 +84,12 @@ def test_three_runs_compose_and_the_third_stops_exactly_where_the_lifetime_total
     # the node's ledger reports the composed total, equal to the accountant by hand
     rows = {row["key"]: row for row in Lifetime(state).table()}
     for c in range(2):
-        (row,) = [r for key, r in rows.items() if f":client-{c}:" in key]
+        (row,) = [r for key, r in rows.items() if key.endswith(f":client-{c}")]
         trained = 6 + sum(c in r["clients"] for r in third.history)
         assert row["epsilon"] == pytest.approx(_by_hand([(mech[c][0], mech[c][1], steps)] * trained, delta), rel=1e-6)
         assert row["epsilon"] <= limit
-        assert sorted(row["runs"]) == ["1", "2", "3"]  # the fourth was refused before it spent anything
+        # the fourth was refused before it spent anything
+        assert sorted(row["runs"]) == [f"{run}/client-{c}" for run in "123"]
 
 
 def test_a_node_with_its_own_data_refuses_no_dp_and_stops_at_its_default_lifetime_epsilon(tmp_path, caplog):
@@ -108,29 +110,121 @@ def test_a_node_with_its_own_data_refuses_no_dp_and_stops_at_its_default_lifetim
     assert result.history[0]["dropped"] == {"1": POLICY}
 
 
-def test_changed_data_is_refused_until_the_operator_resets_its_entry(tmp_path, capsys):
-    path = tmp_path / "mine.jsonl"
-    path.write_text("".join(json.dumps({"text": f"fine {i}", "label": i % 2}) + "\n" for i in range(40)))
-    spec = tiny_spec(federation__rounds=1, federation__clients=2, federation__clients_per_round=2, privacy__epsilon=3.0)
-    state = tmp_path / "node"
-    own = {"data-file": str(path), "public-size": 40}
+def _rows(n: int, start: int = 0) -> str:
+    return "".join(json.dumps({"text": f"fine {i}", "label": i % 2}) + "\n" for i in range(start, start + n))
 
-    def run(name: str, run_id: int):  # noqa: ANN202
+
+def _own_runner(tmp_path: Path, spec, state: Path):  # noqa: ANN001, ANN202
+    """Run `spec` on two nodes whose second holds `path` as its data file (public size 40)."""
+
+    def run(name: str, run_id: int, path: Path, config: dict | None = None):  # noqa: ANN202
         grid = LocalGrid(2, state_dir=state, run_id=run_id)
-        grid.contexts[101].node_config.update(own)
+        grid.contexts[101].node_config.update({"data-file": str(path), "public-size": 40, **(config or {})})
         return Federation.build(spec, executor=FlowerExecutor(grid, spec, connect_timeout=0)).run(tmp_path / name)
 
-    assert run("a", 1).history[0]["clients"] == [0, 1]
-    path.write_text(path.read_text() + json.dumps({"text": "new", "label": 1}) + "\n")
-    assert run("b", 2).history[0]["dropped"] == {"1": POLICY}
-    assert cli(["node", "ledger", "--state-dir", str(state)]) == 0
-    listed = capsys.readouterr().out
-    assert f"file:{path.resolve()}" in listed and "run 1" in listed
+    return run
+
+
+def _file_row(state: Path, path: Path) -> dict:
+    (row,) = [r for r in Lifetime(state).table() if f"file:{path.resolve()}" in r["paths"]]
+    return row
+
+
+def test_a_grown_file_keeps_training_and_its_lifetime_epsilon_counts_the_old_rows(tmp_path, capsys):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(_rows(40))
+    spec = tiny_spec(federation__rounds=1, federation__clients=2, federation__clients_per_round=2, privacy__epsilon=3.0)
+    state = tmp_path / "node"
+    run = _own_runner(tmp_path, spec, state)
+    assert run("a", 1, path).history[0]["clients"] == [0, 1]
+    one = _file_row(state, path)["epsilon"]
+    path.write_text(path.read_text() + _rows(1, 40))  # one more example: the server learns nothing of it
+    assert run("b", 2, path).history[0]["clients"] == [0, 1]
+    row = _file_row(state, path)
+    assert sorted(row["runs"]) == ["1/client-1", "2/client-1"] and row["epsilon"] > one  # both runs compose
+    assert "changed" in (state / AUDIT_FILE).read_text()
+    # --reset keeps composing the history; --forget drops it, audited
     assert cli(["node", "ledger", "--state-dir", str(state), "--reset", str(path)]) == 0
-    assert f"reset file:{path.resolve()}" in (state / AUDIT_FILE).read_text()
-    assert run("c", 3).history[0]["clients"] == [0, 1]
+    assert _file_row(state, path)["epsilon"] == pytest.approx(row["epsilon"])
+    assert cli(["node", "ledger", "--state-dir", str(state), "--forget", str(path)]) == 0
+    assert "FORGET" in (state / AUDIT_FILE).read_text()
+    assert not [r for r in Lifetime(state).table() if f"file:{path.resolve()}" in r["paths"]]
     assert cli(["node", "ledger", "--state-dir", str(state), "--reset", str(tmp_path / "nothing")]) == 2
     assert "no lifetime entry" in capsys.readouterr().err
+
+
+def test_a_hard_link_a_copy_a_grown_copy_and_a_reset_cannot_exceed_max_epsilon(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(_rows(40))
+    spec = tiny_spec(federation__rounds=2, federation__clients=2, federation__clients_per_round=2, privacy__epsilon=3.0)
+    state = tmp_path / "node"
+    run = _own_runner(tmp_path, spec, state)
+    first = run("a", 1, path)
+    cap = {"max-epsilon": _file_row(state, path)["epsilon"] * 1.01}  # the first run spent all of it
+    assert [r["clients"] for r in first.history] == [[0, 1]] * 2
+    link = tmp_path / "link.jsonl"
+    link.hardlink_to(path)
+    copy = tmp_path / "copy.jsonl"
+    copy.write_text(path.read_text())
+    grown = tmp_path / "grown.jsonl"
+    grown.write_text(path.read_text() + _rows(3, 40))
+    for i, other in enumerate([link, copy, grown, path]):
+        result = run(f"again-{i}", 10 + i, other, cap)
+        assert all(r["dropped"] == {"1": BUDGET} for r in result.history), other.name
+    assert cli(["node", "ledger", "--state-dir", str(state), "--reset", str(path)]) == 0
+    assert run("after-reset", 20, path, cap).history[0]["dropped"] == {"1": BUDGET}
+    rows = [r for r in Lifetime(state).table() if f"file:{path.resolve()}" in r["paths"]]
+    assert len(rows) == 1 and rows[0]["epsilon"] <= cap["max-epsilon"]
+
+
+def test_two_clients_on_one_file_in_one_run_compose(tmp_path):
+    ledger, key = Lifetime(tmp_path), DataKey("file:/data", "abc")
+    mech = [(1.0, 0.1, 20)]
+    for cid in (0, 1):
+        ledger.reserve(key, "7", mech, 1e-5, "prv", float("inf"), cid)
+    (row,) = ledger.table()
+    assert row["epsilon"] == pytest.approx(_by_hand(mech * 2, 1e-5), rel=1e-6)
+    assert row["epsilon"] > _by_hand(mech, 1e-5) * 1.2
+
+
+def test_bundled_partitions_are_keyed_by_their_rows_not_by_spec_fields(tmp_path):
+    from fedpeft.flower.lifetime import bundled_key
+
+    ledger, mech = Lifetime(tmp_path), [(1.0, 0.1, 20)]
+    ledger.reserve(bundled_key("rt", 0, [1, 2, 3]), "1", mech, 1e-5, "prv", float("inf"))
+    ledger.reserve(bundled_key("rt", 5, [3, 4]), "2", mech, 1e-5, "prv", float("inf"))  # shares row 3
+    ledger.reserve(bundled_key("rt", 1, [8, 9]), "3", mech, 1e-5, "prv", float("inf"))  # disjoint
+    eps = sorted(r["epsilon"] for r in ledger.table())
+    assert eps == pytest.approx([_by_hand(mech, 1e-5), _by_hand(mech * 2, 1e-5)], rel=1e-6)
+
+
+def test_a_torn_ledger_is_recovered_never_started_afresh(tmp_path):
+    ledger, key, mech = Lifetime(tmp_path), DataKey("file:/data", "abc"), [(1.0, 0.1, 20)]
+    ledger.reserve(key, "1", mech, 1e-5, "prv", float("inf"))
+    spent = ledger.table()[0]["epsilon"]
+    (tmp_path / "lifetime.json").write_text('{"data": {"file:/da')  # torn
+    assert Lifetime(tmp_path).table()[0]["epsilon"] == pytest.approx(spent)  # from the kept copy
+    (tmp_path / "lifetime.prev.json").write_text("garbage")
+    run_dir = tmp_path / "run-1"
+    run_dir.mkdir()
+    budget = {"history": mech, "delta": 1e-5, "accountant": "prv"}
+    (run_dir / "client-0.json").write_text(json.dumps({"budget": budget, "data": "file:/data"}))
+    assert Lifetime(tmp_path).table()[0]["epsilon"] == pytest.approx(spent)  # rebuilt from the run ledger
+    (run_dir / "client-0.json").unlink()
+    with pytest.raises(ValueError, match="restore it from a backup"):
+        Lifetime(tmp_path).read()
+
+
+def test_a_data_file_node_without_a_state_dir_fails_closed(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from fedpeft.flower.node import ClientRecords
+
+    path = tmp_path / "mine.jsonl"
+    path.write_text(_rows(10))
+    context = Context(run_id=1, node_id=1, node_config={"data-file": str(path)}, state=RecordDict(), run_config={})
+    with pytest.raises(ConfigError, match="needs state-dir"):
+        ClientRecords(context, 0, tiny_spec(privacy__epsilon=3.0))
 
 
 def test_refusal_reasons_leave_a_node_as_categories_only():
@@ -168,4 +262,4 @@ def test_two_processes_cannot_race_the_ledger_past_its_limit(tmp_path):
         p.join(120)
     granted = out.get(timeout=5) + out.get(timeout=5)
     book = Lifetime(tmp_path).read()
-    assert granted == 5 == len(book["data"]["bundled:x"]["runs"])  # no reservation lost, none past the limit
+    assert granted == 5 == len(book["data"]["bundled:x"]["records"])  # no reservation lost, none past the limit

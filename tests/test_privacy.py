@@ -168,11 +168,39 @@ def test_a_data_file_node_under_dp_must_declare_its_public_size(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps({"text": f"fine {i}", "label": i % 2}) + "\n" for i in range(30)))
     spec = tiny_spec(federation__rounds=1, federation__clients=2, federation__clients_per_round=2, privacy__epsilon=5.0)
-    grid = LocalGrid(2)
+    grid = LocalGrid(2, state_dir=tmp_path / "nodes")
     grid.contexts[100].node_config["data-file"] = str(path)
     result = Federation.build(spec, executor=FlowerExecutor(grid, spec, connect_timeout=0)).run(tmp_path / "run")
     assert "public-size" in result.history[0]["dropped"]["0"]
     assert result.history[0]["clients"] == [1]
+
+
+def test_a_data_file_node_fails_closed_without_a_state_dir_and_a_bad_file_is_one_fixed_sentence(tmp_path, caplog):
+    from fedpeft.flower.policy import DATA_FILE_PROBLEM
+
+    good, path = tmp_path / "good.jsonl", tmp_path / "mine.jsonl"
+    good.write_text("".join(json.dumps({"text": f"fine {i}", "label": i % 2}) + "\n" for i in range(30)))
+    path.write_text(json.dumps({"text": "fine", "label": 0}) + '\n{"text": "the secret row", "label": 7}\n')
+    spec = tiny_spec(federation__rounds=1, federation__clients=2, federation__clients_per_round=2, privacy__epsilon=5.0)
+    for grid, told, file in [(LocalGrid(2), "needs state-dir", good), (LocalGrid(2, state_dir=tmp_path / "n"), DATA_FILE_PROBLEM, path)]:  # fmt: skip
+        grid.contexts[100].node_config.update({"data-file": str(file), "public-size": 30})
+        result = Federation.build(spec, executor=FlowerExecutor(grid, spec, connect_timeout=0)).run(tmp_path / told[:9])
+        assert told in result.history[0]["dropped"]["0"] and result.history[0]["clients"] == [1]
+    reason = result.history[0]["dropped"]["0"]
+    assert "mine.jsonl" not in reason and ":2" not in reason and "label" not in reason  # no row, no key
+    assert "mine.jsonl:2" in caplog.text  # the node's own log has the details
+
+
+def test_a_data_file_nodes_default_max_delta_is_well_below_one_over_its_size():
+    from flwr.app import Context, RecordDict
+
+    from fedpeft.flower.policy import Policy
+
+    def policy(size: int) -> Policy:
+        config = {"data-file": "x.jsonl", "public-size": size}
+        return Policy.of(Context(run_id=1, node_id=1, node_config=config, state=RecordDict(), run_config={}))
+
+    assert policy(1000).max_delta == 1e-5 and policy(10**6).max_delta == pytest.approx(1e-7)
 
 
 def test_an_unexpected_node_error_reaches_the_server_without_its_text(tmp_path, monkeypatch):

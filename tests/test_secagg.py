@@ -206,3 +206,15 @@ def test_every_value_a_node_sends_under_secagg_is_in_the_privacy_table(tmp_path)
     assert {wire.REPLY_FIELDS[name][0] for name in seen} <= {wire.DP_OUTPUT, wire.PUBLIC, wire.INDEPENDENT}
     assert {"secure:secaggplus_configs.masked_params", "secure:fitres.metrics.metrics.<c>.epsilon"} <= seen
     assert result.summary["epsilon"] == pytest.approx(6.0, abs=0.05)
+
+
+def test_a_change_beyond_the_range_saturates_instead_of_failing_the_node(tmp_path, caplog):
+    """A failure would tell the server one bit of the node's update: the node clamps and logs it."""
+    spec = _spec(federation__rounds=1, federation__secagg=True, train__lr=1e4, privacy__epsilon=5.0)
+    secure = _run(spec, tmp_path / "secure", LocalGrid(3))
+    assert secure.history[0]["clients"] == [0, 1, 2] and not secure.history[0]["dropped"]
+    assert "saturated at SecAgg+'s range" in caplog.text
+    parts = build_parts(spec)
+    start = parts.strategy.init(parts.model.state(), spec.federation.seed)[0]
+    # the mean moved no coordinate further than the range allows (RANGE * max_weight / weight per node)
+    assert max(float((secure.state.tensors[n] - start.tensors[n]).abs().max()) for n in start.tensors) < 1e5

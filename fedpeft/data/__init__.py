@@ -162,7 +162,9 @@ def prepare(
         seed,
     )
     pool_t = torch.tensor(pool, dtype=torch.long)
-    clients = [everything.select(pool_t[torch.tensor(rows, dtype=torch.long)]) for rows in parts]
+    ids = [pool_t[torch.tensor(rows, dtype=torch.long)] for rows in parts]
+    clients = [everything.select(i) for i in ids]
     public = everything.select(torch.tensor(public_rows, dtype=torch.long)) if public_rows else None
     pairs = tuple((raw.texts[i], raw.answers[i]) for i in test_rows) if raw.answers is not None else ()
-    return FederatedData(clients, everything.select(torch.tensor(test_rows)), raw.label_names, public, pairs)
+    rows = tuple(tuple(i.tolist()) for i in ids)
+    return FederatedData(clients, everything.select(torch.tensor(test_rows)), raw.label_names, public, pairs, rows)

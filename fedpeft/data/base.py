@@ -83,6 +83,7 @@ class FederatedData:
     label_names: tuple[str, ...]
     public: TokenizedData | None = None  # data.public_size examples on the server, no client's
     test_pairs: tuple[tuple[str, str], ...] = ()  # instruction data: the test split's (prompt, answer)s
+    client_rows: tuple[tuple[int, ...], ...] = ()  # each client's row ids in the loaded dataset (lifetime keys)
 
     @property
     def num_labels(self) -> int:

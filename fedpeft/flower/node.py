@@ -9,12 +9,10 @@ node config:
                   (one per GPU), a cohort of clients trained together (federation.executor = "cohort")
                   or one after another ("sequential")
   state-dir       where the node keeps its clients' privacy ledgers and personal tensors on disk,
-                  so a restarted SuperNode does not forget what they spent. Under DP a node without
-                  it keeps them in $FEDPEFT_STATE_DIR, else $XDG_STATE_HOME/fedpeft, else
-                  ~/.local/state/fedpeft: a restart never resets a budget
-  data-file       optional, for a node that holds one client: the client's own examples (JSON
-                  lines or CSV with text and label; see fedpeft.data.load_file) instead of its
-                  partition of the spec's bundled dataset
+                  so a restart never resets a budget (required with data-file; otherwise under DP
+                  $FEDPEFT_STATE_DIR, else $XDG_STATE_HOME/fedpeft, else ~/.local/state/fedpeft)
+  data-file       optional, for a node that holds one client: its own examples (JSON lines or CSV
+                  with text and label; fedpeft.data.load_file), not a partition of the bundled data
   public-size     with data-file under DP (required there): the dataset size the node declares
                   public; q, sigma and the aggregation weight are computed from it (docs/privacy.md)
   max-epsilon     the node's privacy policy (fedpeft.flower.policy): the most epsilon each of its
@@ -52,8 +50,8 @@ from fedpeft.data import TokenizedData, load_file, tokenize
 from fedpeft.executors.base import ClientFailure, ClientResult, InProcess
 from fedpeft.flower import wire
 from fedpeft.flower.environment import runtime_install_warning
-from fedpeft.flower.lifetime import DataKey, Lifetime, LifetimeRefusal, bundled_key, file_key
-from fedpeft.flower.policy import DATA_FILE, POLICY, PUBLIC_SIZE, REFUSALS, Policy
+from fedpeft.flower.lifetime import DataKey, Lifetime, LifetimeRefusal, bundled_key, file_key, row_prints
+from fedpeft.flower.policy import DATA_FILE, DATA_FILE_PROBLEM, NO_STATE_DIR, POLICY, PUBLIC_SIZE, REFUSALS, Policy
 from fedpeft.optim import OptimizerState
 from fedpeft.privacy.accounting import ClientBudget
 from fedpeft.runfiles import atomic_write
@@ -104,6 +102,8 @@ class ClientRecords:
         self.context = context
         self.cid = cid
         state_dir = context.node_config.get(STATE_DIR)
+        if not state_dir and DATA_FILE in context.node_config:  # fail closed: never a silent fresh budget
+            raise ConfigError(NO_STATE_DIR)
         self.root = Path(str(state_dir)) if state_dir else (default_state_dir() if spec.privacy.enabled else None)
         self.run = str(spec.federation.continues or context.run_id)  # a resumed run continues its first's
         self.dir = self.root / f"run-{self.run}" if self.root is not None else None
@@ -137,9 +137,10 @@ class ClientRecords:
             return out
         return {}
 
-    def save(
-        self, budget: ClientBudget | None, personal: dict[str, torch.Tensor], optimizer: OptimizerState | None = None
-    ) -> None:
+    def save(self, budget: ClientBudget | None, personal: dict[str, torch.Tensor], optimizer: OptimizerState | None = None,
+             data: str = "") -> None:  # fmt: skip
+        """Keep the client's state; `data`: its lifetime key, beside the ledger (a torn lifetime
+        ledger is rebuilt from these files)."""
         if optimizer:
             flat = {f"{name}|{key}": t for name, st in optimizer.items() for key, t in st.items()}
             self.context.state[OPTIMIZER.format(self.cid)] = wire.to_record(flat)
@@ -151,7 +152,7 @@ class ClientRecords:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         if budget is not None:
-            text = json.dumps({"budget": budget.to_dict()}, indent=1)
+            text = json.dumps({"budget": budget.to_dict(), "data": data}, indent=1)
             atomic_write(self._file(".json"), lambda p: p.write_text(text))
         if personal:
             atomic_write(self._file("-personal.pt"), lambda p: torch.save(personal, p))
@@ -175,6 +176,7 @@ class Worker:
     files: dict[str, TokenizedData] = field(default_factory=dict)  # data-file -> its examples
     warned: set[tuple[int, int, int]] = field(default_factory=set)
     keys: dict[str, DataKey] = field(default_factory=dict)  # data-file -> its lifetime key, hashed as loaded
+    rows: tuple[tuple[int, ...], ...] = ()  # each bundled client's row ids (its lifetime key)
     seen: dict[str, tuple | None] = field(default_factory=dict)  # data-file -> (mtime, size) when loaded
 
     @classmethod
@@ -184,23 +186,30 @@ class Worker:
         budgets = [None] * spec.federation.clients if spec.privacy.enabled else None
         executor = make_executor(spec, parts.model, parts.data.clients, parts.data.num_labels, budgets)
         executor.secret = spec.privacy.enabled  # under DP: secret batches and noise, whatever the spec says
-        return cls(spec, parts.data.test, parts.plan, template, executor, parts.data.label_names, parts.model)
+        data = parts.data
+        return cls(
+            spec, data.test, parts.plan, template, executor, data.label_names, parts.model, rows=data.client_rows
+        )
 
     def data_file(self, path: str) -> TokenizedData:
         """The node's data file, tokenized; read again (and hashed again) when it changed on disk."""
         stat = Path(path).stat() if Path(path).is_file() else None
         seen = (stat.st_mtime_ns, stat.st_size) if stat else None
         if path not in self.files or self.seen.get(path) != seen:
-            raw = load_file(path, self.label_names)
+            try:
+                raw = load_file(path, self.label_names)
+            except ConfigError as exc:  # its text names rows, bytes and keys: this node's log only
+                log.error("data-file: %s", exc)
+                raise ConfigError(DATA_FILE_PROBLEM) from None
             self.files[path] = tokenize(raw, self.model.tokenizer, self.spec.model.max_length)
-            self.keys[path], self.seen[path] = file_key(path), seen
+            self.keys[path], self.seen[path] = file_key(path, row_prints(raw.texts, raw.labels)), seen
         return self.files[path]
 
     def data_key(self, context: Context, cid: int) -> DataKey:
         """Which data client `cid` trains on, for the node's lifetime ledger."""
         if DATA_FILE in context.node_config:
             return self.keys[str(context.node_config[DATA_FILE])]
-        return bundled_key(self.spec, cid)
+        return bundled_key(self.spec.data.name, cid, self.rows[cid] if self.rows else ())
 
     def public_size(self, context: Context, cid: int, data: TokenizedData | None) -> int:
         """The size client `cid` declares public: its bundled partition's (derived from the spec),
@@ -301,11 +310,11 @@ class Node:
         finally:
             for cid in training:  # ledgers hit the disk before any update leaves the node
                 budget, personal, optimizer = store.release(cid)
-                records[cid].save(budget, personal, optimizer)
+                key = worker.data_key(context, cid)
+                records[cid].save(budget, personal, optimizer, key.key)
                 if budget is not None and records[cid].root is not None:
                     lifetime = Lifetime(records[cid].root)
-                    lifetime.settle(worker.data_key(context, cid), records[cid].run, budget.history,
-                                    budget.delta, budget.accountant)  # fmt: skip
+                    lifetime.settle(key, records[cid].run, budget.history, budget.delta, budget.accountant, cid)
         results = {r.client_id: r for r in trained} | failed
         for cid, result in results.items():  # the details stay in this log; wire sends the category only
             if isinstance(result, ClientFailure) and result.refused and result.reason not in REFUSALS:
@@ -315,13 +324,13 @@ class Node:
     @staticmethod
     def _reserve(worker: Worker, context: Context, rec: ClientRecords, budget: ClientBudget, policy: Policy):  # noqa: ANN205
         """`budget`, once the node's lifetime ledger holds this round's steps on the client's data; a
-        ClientFailure where the data's lifetime epsilon would pass max-epsilon or its file changed."""
+        ClientFailure where the data's lifetime epsilon would pass max-epsilon."""
         if rec.root is None:
             return budget
         history = list(budget.history_after(worker.plan.steps))
         key, run = worker.data_key(context, rec.cid), rec.run
         try:
-            Lifetime(rec.root).reserve(key, run, history, budget.delta, budget.accountant, policy.max_epsilon)
+            Lifetime(rec.root).reserve(key, run, history, budget.delta, budget.accountant, policy.max_epsilon, rec.cid)
         except LifetimeRefusal as refusal:
             log.warning("client %d refused: %s", rec.cid, refusal)
             return ClientFailure(rec.cid, refusal.category, refused=True)

@@ -2,10 +2,10 @@
 
 Two sets of defaults (docs/privacy.md, "A node's policy"):
 - a node training on its own data (`data-file` in its node config: a real SuperNode) refuses to train
-  without DP and stops at a lifetime epsilon of 10 at delta <= 1/public-size, unless its operator sets
+  without DP and stops at a lifetime epsilon of 10 at delta <= min(1e-5, 1/(10 public-size)), unless its operator sets
   otherwise (`max-epsilon`, `max-delta`, `allow-no-dp`). 10 is above the budgets the papers
   compared here report (3-8), so their specs run, and finite, so a node whose operator took no extra
-  step is never unlimited; 1/n is the usual ceiling on delta for n examples;
+  step is never unlimited; delta well below 1/n, since at 1/n releasing one random record qualifies;
 - a node of Flower's simulation on the bundled demo data keeps the permissive defaults (no limit,
   privacy off allowed): that data is public, and the quickstart must run without node config.
 The node logs its policy at its first message. A refusal tells the server one of REFUSALS, never a
@@ -29,6 +29,11 @@ REAL_MAX_EPSILON = 10.0  # a data-file node's lifetime max-epsilon when its oper
 POLICY = "policy"  # the node's policy refuses this spec (or its ledger cannot take it)
 BUDGET = "budget exhausted"  # this round would spend past the run's or the data's lifetime budget
 REFUSALS = (POLICY, BUDGET)
+DATA_FILE_PROBLEM = "this node's data-file cannot be used (the reason is in the node's log)"  # all the server sees
+NO_STATE_DIR = (
+    f"a node with a {DATA_FILE} needs state-dir=DIR in its node config: where its privacy ledgers live (a default "
+    "directory would give the same data a fresh budget in a container or as another user)"
+)
 
 
 def refusal_category(reason: str) -> str:
@@ -58,7 +63,9 @@ class Policy:
         config = context.node_config
         own = DATA_FILE in config
         size = config.get(PUBLIC_SIZE)
-        delta = 1.0 / int(size) if own and size and int(size) > 0 else (1e-5 if own else 1.0)
+        # min(1e-5, 1/(10 n)): at delta 1/n "publish one random record" is (0, 1/n)-DP, and a larger
+        # allowed delta lets a server buy less noise per run (docs/privacy.md)
+        delta = min(1e-5, 0.1 / int(size)) if own and size and int(size) > 0 else (1e-5 if own else 1.0)
         return cls(
             float(config.get("max-epsilon", REAL_MAX_EPSILON if own else math.inf)),
             float(config.get("max-delta", delta)),

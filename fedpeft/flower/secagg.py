@@ -19,7 +19,8 @@ The protocol's numbers: every node shares its keys with every other (SHARE_FRACT
 half of a round's nodes may drop out (THRESHOLD); values are quantised over [-RANGE, RANGE] to
 2^22 levels with stochastic rounding (unbiased; error below 2 RANGE / 2^22 * max_weight / weight
 per coordinate), masks are mod 2^32, which bounds a round to fewer than MAX_NODES nodes. A node
-whose change leaves the range fails loudly instead of being clipped.
+whose change leaves the range saturates into it (logged on the node only): failing would tell the
+server one bit of the update. Under sample-level DP that is post-processing of the node's DP output.
 """
 
 from __future__ import annotations
@@ -121,11 +122,11 @@ def node_reply(node, content: RecordDict, context: Context) -> RecordDict:  # no
     mean = [total[n] / max(weight, 1) for n in secure.names]
     if weight > secure.max_weight:
         raise ConfigError(f"this node's weight {weight} exceeds the round's max_weight {secure.max_weight:g}")
-    largest = max((float(t.abs().max()) for t in mean if t.numel()), default=0.0)
-    if largest * weight / secure.max_weight > RANGE:  # the value is a statistic of the data: logged here only
-        log.error("node %s: largest weighted coordinate %.3g > SecAgg+ range %g", context.node_id, largest, RANGE)
-        raise ConfigError(
-            f"a coordinate of this node's weighted change is outside SecAgg+'s range +-{RANGE:g} (value in the "
-            "node's log): lower train.lr or privacy.client_clip"
-        )
+    # saturate into SecAgg+'s range instead of failing: a failure would tell the server one bit of this
+    # node's update; how many coordinates saturated is a statistic of the data, logged here only
+    limit = RANGE * secure.max_weight / max(weight, 1)
+    saturated = sum(int((t.abs() > limit).sum()) for t in mean)
+    if saturated:
+        log.warning("node %s: %d coordinate(s) saturated at SecAgg+'s range +-%g", context.node_id, saturated, RANGE)
+        mean = [t.clamp(-limit, limit) for t in mean]
     return wire.secure_reply(mean, weight, results, spec.privacy.enabled)
