@@ -68,6 +68,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             f"client-level DP epsilon={privacy.client_epsilon:g}, delta={privacy.delta:g}, S={privacy.client_clip:g}"
         )
     mode = "; ".join(modes) or "privacy off"
+    if modes and privacy.noise == "seeded":  # said on screen, not only in summary.json
+        mode += " [yellow](seeded noise: reproducible; no protection against anyone holding the spec)[/]"
     scored = (  # why rounds between show "accuracy -"
         "" if fed.eval_every == 1
         else " (scored after the last)" if fed.eval_every >= fed.rounds
@@ -155,8 +157,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     if args.trials < 2:
         raise ConfigError(f"--trials must be >= 2: half pick each test, half measure it (got {args.trials})")
-    if args.size < 1:
-        raise ConfigError(f"--size must be >= 1 (got {args.size})")
+    if args.size < 1 or args.pairs < 0:
+        raise ConfigError(f"--size must be >= 1 and --pairs >= 0 (got {args.size}, {args.pairs})")
     bad = [e for e in args.epsilon if not (e > 0 and math.isfinite(e))]
     if bad:
         raise ConfigError(f"--epsilon takes finite claims > 0 (got {bad}); --no-noise runs the control")
@@ -175,12 +177,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
                     f"  {label}: {done}/{total} trials, {time.perf_counter() - tic:.0f}s", file=sys.stderr, flush=True
                 )
 
-        results.append(audit(spec, args.trials, no_noise=control, size=args.size, on_trial=progress))
+        fault = None if control else args.fault
+        results.append(audit(spec, args.trials, control, args.size, progress, pairs=args.pairs, fault=fault))
     print(format_table(results))
     if args.out:
         Path(args.out).write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
         print(f"wrote {args.out}")
-    return 0
+    failed = [f"{r.claim:g}: {'; '.join(r.failures)}" for r in results if r.failures]
+    for line in failed:
+        print(f"FAILED at claim {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -240,7 +246,7 @@ def cmd_node_ledger(args: argparse.Namespace) -> int:
     from fedpeft.flower.lifetime import ledger_command
     from fedpeft.flower.node import default_state_dir
 
-    return ledger_command(Path(args.state_dir) if args.state_dir else default_state_dir(), args.reset)
+    return ledger_command(Path(args.state_dir) if args.state_dir else default_state_dir(), args.reset, args.forget)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     priv.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
     priv.set_defaults(func=cmd_privacy)
 
+    from fedpeft.privacy.audit import FAULT_NAMES
+
     aud = sub.add_parser("audit", help="empirical privacy audit: D vs D + canary through a real node's training")
     aud.add_argument("spec", nargs="?", help="federation spec (TOML); default: a tiny one-client spec")
     add_set_argument(aud, "train.local_steps=20")
@@ -287,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--trials", type=int, default=200, help="independent trainings per side (default 200)")
     aud.add_argument("--size", type=int, default=32, help="examples in D (default 32)")
     aud.add_argument("--no-noise", action="store_true", help="also run the control: privacy off, must show a leak")
+    aud.add_argument("--pairs", type=int, default=10, help="pairs for the noise check and seed replay (default 10)")
+    aud.add_argument("--fault", choices=FAULT_NAMES, help="audit a node broken on purpose (the audit's own power)")
     aud.add_argument("--out", help="write the results as JSON here")
     aud.set_defaults(func=cmd_audit)
 
@@ -303,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     node = sub.add_parser("node", help="a Flower node's own records").add_subparsers(dest="what", required=True)
     led = node.add_parser("ledger", help="each data's lifetime epsilon on this node, and the runs that spent it")
     led.add_argument("--state-dir", help="the node's state-dir (default: $FEDPEFT_STATE_DIR or the per-user one)")
-    led.add_argument("--reset", metavar="DATA", help="retire DATA's entry (a data file, or a key as listed): audited")
+    how = led.add_mutually_exclusive_group()
+    how.add_argument("--reset", metavar="DATA", help="restart DATA's per-run view; its history still composes")
+    how.add_argument("--forget", metavar="DATA", help="drop DATA's history: only if its rows share none with the old")
     led.set_defaults(func=cmd_node_ledger)
 
     lst = sub.add_parser("list", help="list registered models, datasets, strategies and adapter families")

@@ -1,12 +1,13 @@
-"""The cost of secret noise: one client's DP-SGD round with seeded noise against the same round with
-secret noise (OS-seeded generator + Opacus secure_mode, what a Flower node uses), in one process,
+"""The cost of secret noise: one client's DP-SGD round with seeded noise, with the earlier secret noise
+(a torch generator seeded from the OS + Opacus secure_mode) and with today's (a 256-bit key, ChaCha20
+keystream, Box-Muller, secure_mode's sum of four: what a Flower node uses), in one process,
 interleaved, CPU seconds (time.process_time, one thread).
 
     .venv/bin/python scripts/bench_secure_noise.py [--out docs/benchmarks/secure-noise-cpu.json] [--repeats 7]
 
 Models: MiniLM cut to 2 layers and all 6 layers (LoRA r=8 on query/value, trained head, FedSVD's
 trainable set: B and head), rotten-tomatoes, batch 32, 10 local steps. Reports the median and
-range of the per-repeat ratio secret / seeded, and seconds per step.
+range of the per-repeat ratios keyed / seeded and keyed / the earlier secret noise, and seconds per step.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> None:
     from fedpeft.build import client_budget
     from fedpeft.client import client_round
     from fedpeft.federation import Federation
+    from fedpeft.privacy.randomness import SecretKey
     from fedpeft.spec_io import default_spec
 
     rows = []
@@ -45,29 +47,29 @@ def main() -> None:
         )
         fed = Federation.build(spec)
         state, data = fed.model.state(), fed.data.clients[0]
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for repeat in range(args.repeats + 1):  # the first pair warms up
-            for secure in (False, True) if repeat % 2 else (True, False):  # alternate the order
+        arms = ("seeded", "torch-secure", "keyed")
+        times: dict[str, list[float]] = {a: [] for a in arms}
+        for repeat in range(args.repeats + 1):  # the first round of arms warms up
+            for arm in arms[repeat % 3 :] + arms[: repeat % 3]:  # rotate the order
                 budget = client_budget(spec, 0, len(data))
+                seed = SecretKey.draw() if arm == "keyed" else repeat
                 tic = time.process_time()
-                client_round(fed.model, state, data, fed.plan, client_id=0, seed=repeat, budget=budget,
-                             clip=spec.privacy.clip, secure=secure)  # fmt: skip
+                client_round(fed.model, state, data, fed.plan, client_id=0, seed=seed, budget=budget,
+                             clip=spec.privacy.clip, secure=arm != "seeded")  # fmt: skip
                 if repeat:
-                    times[secure].append(time.process_time() - tic)
-        ratios = [s / p for s, p in zip(times[True], times[False], strict=True)]
-        row = {
-            "model": f"minilm-{layers}-layers",
-            "steps": args.steps,
-            "seeded_s_per_step": statistics.median(times[False]) / args.steps,
-            "secret_s_per_step": statistics.median(times[True]) / args.steps,
-            "ratio_median": statistics.median(ratios),
-            "ratio_min": min(ratios),
-            "ratio_max": max(ratios),
-        }
+                    times[arm].append(time.process_time() - tic)
+        row = {"model": f"minilm-{layers}-layers", "steps": args.steps}
+        for arm in arms:
+            row[f"{arm}_s_per_step"] = statistics.median(times[arm]) / args.steps
+        for base in ("seeded", "torch-secure"):
+            ratios = [k / b for k, b in zip(times["keyed"], times[base], strict=True)]
+            row[f"keyed_over_{base}"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
         rows.append(row)
         print(
-            f"{row['model']:18s} seeded {row['seeded_s_per_step'] * 1e3:7.1f} ms/step  secret {row['secret_s_per_step'] * 1e3:7.1f}"
-            f" ms/step  ratio {row['ratio_median']:.3f} ({row['ratio_min']:.3f}-{row['ratio_max']:.3f})",
+            f"{row['model']:18s} "
+            + "  ".join(f"{a} {row[f'{a}_s_per_step'] * 1e3:6.1f} ms/step" for a in arms)
+            + "  keyed/seeded {median:.3f} ({min:.3f}-{max:.3f})".format(**row["keyed_over_seeded"])
+            + "  keyed/torch-secure {median:.3f} ({min:.3f}-{max:.3f})".format(**row["keyed_over_torch-secure"]),
             flush=True,
         )
     out = {"machine": platform.platform(), "cpus": 1, "repeats": args.repeats, "rows": rows}

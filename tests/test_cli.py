@@ -117,6 +117,8 @@ def test_the_header_says_which_rounds_are_scored(tmp_path, capsys):
     assert main(["simulate", *TINY, "--set", "federation.eval_every=5", "--out", str(out)]) == 0
     printed = "".join(capsys.readouterr())
     assert "2 rounds (scored after the last)," in printed
+    # in-process DP with the default seeded noise says so on screen, not only in summary.json
+    assert "seeded noise: reproducible; no protection against anyone holding the spec" in printed
     assert "round   1: accuracy -" in printed and "round   2: accuracy 0." in printed
 
 

@@ -1,38 +1,46 @@
-"""An empirical privacy audit: can anyone who sees a node's reply tell D from D + one canary?
+"""An empirical privacy audit of a node's training: a game that must not tell D from D + a canary,
+a white-box check of the noise the node draws, and a replay the server must not be able to do.
 
-The distinguishing game runs on the real path a Flower node takes: the ClientApp, handed a train
-message, trains its one client on its own data file (D, or D plus one canary example) with the
-node's secret randomness, and replies through the wire module. Each trial is an independent node
-(a fresh ledger). Every trial's reply is scored by
+Everything runs on the real path a Flower node takes: the ClientApp, handed a train message, trains
+its one client on its own data file with the node's secret randomness and replies through the wire
+module. Each trial is an independent node (its own state dir).
 
-- canary_gradient: <update - start, -g>, g the canary's loss gradient at the start adapter (the
-  direction one step on the canary moves the uploaded tensors);
-- canary_loss: minus the canary's loss under the uploaded tensors;
-- reply.<key>: every other value the reply carries (epsilon, sigma, num_examples, ...).
+1. The distinguishing game (D vs D + one canary example, `trials` per side). Every reply is scored
+   by canary_gradient (<update - start, -g>, g the canary's gradient at the start adapter),
+   canary_loss (minus the canary's loss under the update) and reply.<key> (every value the reply
+   carries). The first half of the trials picks each score's threshold and direction; on the second
+   half Clopper-Pearson bounds on the error rates give a lower bound on epsilon. With k statistics
+   each bound is taken at confidence 1 - 0.05 / k (Bonferroni), so the audit as a whole fails a
+   correct mechanism with probability at most 5%.
+2. The noise check (`pairs` pairs, white-box): one step of plain SGD on all of D (q = 1, no dropout)
+   sent twice with the same message. The clipped-gradient sum is the same in both, so the difference
+   of the two updates times B / lr is the difference of two noise draws, N(0, 2 sigma^2 C^2) per
+   coordinate at the sigma the claim requires. Its mean square over that is `noise_ratio` (1 for an
+   honest node); a one-sided chi-square test on d x pairs degrees of freedom fails a node whose noise
+   is too small (p < 0.05 / (k + 1)). Two identical updates (`identical_pairs`) mean the noise is not
+   fresh at all.
+3. The seed replay: for each pair the auditor also trains the message as a node that used the seeds
+   the server sent would; a reply equal to that (`replay_matches`) is noise the server can remove.
+   Neither 2's identical updates nor 3's matches can happen by chance with secret noise.
 
-For each score the first half of the trials picks a threshold and a direction; on the second half,
-Clopper-Pearson 95% bounds on the false-positive and false-negative rates give a lower bound on
-epsilon: max(log((1 - delta - FNR) / FPR), log((1 - delta - FPR) / FNR)) at the bounds' worst. A
-DP mechanism at (epsilon, delta) keeps it below epsilon with 95% confidence (per statistic). The
-control (`no_noise`) runs the same path with privacy off: no clipping, no noise, diagnostics sent,
-so its bounds show what the audit sees when there is a leak.
+`fault` makes the node under audit deliberately broken (sigma / 2, / 4, / 10, or server-known seeds),
+which measures the audit's own power: `fedpeft audit --fault sigma/2` must fail.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from fedpeft.config import ConfigError, Spec
 
-__all__ = ["AUDIT_SPEC", "AuditResult", "audit", "clopper_pearson", "epsilon_lower_bound", "format_table"]
+__all__ = [
+    "AUDIT_SPEC", "FAULT_NAMES", "AuditResult", "audit", "clopper_pearson", "epsilon_lower_bound", "format_table",
+    "noise_power",
+]  # fmt: skip
 
 # One client on a tiny random BERT and synthetic data: seconds per hundred trials on a CPU.
 AUDIT_SPEC = {
@@ -52,6 +60,8 @@ AUDIT_SPEC = {
     "privacy.clip": 1.0,
 }
 CANARY = {"text": "zqx zqx zqx canary zqx zqx", "label": 1}
+ALPHA = 0.05  # the audit's false-failure rate, split over its statistics (Bonferroni)
+FAULT_NAMES = ("sigma/2", "sigma/4", "sigma/10", "seeded")  # fedpeft.flower.audit_node.FAULTS
 
 
 def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -64,11 +74,11 @@ def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tu
     return lo, hi
 
 
-def epsilon_lower_bound(false_pos: int, false_neg: int, trials: int, delta: float) -> float:
+def epsilon_lower_bound(false_pos: int, false_neg: int, trials: int, delta: float, confidence: float = 0.95) -> float:
     """The epsilon any (epsilon, delta)-DP mechanism must have for a test with these error counts
-    on `trials` trials per side, at the 95% Clopper-Pearson bounds (0 when nothing is shown)."""
-    fpr = clopper_pearson(false_pos, trials)[1]
-    fnr = clopper_pearson(false_neg, trials)[1]
+    on `trials` trials per side, at the Clopper-Pearson bounds (0 when nothing is shown)."""
+    fpr = clopper_pearson(false_pos, trials, confidence)[1]
+    fnr = clopper_pearson(false_neg, trials, confidence)[1]
     bounds = [0.0]
     for a, b in ((fnr, fpr), (fpr, fnr)):
         if 1 - delta - a > 0 and b > 0:
@@ -100,17 +110,57 @@ class AuditResult:
     claim: float  # the epsilon the spec asks for (inf: the control)
     delta: float
     trials: int  # per side
-    bounds: dict[str, float] = field(default_factory=dict)  # statistic -> epsilon lower bound
+    bounds: dict[str, float] = field(default_factory=dict)  # statistic -> epsilon lower bound (Bonferroni)
     accuracy: dict[str, float] = field(default_factory=dict)  # statistic -> held-out accuracy of its test
+    fault: str | None = None  # the deliberately broken node audited, if any
+    pairs: int = 0  # the noise check's pairs (0: not run)
+    noise_ratio: float = math.nan  # observed / claimed noise variance (1: honest)
+    noise_p: float = math.nan  # one-sided chi-square p-value of "the noise is at least the claim's"
+    noise_df: int = 0
+    identical_pairs: int = 0  # pairs whose two updates were equal: no fresh noise
+    replay_matches: int = 0  # replies equal to the server's replay from the seeds it sent
+
+    @property
+    def statistics(self) -> int:
+        return len(self.bounds) + (1 if self.pairs else 0)
+
+    @property
+    def failures(self) -> list[str]:
+        """Why the audit fails the node (empty: it passes)."""
+        if not math.isfinite(self.claim):
+            return []
+        why = [f"{k}: epsilon >= {v:.2f} > claim {self.claim:g}" for k, v in self.bounds.items() if v > self.claim]
+        if self.pairs and self.noise_p < ALPHA / self.statistics:
+            why.append(f"noise: variance {self.noise_ratio:.3g} x the claim's (p = {self.noise_p:.2g})")
+        if self.identical_pairs:
+            why.append(f"noise: {self.identical_pairs} of {self.pairs} pairs gave the same update twice")
+        if self.replay_matches:
+            why.append(f"seeds: {self.replay_matches} of {self.pairs} replies replayed from the server's seeds")
+        return why
 
     def to_dict(self) -> dict:
         return {"claim": self.claim if math.isfinite(self.claim) else "control (no noise)", "delta": self.delta,
-                "trials_per_side": self.trials, "bounds": self.bounds, "accuracy": self.accuracy}  # fmt: skip
+                "trials_per_side": self.trials, "bounds": self.bounds, "accuracy": self.accuracy,
+                "fault": self.fault, "pairs": self.pairs, "noise_ratio": self.noise_ratio, "noise_p": self.noise_p,
+                "noise_df": self.noise_df, "identical_pairs": self.identical_pairs,
+                "replay_matches": self.replay_matches, "failures": self.failures}  # fmt: skip
 
 
-def _write_data(path: Path, texts: list[str], labels: list[int], canary: bool) -> None:
-    rows = [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)] + ([CANARY] if canary else [])
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+def noise_power(df: int, statistics: int, spec: Spec, size: int) -> dict[str, float]:
+    """The noise check's power: the sigma factor below which it fails a node with 95% probability,
+    and the epsilon such a node really spends at the claim's q and steps."""
+    from scipy.stats import chi2
+
+    from fedpeft.build import client_budget
+    from fedpeft.privacy.accounting import epsilon
+
+    crit = float(chi2.ppf(ALPHA / statistics, df))  # fail below this sum of squares (variance ratio 1 scale)
+    ratio = crit / float(chi2.ppf(0.95, df))  # a variance ratio this low is below crit 95% of the time
+    one = spec.with_flat({"train.local_steps": 1, "train.batch_size": size})
+    budget = client_budget(one, 0, size)
+    factor = math.sqrt(ratio)
+    spent = epsilon(((budget.sigma * factor, budget.q, 1),), spec.privacy.delta, spec.privacy.accountant)
+    return {"sigma_factor": factor, "epsilon_spent": spent}
 
 
 def audit(
@@ -119,96 +169,57 @@ def audit(
     no_noise: bool = False,
     size: int = 32,
     on_trial: Callable[[int, int], None] | None = None,
+    pairs: int = 10,
+    fault: str | None = None,
 ) -> AuditResult:
-    """Play the game `trials` times per side on `spec`'s client training (`size` examples in D)."""
-    from flwr.app import Context, Message, MessageType, RecordDict
-
+    """Play the game `trials` times per side on `spec`'s client training (`size` examples in D), then
+    the noise check and the replay on `pairs` pairs (none for the control); `fault` breaks the node."""
     from fedpeft.data import DATASETS
-    from fedpeft.flower import client_app, wire
-    from fedpeft.flower.local import outside_a_supernode, pushed
-    from fedpeft.flower.node import Node
+    from fedpeft.flower.audit_node import FAULTS, broken, game_scores, noise_check
 
+    if fault is not None and fault not in FAULTS:
+        raise ConfigError(f"unknown fault {fault!r}; valid: {', '.join(FAULTS)}")
     if no_noise:
         spec = spec.with_flat({"privacy.epsilon": math.inf})
-    outside_a_supernode(run_id=0)
-    claim, delta = spec.privacy.epsilon, spec.privacy.delta
-    node = Node()
-    spec_json = wire.spec_to_json(spec)
-    worker = node.worker(spec_json)
-    app = client_app.make_app(node)
     raw = DATASETS.get(spec.data.name)()
     if len(raw.texts) <= size:
         raise ConfigError(f"the audit needs more than {size} examples; {spec.data.name} has {len(raw.texts)}")
     texts, labels = raw.texts[:size], raw.labels[:size]
-    start = worker.template
-    uploads = set(worker.plan.uploads)
-    adapter = wire.to_record({n: t for n, t in start.tensors.items() if n not in worker.plan.keeps})
-    canary_ids, canary_mask = worker.model.tokenizer.encode_batch([CANARY["text"]], spec.model.max_length)
-    canary_label = torch.tensor([CANARY["label"]])
-
-    def canary_loss(state) -> float:  # noqa: ANN001
-        worker.model.load(state)
-        with torch.no_grad():
-            return float(F.cross_entropy(worker.model.forward(canary_ids, canary_mask), canary_label))
-
-    # the canary's gradient at the start adapter, on the uploaded tensors
-    worker.model.load(start)
-    worker.model.module.eval()
-    trained = worker.model.set_trainable(set(worker.plan.trains))
-    params = dict(zip(trained, worker.model.trainable_parameters(), strict=True))
-    loss = F.cross_entropy(worker.model.forward(canary_ids, canary_mask), canary_label)
-    names = [n for n in trained if n in uploads]
-    grads = torch.autograd.grad(loss, [params[n] for n in names])
-    direction = {n: -g.detach().cpu() for n, g in zip(names, grads, strict=True)}
-    worker.model.set_trainable(set())
-
-    scores: dict[str, tuple[list[float], list[float]]] = {}
+    result = AuditResult(spec.privacy.epsilon, spec.privacy.delta, trials, fault=fault)
     with tempfile.TemporaryDirectory(prefix="fedpeft-audit-") as tmp:
-        files = {False: Path(tmp) / "d.jsonl", True: Path(tmp) / "d-canary.jsonl"}
-        for with_canary, path in files.items():
-            _write_data(path, texts, labels, with_canary)
-        for trial in range(2 * trials):
-            with_canary = bool(trial % 2)  # interleaved, so drift cannot masquerade as a difference
-            # each trial is its own world: its own state dir (no lifetime ledger across trials), and
-            # the policy of a node that may train without DP (the control) and without a lifetime cap
-            config = {wire.PARTITION_ID: 0, wire.NUM_PARTITIONS: 1, "data-file": str(files[with_canary]),
-                      "public-size": size, "state-dir": str(Path(tmp) / f"ledgers-{trial}"),
-                      "allow-no-dp": "true", "max-epsilon": math.inf}  # fmt: skip
-            context = Context(run_id=trial, node_id=1, node_config=config, state=RecordDict(), run_config={})
-            message = pushed(Message(wire.train_message(1, [0], spec_json, adapter, [trial]), 1, MessageType.TRAIN))
-            reply = app(message, context)
-            result = wire.read_train_reply(reply.content, 0, 1)
-            values = {f"reply.{k}": float(v) for k, v in result.metrics.items()}
-            values["reply.num_examples"] = float(result.num_examples)
-            update = result.tensors
-            values["canary_gradient"] = sum(
-                float(((update[n] - start.tensors[n]) * direction[n]).sum()) for n in direction
-            )
-            values["canary_loss"] = -canary_loss(start.with_tensors(update))
-            for key, value in values.items():
-                scores.setdefault(key, ([], []))[int(with_canary)].append(value)
-            if on_trial is not None:
-                on_trial(trial + 1, 2 * trials)
-
-    result = AuditResult(claim, delta, trials)
+        with broken(fault):
+            scores = game_scores(spec, trials, size, Path(tmp), texts, labels, CANARY, on_trial)
+        if not no_noise and pairs:
+            for key, value in noise_check(spec, pairs, size, Path(tmp), texts, labels, fault).items():
+                setattr(result, key, value)
     half = trials // 2
+    k = len(scores) + (1 if result.pairs else 0)
     for key, (out, inn) in sorted(scores.items()):
         threshold, sign = _best_test(out[:half], inn[:half])
         fp, fn = _errors(out[half:], inn[half:], threshold, sign)
         m = trials - half
-        result.bounds[key] = epsilon_lower_bound(fp, fn, m, delta)
+        result.bounds[key] = epsilon_lower_bound(fp, fn, m, result.delta, 1 - ALPHA / k)
         result.accuracy[key] = 1 - (fp + fn) / (2 * m)
     return result
 
 
 def format_table(results: list[AuditResult]) -> str:
-    """One row per statistic, one column per audited claim: the empirical epsilon lower bound."""
+    """One row per statistic, one column per audit: the empirical epsilon lower bound, then the noise
+    check, the replay and the verdict."""
     keys = sorted({k for r in results for k in r.bounds})
-    heads = [("control" if not math.isfinite(r.claim) else f"claim {r.claim:g}") for r in results]
+    heads = [("control" if not math.isfinite(r.claim) else f"claim {r.claim:g}") + (f" {r.fault}" if r.fault else "")
+             for r in results]  # fmt: skip
     lines = [f"trials per side: {', '.join(str(r.trials) for r in results)}; delta {results[0].delta:g}; "
-             "empirical epsilon lower bound (95% Clopper-Pearson) per statistic"]  # fmt: skip
-    lines.append(f"{'statistic':24s}" + "".join(f"{h:>14s}" for h in heads))
+             f"empirical epsilon lower bound per statistic (Clopper-Pearson at {1 - ALPHA:.0%} overall, Bonferroni)"]  # fmt: skip
+    lines.append(f"{'statistic':24s}" + "".join(f"{h:>18s}" for h in heads))
     for key in keys:
-        cells = "".join(f"{r.bounds[key]:14.2f}" if key in r.bounds else f"{'-':>14s}" for r in results)
+        cells = "".join(f"{r.bounds[key]:18.2f}" if key in r.bounds else f"{'-':>18s}" for r in results)
         lines.append(f"{key:24s}{cells}")
+    rows = [("noise variance / claim", lambda r: f"{r.noise_ratio:.3g}"), ("noise p (too small)", lambda r: f"{r.noise_p:.2g}"),
+            ("identical pairs", lambda r: f"{r.identical_pairs}/{r.pairs}"), ("seed replays", lambda r: f"{r.replay_matches}/{r.pairs}"),
+            ("verdict", lambda r: "control" if not math.isfinite(r.claim) else "FAIL" if r.failures else "pass")]  # fmt: skip
+    for name, cell in rows:
+        lines.append(
+            f"{name:24s}" + "".join(f"{cell(r) if r.pairs or name == 'verdict' else '-':>18s}" for r in results)
+        )
     return "\n".join(lines)
