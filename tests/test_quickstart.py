@@ -30,3 +30,26 @@ def test_quickstart_is_private_and_its_adapters_beat_majority_and_the_frozen_mod
     # a score every round (the curve a newcomer looks at): the seeded subset, then the whole split
     assert all(r["accuracy"] is not None for r in result.history)
     assert [r["scored_on"] for r in result.history] == ["subset"] * (spec.federation.rounds - 1) + ["whole"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["cohort", "sequential"])
+def test_the_default_run_is_byte_identical_in_two_processes(tmp_path, executor):
+    """`fedpeft simulate` with no spec, twice in separate processes (shortened to 2 rounds): the same
+    adapter bytes and the same rounds.jsonl scores, on both executors."""
+    import json
+    import subprocess
+    import sys
+
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"run-{i}"
+        cmd = [sys.executable, "-m", "fedpeft.cli", "simulate", "--set", "federation.rounds=2",
+               "--set", f"federation.executor={executor}", "--out", str(out)]  # fmt: skip
+        subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+        outs.append(out)
+    a, b = ((o / "adapter_model.safetensors").read_bytes() for o in outs)
+    assert a == b
+    scores = [[(r["accuracy"], r["loss"]) for r in map(json.loads, (o / "rounds.jsonl").read_text().splitlines())]
+              for o in outs]  # fmt: skip
+    assert scores[0] == scores[1]

@@ -41,7 +41,7 @@ from fedpeft.models import MODELS, build_model
 from fedpeft.optim import StackedOptimizer
 from fedpeft.privacy.accounting import ClientBudget, sample_rate
 from fedpeft.privacy.dpsgd import zero_non_finite
-from fedpeft.privacy.randomness import Seed, batch_source, noise_source
+from fedpeft.privacy.randomness import Seed, batch_source, combined, noise_source, seed_dropout
 from fedpeft.state import HEAD, LORA_A, LORA_B, THETA, AdapterState, ClientUpdate, a_name, b_name, base_name, theta_name
 
 __all__ = ["CohortExecutor"]
@@ -158,7 +158,9 @@ class CohortExecutor(InProcess):
         named = self._leaves(trains, expanded=False)
         optimizer = StackedOptimizer(opt, [p for _, p, _ in named], [n for n, _, _ in named], kept)
         losses = [[] for _ in range(k)]
-        self.model.train()  # dropout as on the reference path
+        self.model.train()  # dropout as on the reference path, from the chunk's seeds: reproducible by default
+        outer = torch.random.get_rng_state()
+        seed_dropout(combined(seeds), self.device)
         for step in range(plan.steps):
             index = [b[step] for b in batches]
             owner = torch.cat([torch.full((len(i),), j, dtype=torch.long) for j, i in enumerate(index)])
@@ -227,6 +229,7 @@ class CohortExecutor(InProcess):
                     rank=ranks[j],
                 )
             )
+        torch.random.set_rng_state(outer)
         return updates
 
     def _leaves(

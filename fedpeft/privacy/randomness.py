@@ -31,7 +31,7 @@ import torch
 
 __all__ = [
     "NOISE_SOURCES", "Source", "TorchSource", "KeyedSource", "SecretKey", "Seed", "gaussian", "batch_source",
-    "noise_source", "seed_dropout", "source_for",
+    "noise_source", "seed_dropout", "source_for", "combined",
 ]  # fmt: skip
 
 NOISE_SOURCES = ("seeded", "secret")
@@ -165,6 +165,14 @@ def batch_source(seed: Seed) -> Source:
 def noise_source(seed: Seed, device: torch.device | str = "cpu") -> Source:
     """A client's DP-SGD noise (seeded: a generator at `seed` + 1 on the model's device)."""
     return source_for(seed, "noise", 1, device)
+
+
+def combined(seeds: list[Seed]) -> Seed:
+    """One seed for draws shared by several clients (a cohort's dropout): derived from their seeds, or
+    a fresh key when any of them is secret."""
+    if any(isinstance(s, SecretKey) for s in seeds):
+        return SecretKey.draw()
+    return int(np.random.SeedSequence([int(s) for s in seeds]).generate_state(1)[0])
 
 
 def seed_dropout(seed: Seed, device: torch.device | str = "cpu") -> None:
