@@ -24,6 +24,7 @@ __all__ = [
     "build_parts",
     "client_budget",
     "client_budgets",
+    "public_size",
     "make_executor",
     "make_plan",
 ]
@@ -55,10 +56,17 @@ def client_budget(spec: Spec, client_id: int, num_examples: int) -> ClientBudget
 
 
 def client_budgets(spec: Spec, clients: list[TokenizedData]) -> list[ClientBudget | None] | None:
-    """Every client's budget (None when privacy is off)."""
+    """Every client's budget (None when privacy is off), on its public size (`public_size`)."""
     if not spec.privacy.enabled:
         return None
-    return [client_budget(spec, cid, len(c)) for cid, c in enumerate(clients)]
+    return [client_budget(spec, cid, public_size(spec, cid, len(c))) for cid, c in enumerate(clients)]
+
+
+def public_size(spec: Spec, cid: int, bundled: int) -> int:
+    """Client `cid`'s public size as the server knows it: what federation.public_sizes binds for a node's
+    data-file, else its bundled partition's size (`bundled`)."""
+    sizes = spec.federation.public_sizes
+    return sizes[cid] if cid < len(sizes) and sizes[cid] > 0 else bundled
 
 
 def make_executor(

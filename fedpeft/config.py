@@ -43,18 +43,14 @@ class FederationConfig:
     clients_per_round: int = field(default=4, metadata=_help("clients sampled each round"))
     min_clients: int = field(default=1, metadata=_help("fewest valid updates to aggregate; fewer: round skipped"))
     seed: int = field(default=0, metadata=_help("seed for everything: same spec + seed, same result"))
-    executor: str = field(
-        default="sequential", metadata=_help("who trains the clients: sequential (reference) | cohort (batched)")
-    )
+    executor: str = field(default="sequential", metadata=_help("who trains the clients: sequential (reference) | cohort (batched)"))  # fmt: skip
     cohort_chunk: int = field(default=0, metadata=_help("cohort executor: clients trained at once; 0 = all sampled"))
     device: str = field(default="auto", metadata=_help("auto (cuda if available, else cpu) | cpu | cuda | cuda:N"))
     timeout: float = field(default=math.inf, metadata=_help(
         "Flower: seconds the server waits for a round's updates; late nodes count as failed. "
         "inf waits for every node (one that goes offline still answers, with an error)"
     ))  # fmt: skip
-    secagg: bool = field(default=False, metadata=_help(
-        "Flower: SecAgg+ (the server learns only the sum of the updates); sum-only strategies"
-    ))  # fmt: skip
+    secagg: bool = field(default=False, metadata=_help("Flower: SecAgg+ (the server learns only the sum of the updates); sum-only strategies"))  # fmt: skip
     eval_every: int = field(default=1, metadata=_help("score every N rounds and the last round; others log null"))
     eval_subset: int = field(default=0, metadata=_help(
         "score rounds before the last on N seeded test examples (0: the whole split); the last on the whole split"
@@ -75,8 +71,13 @@ class FederationConfig:
         "Flower: the node id bound to each partition-id k (the operator's map, [id of node 0, ...]); "
         "a node claiming a partition bound to another id is refused. Empty: any node, one per partition"
     )})  # fmt: skip
+    public_sizes: tuple[int, ...] = field(default=(), metadata={"item": int, "help": (
+        "Flower under DP: the public-size each client k's node declares for its data-file (0 or absent: its "
+        "bundled partition's size). The server derives sigma, weight and bounds from these, never from a reply"
+    )})  # fmt: skip
 
     def __post_init__(self) -> None:
+        _require(all(n >= 0 for n in self.public_sizes), f"federation.public_sizes must be >= 0 (got {self.public_sizes})")  # fmt: skip
         _require(self.eval_every >= 1, f"federation.eval_every must be >= 1 (got {self.eval_every})")
         _require(self.eval_subset >= 0, f"federation.eval_subset must be >= 0 (got {self.eval_subset})")
         _require(self.update_bound >= 0, f"federation.update_bound must be >= 0 (got {self.update_bound})")

@@ -23,7 +23,7 @@ import torch
 
 from fedpeft import runfiles, traffic
 from fedpeft.adapters import AdaptedModel
-from fedpeft.build import build_parts, client_budgets, make_executor
+from fedpeft.build import build_parts, client_budgets, make_executor, public_size
 from fedpeft.causal import lm_summary, write_generations
 from fedpeft.client import LocalTraining, evaluate
 from fedpeft.config import ConfigError, Spec, client_rank
@@ -191,8 +191,6 @@ class Federation:
             for cid, reported in reports:
                 if "epsilon" in reported:
                     run.epsilons[cid] = float(reported["epsilon"])
-                if "sigma" in reported and self.sigmas is not None:  # a node's own (its own data size)
-                    self.sigmas[cid] = float(reported["sigma"])
             run.elapsed += time.perf_counter() - tic
             record = {
                 "round": rnd,
@@ -250,7 +248,7 @@ class Federation:
             # per unit of noise: sigma scales an SGD or momentum client's noise (checked: the server's own
             # value); Adam's steps are lr-sized whatever the noise, so there only sqrt(d) counts
             adam = self.plan.local_optimizer.name in ("adam", "adamw")
-            sigmas = {u.client_id: None if adam else u.metrics.get("sigma") for u in accepted}
+            sigmas = {u.client_id: None if adam or not self.sigmas else self.sigmas[u.client_id] for u in accepted}
             for cid, why in norm_outliers(accepted, list(self.plan.uploads), state, sigmas, factor).items():
                 dropped[cid] = f"update rejected: {why}"
                 log.warning("round %d: client %d: %s", rnd, cid, dropped[cid])
@@ -259,7 +257,9 @@ class Federation:
 
     def _check(self, update: ClientUpdate, state: AdapterState) -> str | None:
         noised = self.client_dp is not None  # a SecureSum under distributed client-level DP carries noise
-        expect = expected_reply(self.spec, self.plan, getattr(self.executor, "store", None), update.client_id)
+        cid, store = update.client_id, getattr(self.executor, "store", None)
+        known = (public_size(self.spec, cid, len(self.data.clients[cid])), self.sigmas[cid]) if self.sigmas else None
+        expect = expected_reply(self.spec, self.plan, store, cid, known)
         return validate_update(update, list(self.plan.uploads), state, self._limits, noised, expect)
 
     def _client_epsilon(self, history: list[dict[str, Any]], z_round: float | None) -> float | None:

@@ -99,6 +99,7 @@ class Expected:
     sigma: float | None
     expected_batch: float  # E[B] = min(batch_size, size): batch_size where the size is unknown
     private: bool = False  # under DP-SGD: a reply must carry its sigma
+    max_epsilon: float = math.inf  # under DP-SGD: the spec's target; an honest ledger never reports more
 
 
 def _differs(update: ClientUpdate, expect: Expected) -> str | None:
@@ -113,7 +114,11 @@ def _differs(update: ClientUpdate, expect: Expected) -> str | None:
     if dp and sigma is None:
         return "sigma missing: under DP a reply carries its noise multiplier"
     if dp and expect.sigma is not None and not math.isclose(float(sigma), expect.sigma, rel_tol=1e-9):
-        return f"sigma {sigma!r} != {expect.sigma:.6g}, calibrated for this client from the spec and its size"
+        return (f"sigma {sigma!r} != {expect.sigma:.6g}, calibrated for this client from the spec and its public size "
+                "(a data-file node's: federation.public_sizes)")  # fmt: skip
+    eps = update.metrics.get("epsilon")
+    if dp and (eps is None or not 0 < float(eps) <= expect.max_epsilon * (1 + 1e-6)):
+        return f"epsilon {eps!r} is not in (0, {expect.max_epsilon:g}], the spec's target: no honest ledger reports it"
     return None
 
 
@@ -300,15 +305,20 @@ def spec_limits(spec: Spec, plan: LocalTraining) -> UpdateLimits:
     return UpdateLimits(plan.batch_size * plan.steps, spec.model.rank, bound if bound > 0 else None, dp)
 
 
-def expected_reply(spec: Spec, plan: LocalTraining, store: ClientStore | None, cid: int) -> Expected:
-    """What client `cid`'s reply must say, from the spec and the public sizes the server holds
-    (`store`, in-process: all of them; a remote node's size is its own, so under DP its weight must
-    be batch_size x local_steps and its sigma at most the largest honest one)."""
-    dp, rank = spec.privacy.enabled, client_rank(spec.model, cid)
-    if store is None:
-        return Expected(plan.batch_size * plan.steps if dp else None, rank, None, float(plan.batch_size), dp)
-    budget = store.budget(cid)
-    size = (budget.size if budget is not None else 0) or len(store.data[cid])
+def expected_reply(
+    spec: Spec, plan: LocalTraining, store: ClientStore | None, cid: int, known: tuple[int, float] | None = None
+) -> Expected:
+    """What client `cid`'s reply must say, from the spec and the public sizes the server holds: the
+    in-process `store`'s, or for a remote node `known` = (public size, sigma) the server derived itself
+    (its bundled partition, or federation.public_sizes). Without either, under DP its weight must be
+    batch_size x local_steps and its sigma at most the largest honest one."""
+    dp, rank, eps = spec.privacy.enabled, client_rank(spec.model, cid), spec.privacy.epsilon
+    if store is None and known is None:
+        return Expected(plan.batch_size * plan.steps if dp else None, rank, None, float(plan.batch_size), dp, eps)
+    budget = store.budget(cid) if store is not None else None
+    if store is not None:
+        size, sigma = (budget.size if budget is not None else 0) or len(store.data[cid]), budget and budget.sigma
+    else:
+        size, sigma = known  # type: ignore[misc]
     batch = sample_rate(plan.batch_size, size) * size
-    sigma = budget.sigma if budget is not None else None
-    return Expected(max(1, round(batch * plan.steps)), rank, sigma, batch, dp)
+    return Expected(max(1, round(batch * plan.steps)), rank, sigma if dp else None, batch, dp, eps)

@@ -43,7 +43,13 @@ def main() -> None:
     rows = []
     for layers in (2, 6):
         spec = default_spec().with_flat(
-            {"model.layers": layers, "data.max_examples": 3000, "data.test_size": 100, "train.local_steps": args.steps}
+            {
+                "model.layers": layers,
+                "data.max_examples": 3000,
+                "data.test_size": 100,
+                "train.local_steps": args.steps,
+                "train.batch_size": 32,
+            }
         )
         fed = Federation.build(spec)
         state, data = fed.model.state(), fed.data.clients[0]

@@ -310,19 +310,53 @@ def test_a_node_trains_on_its_own_data_file(tmp_path):
     rows = [{"text": f"good great fine {i}", "label": "positive" if i % 2 else 0} for i in range(40)]
     path = tmp_path / "mine.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = tiny_spec(federation__rounds=2, federation__clients=3, federation__clients_per_round=3, privacy__epsilon=5.0)
+    unbound = tiny_spec(
+        federation__rounds=2, federation__clients=3, federation__clients_per_round=3, privacy__epsilon=5.0
+    )
+    spec = unbound.with_flat({"federation.public_sizes": [0, 40, 0]})  # the server's binding of its size
     grid = LocalGrid(3, state_dir=tmp_path / "nodes")  # a data-file node names where its ledgers live
     grid.contexts[101].node_config["data-file"] = str(path)
     grid.contexts[101].node_config["public-size"] = 40  # what the node declares public
     result = _run_flower(spec, tmp_path / "run", grid)
-    reference = Federation.build(spec)
+    reference = Federation.build(unbound)
     sizes = [len(c) for c in reference.data.clients]
     assert result.history[-1]["clients"] == [0, 1, 2]
-    # client 1 calibrated its sigma on its declared 40 examples, and the summary shows the node's sigma
+    # client 1 calibrated its sigma on its declared 40 examples, and the server derived the same
     own = client_budget(spec, 1, 40).sigma
     assert result.summary["sigma_per_client"][1] == pytest.approx(own)
     assert result.summary["sigma_per_client"][0] == pytest.approx(client_budget(spec, 0, sizes[0]).sigma)
     assert own != pytest.approx(client_budget(spec, 1, sizes[1]).sigma)
+    # without the binding the server expects the bundled partition's sigma: the reply is dropped, with why
+    grid = LocalGrid(3, state_dir=tmp_path / "nodes2")
+    grid.contexts[101].node_config.update({"data-file": str(path), "public-size": 40})
+    dropped = _run_flower(unbound, tmp_path / "unbound", grid).history[0]["dropped"]
+    assert "federation.public_sizes" in dropped["1"]
+
+
+def test_a_node_lying_about_its_sigma_is_dropped_every_round(tmp_path):
+    """A node that claims the largest honest sigma (to widen its norm bound) and sends 5.5 x the
+    opposite of its change: every reply is dropped, since the server derives each sigma itself."""
+    from fedpeft.flower import wire
+    from fedpeft.validation import spec_limits
+
+    spec = tiny_spec(federation__rounds=3, federation__clients=3, federation__clients_per_round=3, privacy__epsilon=5.0)
+    fed = Federation.build(spec)
+    sigma_max = spec_limits(spec, fed.plan).dp[3]
+
+    def lie(request, reply):  # noqa: ANN001, ANN202
+        content = reply.content
+        if wire.update_key(1) in content:
+            sent = wire.read_train(request.content).adapter
+            update = wire.from_record(content[wire.update_key(1)])
+            forged = {n: sent[n] - 5.5 * (t - sent[n]) if n in sent else t for n, t in update.items()}
+            content[wire.update_key(1)] = wire.to_record(forged)
+            content[wire.metrics_key(1)]["sigma"] = sigma_max
+        return reply
+
+    grid = LocalGrid(3)
+    grid.tamper[101] = lie
+    result = _run_flower(spec, tmp_path / "run", grid)
+    assert all(r["clients"] == [0, 2] and "sigma" in r["dropped"]["1"] for r in result.history)
 
 
 def test_data_file_errors_are_clear(tmp_path):
@@ -346,3 +380,23 @@ def test_no_usable_node_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no connected node holds any of the 2 clients.*partition 0 of 3"):
         _run_flower(spec, tmp_path / "run", grid)
     assert not (tmp_path / "run").exists()  # failed before its first checkpoint: nothing left behind
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 1e300, 5.5])
+def test_a_reply_reporting_an_impossible_epsilon_is_dropped(tmp_path, epsilon):
+    """No honest ledger reports 0 after training, or more than the spec's target (5): the summary's
+    epsilon is never a node's invention."""
+    from fedpeft.flower import wire
+
+    spec = tiny_spec(federation__rounds=1, federation__clients=2, federation__clients_per_round=2, privacy__epsilon=5.0)
+
+    def forge(request, reply):  # noqa: ANN001, ANN202
+        if wire.metrics_key(1) in reply.content:
+            reply.content[wire.metrics_key(1)]["epsilon"] = epsilon
+        return reply
+
+    grid = LocalGrid(2)
+    grid.tamper[101] = forge
+    result = _run_flower(spec, tmp_path / "run", grid)
+    assert result.history[0]["clients"] == [0] and "epsilon" in result.history[0]["dropped"]["1"]
+    assert result.summary["epsilon"] <= 5.0

@@ -613,3 +613,29 @@ def test_fault_drill_small():
     assert report["faults_injected"] == len(drill.FAULTS)
     assert report["federations_ended"] == 0, [r for r in report["runs"] if r["ended"]]
     assert report["bad_updates_aggregated"] == 0, [r for r in report["runs"] if r["bad_aggregated"]]
+
+
+def test_an_evaluate_reply_counts_only_possible_scores_of_the_nodes_own_clients():
+    """A node once added 30 fake clients at accuracy 1.0 and 1e300 to a FedSA run's score (issue 45)."""
+    from fedpeft.flower import wire
+
+    honest = {"accuracy": 0.7, "loss": 0.6}
+    forged = wire.evaluate_reply({0: honest, **{k: {"accuracy": 1.0, "loss": 0.0} for k in range(2, 32)}})
+    assert wire.read_evaluate_reply(forged, {0}) == [honest]  # the node holds client 0 only
+    impossible = [{"accuracy": 1e300, "loss": 0.1}, {"accuracy": -0.1, "loss": 0.1}, {"accuracy": 0.5, "loss": -1.0},
+                  {"accuracy": 0.5, "loss": math.nan}, {"accuracy": 0.5}, {"accuracy": 0.5, "loss": 0.1, "extra": 1.0}]  # fmt: skip
+    for bad in impossible:
+        assert wire.read_evaluate_reply(wire.evaluate_reply({0: bad}), {0}) == [], bad
+
+
+def test_a_metric_key_cannot_forge_log_lines_or_flood_the_log():
+    """A node's metric key once wrote two forged server log lines (a newline and escape codes), and a
+    200 kB key a 200 kB log line (issue 45): a key no reply carries drops the reply, its text escaped."""
+    from fedpeft.executors import ClientFailure
+    from fedpeft.flower import wire
+
+    for key in ["ok\nINFO fedpeft: round 9: accuracy 1.0000\x1b[31m", "k" * 200_000]:
+        update = ClientUpdate(0, 10, {"x": torch.zeros(2)}, {"steps": 5.0, key: 1.0})
+        result = wire.read_train_reply(wire.train_reply([update], private=False), 0, 100)
+        assert isinstance(result, ClientFailure) and "no key a reply carries" in result.reason
+        assert "\n" not in result.reason and "\x1b" not in result.reason and len(result.reason) < 400

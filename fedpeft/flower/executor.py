@@ -267,7 +267,7 @@ class FlowerExecutor:
             if reply.has_error():
                 log.warning("node %d could not evaluate: %s", nid, node_text(reply.error.reason))
                 continue
-            scores += wire.read_evaluate_reply(reply.content)
+            scores += wire.read_evaluate_reply(reply.content, {c for c, n in self.nodes.items() if n == nid})
         return scores
 
     # -- the executor contract: client state lives on the nodes -----------------------------

@@ -98,11 +98,8 @@ REPLY_FIELDS: dict[str, tuple[str, str]] = {
     "evaluate:metrics.<c>.loss": (DP_OUTPUT, "as evaluate:metrics.<c>.accuracy"),
 }
 # fmt: on
-_METRICS_UNDER_DP = frozenset(
-    key.removeprefix("metrics.<c>.")
-    for key, (kind, _) in REPLY_FIELDS.items()
-    if key.startswith("metrics.") and kind == PUBLIC
-)
+_TRAIN_METRICS = {k.removeprefix("metrics.<c>."): v[0] for k, v in REPLY_FIELDS.items() if k.startswith("metrics.")}
+_METRICS_UNDER_DP = frozenset(k for k, kind in _TRAIN_METRICS.items() if kind == PUBLIC)
 
 
 def update_key(cid: int) -> str:
@@ -237,6 +234,8 @@ def _read_train_reply(content: RecordDict, cid: int, nid: int, shapes: Shapes | 
     if not isinstance(content.get(metrics_key(cid)), MetricRecord):
         raise _Malformed(f"no {metrics_key(cid)}")
     metrics = dict(content[metrics_key(cid)].items())
+    if unknown := sorted(set(metrics) - set(_TRAIN_METRICS)):  # a key is the node's text: escaped, capped
+        raise _Malformed(f"{metrics_key(cid)}: {node_text(unknown[0], 40)!r} is no key a reply carries")
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise _Malformed(f"{metrics_key(cid)}.{key} = {value!r} is not a finite number")
@@ -336,15 +335,15 @@ def evaluate_reply(scores: dict[int, dict[str, float]]) -> RecordDict:
     return RecordDict({metrics_key(cid): MetricRecord(s) for cid, s in scores.items()})
 
 
-def read_evaluate_reply(content: RecordDict) -> list[dict[str, float]]:
-    """The personalised scores in an evaluate reply; a record with a non-finite or non-numeric
-    value is left out."""
+def read_evaluate_reply(content: RecordDict, held: set[int]) -> list[dict[str, float]]:
+    """The personalised scores in an evaluate reply, one per client the node holds (`held`): exactly an
+    accuracy in [0, 1] and a finite loss >= 0. Any other record (a client the node does not hold, a
+    forged or impossible score) is left out."""
     scores = []
-    for name, record in content.metric_records.items():
-        values = dict(record.items())
-        numeric = all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values.values()
-        )
-        if name.startswith(metrics_key(0)[:-1]) and values and numeric:
+    for cid in sorted(held):
+        record = content.metric_records.get(metrics_key(cid))
+        values = dict(record.items()) if record is not None else {}
+        ok = set(values) == {"accuracy", "loss"} and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values())  # fmt: skip
+        if ok and 0.0 <= values["accuracy"] <= 1.0 and 0.0 <= values["loss"] < math.inf:
             scores.append({k: float(v) for k, v in values.items()})
     return scores
