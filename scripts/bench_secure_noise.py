@@ -24,6 +24,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def noise_draws(repeats: int) -> dict:
+    """The noise alone: one secure_mode draw of d numbers (d = 24,576, MiniLM 2 layers' rank-8 query and
+    value factors; and 10x that), from a seeded torch generator and from a key's ChaCha20 stream."""
+    import torch
+
+    from fedpeft.privacy.randomness import SecretKey, TorchSource
+
+    row: dict = {"model": "noise draw only"}
+    for d in (24_576, 245_760):
+        times: dict[str, list[float]] = {"torch-secure": [], "keyed": []}
+        for _ in range(repeats):
+            for arm, source in (("torch-secure", TorchSource(torch.Generator().manual_seed(0))),
+                                ("keyed", SecretKey.draw().stream("noise"))):  # fmt: skip
+                tic = time.process_time()
+                for _ in range(20):
+                    source.normal(1.0, (d,), True, "cpu")
+                times[arm].append((time.process_time() - tic) / 20)
+        for arm, ts in times.items():
+            row[f"{arm}_ms_d{d}"] = statistics.median(ts) * 1e3
+    print("noise draw only   " + "  ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "model"), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "secure-noise-cpu.json"))
@@ -40,7 +63,7 @@ def main() -> None:
     from fedpeft.privacy.randomness import SecretKey
     from fedpeft.spec_io import default_spec
 
-    rows = []
+    rows = [noise_draws(args.repeats)]
     for layers in (2, 6):
         spec = default_spec().with_flat(
             {
