@@ -66,7 +66,7 @@ def public_size(spec: Spec, cid: int, bundled: int) -> int:
     """Client `cid`'s public size as the server knows it: what federation.public_sizes binds for a node's
     data-file, else its bundled partition's size (`bundled`)."""
     sizes = spec.federation.public_sizes
-    return sizes[cid] if cid < len(sizes) and sizes[cid] > 0 else bundled
+    return sizes[cid] if 0 <= cid < len(sizes) and sizes[cid] > 0 else bundled
 
 
 def make_executor(

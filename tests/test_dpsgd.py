@@ -161,3 +161,18 @@ def test_empty_poisson_batch_takes_a_noise_only_step(setup):
     assert any(not torch.equal(update.tensors[n], state.tensors[n]) for n in plan.uploads)
     plain = train_client(model, state, tiny, plan, client_id=0, seed=seed, dp=None)
     assert all(torch.equal(plain.tensors[n], state.tensors[n]) for n in plan.uploads)
+
+
+def test_a_client_round_under_a_secret_key_is_its_keys_alone(setup):
+    """Two keys equal in their low 32 bits train different updates; one key, one update (issue 44:
+    torch's CPU generator kept only 32 bits of the old secret seed)."""
+    from fedpeft.privacy.randomness import KEY_BYTES, SecretKey
+
+    model, data, state = setup
+    plan = _plan(model, {LORA_B}, steps=2)
+    a, b = (SecretKey((0x03020100 + (1 << 32) * k).to_bytes(KEY_BYTES, "little")) for k in (12345, 67890))
+    dp = DPSGD(sigma=1.0, clip=1.0, secure=True)
+    ua, ub, ua2 = (train_client(model, state, data, plan, client_id=0, seed=k, dp=dp).tensors for k in (a, b, a))
+    for name in ua:
+        assert torch.equal(ua[name], ua2[name]), name
+        assert not torch.allclose(ua[name], ub[name]), name

@@ -117,10 +117,12 @@ def _rows(n: int, start: int = 0) -> str:
 def _own_runner(tmp_path: Path, spec, state: Path):  # noqa: ANN001, ANN202
     """Run `spec` on two nodes whose second holds `path` as its data file (public size 40)."""
 
+    bound = spec.with_flat({"federation.public_sizes": [0, 40]})  # the server's binding of the node's size
+
     def run(name: str, run_id: int, path: Path, config: dict | None = None):  # noqa: ANN202
         grid = LocalGrid(2, state_dir=state, run_id=run_id)
         grid.contexts[101].node_config.update({"data-file": str(path), "public-size": 40, **(config or {})})
-        return Federation.build(spec, executor=FlowerExecutor(grid, spec, connect_timeout=0)).run(tmp_path / name)
+        return Federation.build(bound, executor=FlowerExecutor(grid, bound, connect_timeout=0)).run(tmp_path / name)
 
     return run
 

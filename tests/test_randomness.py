@@ -10,16 +10,10 @@ import pytest
 import torch
 from scipy import stats
 
-from fedpeft.adapters import AdaptedModel
-from fedpeft.client import DPSGD, LocalTraining, train_client
-from fedpeft.config import ModelConfig
-from fedpeft.data import prepare
 from fedpeft.executors.base import InProcess
 from fedpeft.privacy.client_level import ClientLevelDP
 from fedpeft.privacy.dpsgd import NodeDPOptimizer, zero_non_finite
 from fedpeft.privacy.randomness import KEY_BYTES, SecretKey, TorchSource, noise_source, seed_dropout
-from fedpeft.state import LORA_B, kind_of
-from tests.conftest import tiny_spec
 
 
 def _keys_equal_in_low_32_bits() -> tuple[SecretKey, SecretKey]:
@@ -72,32 +66,6 @@ def test_a_secret_key_never_leaves_in_a_pickle_or_a_log_line():
         pickle.dumps(key)
     with pytest.raises(ValueError):
         SecretKey(b"short")
-
-
-@pytest.fixture(scope="module")
-def setup():
-    spec = tiny_spec()
-    model = AdaptedModel(ModelConfig(name="tiny-bert", max_length=24), num_labels=2, seed=0)
-    data = prepare(spec.data, 4, model.tokenizer, 24, seed=0)
-    state = model.state()
-    g = torch.Generator().manual_seed(5)
-    state = state.with_tensors(
-        {n: torch.randn(t.shape, generator=g) * 0.1 for n, t in state.tensors.items() if kind_of(n) == LORA_B}
-    )
-    uploads = tuple(n for n in model.names if kind_of(n) == LORA_B)
-    plan = LocalTraining(steps=2, batch_size=8, lr=1.0, trains=frozenset({LORA_B}), uploads=uploads)
-    return model, data.clients[0], state, plan
-
-
-def test_a_client_round_under_a_key_is_its_keys_alone(setup):
-    """Two keys equal in their low 32 bits train different updates; one key, one update."""
-    model, data, state, plan = setup
-    dp = DPSGD(sigma=1.0, clip=1.0, secure=True)
-    a, b = _keys_equal_in_low_32_bits()
-    ua, ub, ua2 = (train_client(model, state, data, plan, client_id=0, seed=k, dp=dp).tensors for k in (a, b, a))
-    for name in ua:
-        assert torch.equal(ua[name], ua2[name]), name
-        assert not torch.allclose(ua[name], ub[name]), name
 
 
 def test_in_process_secret_executors_draw_a_fresh_key_per_client_round():
