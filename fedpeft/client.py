@@ -26,7 +26,7 @@ from fedpeft.causal import answer_window, evaluate_lm, token_loss
 from fedpeft.data.base import TokenizedData
 from fedpeft.optim import LocalOptimizer, OptimizerState, load_torch_state, torch_state
 from fedpeft.privacy.accounting import ClientBudget, sample_rate
-from fedpeft.privacy.randomness import Seed, Source, TorchSource, batch_source, noise_source, seed_dropout
+from fedpeft.privacy.randomness import Seed, Source, as_source, batch_source, noise_source, seed_dropout
 from fedpeft.state import AdapterState, ClientUpdate
 
 __all__ = [
@@ -72,7 +72,7 @@ class LocalTraining:
 
 def poisson_batches(n: int, q: float, steps: int, source: Source | torch.Generator) -> list[torch.Tensor]:
     """`steps` Poisson samples of range(n): each row joins each batch independently with prob. q."""
-    source = TorchSource(source) if isinstance(source, torch.Generator) else source
+    source = as_source(source)
     return [torch.nonzero(source.rand(n) < q).squeeze(1) for _ in range(steps)]
 
 

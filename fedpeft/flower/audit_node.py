@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fedpeft.config import Spec
 
-__all__ = ["FAULTS", "AuditNode", "broken", "game_scores", "noise_check", "write_data"]
+__all__ = ["FAULTS", "AuditNode", "broken", "game_scores", "noise_check", "noise_check_spec", "write_data"]
 
 FAULTS = {"sigma/2": 0.5, "sigma/4": 0.25, "sigma/10": 0.1, "seeded": None}  # a deliberately broken node
 
@@ -126,14 +126,19 @@ def game_scores(
     return scores
 
 
+def noise_check_spec(spec: Spec, size: int) -> Spec:
+    """The noise check's game: one step of plain SGD on all of D (q = 1), no dropout."""
+    return spec.with_flat({"train.local_steps": 1, "train.batch_size": size, "train.optimizer": "sgd",
+                           "train.schedule": "constant", "train.warmup": 0, "model.dropout": 0.0, "name": "audit-noise"})  # fmt: skip
+
+
 def noise_check(spec: Spec, pairs: int, size: int, tmp: Path, texts, labels, fault: str | None) -> dict:  # noqa: ANN001
     """The white-box noise check and the seed replay (fedpeft.privacy.audit's docstring, 2 and 3)."""
     from scipy.stats import chi2
 
     from fedpeft.build import client_budget
 
-    one = spec.with_flat({"train.local_steps": 1, "train.batch_size": size, "train.optimizer": "sgd",
-                          "train.schedule": "constant", "train.warmup": 0, "model.dropout": 0.0, "name": "audit-noise"})  # fmt: skip
+    one = noise_check_spec(spec, size)
     node = AuditNode(one, tmp / "noise", size)
     path = tmp / "noise.jsonl"
     write_data(path, texts, labels, None)

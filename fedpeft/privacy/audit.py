@@ -152,14 +152,15 @@ def noise_power(df: int, statistics: int, spec: Spec, size: int) -> dict[str, fl
     from scipy.stats import chi2
 
     from fedpeft.build import client_budget
+    from fedpeft.flower.audit_node import noise_check_spec
     from fedpeft.privacy.accounting import epsilon
 
     crit = float(chi2.ppf(ALPHA / statistics, df))  # fail below this sum of squares (variance ratio 1 scale)
     ratio = crit / float(chi2.ppf(0.95, df))  # a variance ratio this low is below crit 95% of the time
-    one = spec.with_flat({"train.local_steps": 1, "train.batch_size": size})
-    budget = client_budget(one, 0, size)
-    factor = math.sqrt(ratio)
-    spent = epsilon(((budget.sigma * factor, budget.q, 1),), spec.privacy.delta, spec.privacy.accountant)
+    one = noise_check_spec(spec, size)
+    budget = client_budget(one, 0, size)  # calibrated for every round of the check's game, as the node does
+    factor, steps = math.sqrt(ratio), one.federation.rounds * one.train.local_steps
+    spent = epsilon(((budget.sigma * factor, budget.q, steps),), spec.privacy.delta, spec.privacy.accountant)
     return {"sigma_factor": factor, "epsilon_spent": spent}
 
 

@@ -47,7 +47,7 @@ import torch
 
 from fedpeft.config import Spec
 from fedpeft.privacy.accounting import calibrate_sigma, epsilon
-from fedpeft.privacy.randomness import SecretKey, Source, TorchSource, source_for
+from fedpeft.privacy.randomness import SecretKey, Source, as_source, source_for
 from fedpeft.state import AdapterState, ClientUpdate
 
 __all__ = ["ClientLevelDP", "clip_update", "poisson_clients", "randomness"]
@@ -57,8 +57,7 @@ AGGREGATE_ID = -1  # the client id of the one noised update the strategy aggrega
 
 def poisson_clients(source: Source | torch.Generator, num_clients: int, rate: float) -> list[int]:
     """Each client joins independently with probability `rate` (may be none, may be all)."""
-    source = TorchSource(source) if isinstance(source, torch.Generator) else source
-    return torch.nonzero(source.rand(num_clients) < rate).squeeze(1).tolist()
+    return torch.nonzero(as_source(source).rand(num_clients) < rate).squeeze(1).tolist()
 
 
 def clip_update(update: ClientUpdate, sent: AdapterState, clip: float) -> tuple[dict[str, torch.Tensor], float]:

@@ -31,7 +31,7 @@ import torch
 
 __all__ = [
     "NOISE_SOURCES", "Source", "TorchSource", "KeyedSource", "SecretKey", "Seed", "gaussian", "batch_source",
-    "noise_source", "seed_dropout", "source_for", "combined",
+    "noise_source", "seed_dropout", "source_for", "combined", "as_source",
 ]  # fmt: skip
 
 NOISE_SOURCES = ("seeded", "secret")
@@ -136,6 +136,11 @@ class KeyedSource:
         else:
             z = self.standard(n)
         return (z * std).reshape(tuple(shape)).to(device=device, dtype=torch.float32)
+
+
+def as_source(source: Source | torch.Generator) -> Source:
+    """A torch generator as a Source (callers and tests that still hold one); a Source as it is."""
+    return TorchSource(source) if isinstance(source, torch.Generator) else source
 
 
 def gaussian(std: float, shape: torch.Size | tuple[int, ...], generator: torch.Generator, secure: bool,
