@@ -29,10 +29,11 @@ from fedpeft.client import LocalTraining, evaluate
 from fedpeft.config import ConfigError, Spec, client_rank
 from fedpeft.data import FederatedData
 from fedpeft.executors import ClientFailure, Executor, SecureSum
-from fedpeft.privacy.client_level import ClientLevelDP, randomness
-from fedpeft.spec_io import spec_diff
+from fedpeft.privacy.client_level import ClientLevelDP
+from fedpeft.spec_io import run_diff
 from fedpeft.state import BASE, AdapterState, ClientUpdate, kind_of
 from fedpeft.strategies import Strategy
+from fedpeft.summary import run_summary, server_epsilons
 from fedpeft.validation import UpdateLimits, expected_reply, norm_outliers, outlier_factor, spec_limits, validate_update
 
 __all__ = ["Callbacks", "Federation", "RunResult", "sample_clients", "seed_for"]
@@ -57,7 +58,8 @@ class _Progress:
     state: AdapterState
     server_state: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
-    epsilons: dict[int, float] = field(default_factory=dict)  # latest epsilon reported per client
+    epsilons: dict[int, float] = field(default_factory=dict)  # latest epsilon each node reported (its word)
+    steps: dict[int, int] = field(default_factory=dict)  # DP-SGD steps of every update that reached the server
     base_bytes: list[float] = field(default_factory=list)  # factored base-weight change, per round
     last_sync: dict[int, int] = field(default_factory=dict)  # client -> rounds of base changes it has
     elapsed: float = 0.0
@@ -129,8 +131,8 @@ class Federation:
         base, server_state = self.strategy.init(self.model.state(), fed.seed)  # the model is still untrained
         if resume:
             ckpt = runfiles.load_checkpoint(out)
-            if (saved := Spec.from_dict(ckpt["spec"])) != spec:
-                raise ConfigError("cannot resume with a different spec; " + spec_diff(saved, spec))
+            if diff := run_diff(Spec.from_dict(ckpt["spec"]), spec):  # a sweep's [sweep] table may grow
+                raise ConfigError("cannot resume with a different spec; " + diff)
             run = _Progress(**ckpt["progress"])
             self.executor.load_client_states(ckpt["client_states"])
         else:
@@ -187,16 +189,18 @@ class Federation:
             # evaluate: every eval_every rounds (on the seeded subset, if any) and the last (the whole split)
             scored_on = None if rnd % fed.eval_every and rnd < fed.rounds else self._scored_on(rnd)
             metrics = self._evaluate(run.state, scored_on) if scored_on else {"accuracy": None, "loss": None}
-            # account
-            for cid, reported in reports:
-                if "epsilon" in reported:
-                    run.epsilons[cid] = float(reported["epsilon"])
+            # account: every update that left a node spent its steps, aggregated or dropped
+            for r in (r for r in results if isinstance(r, ClientUpdate)):
+                for cid in r.members if isinstance(r, SecureSum) else [r.client_id]:
+                    run.steps[cid] = run.steps.get(cid, 0) + self.plan.steps
+            run.epsilons |= {cid: float(m["epsilon"]) for cid, m in reports if "epsilon" in m}
+            ours = server_epsilons(self, run.steps)
             run.elapsed += time.perf_counter() - tic
             record = {
                 "round": rnd,
                 **metrics,
                 "scored_on": scored_on,  # "whole" (the test split), "subset" (federation.eval_subset) or None
-                "epsilon_max": max(run.epsilons.values()) if run.epsilons else (0.0 if self.sigmas else None),
+                "epsilon_max": max(ours.values(), default=0.0) if ours is not None else None,
                 "client_epsilon": self._client_epsilon(run.history, z_round),
                 **({"client_noise_multiplier": z_round} if z_round is not None else {}),
                 **({"client_update_norm_median": float(np.median(norms))} if norms else {}),
@@ -222,7 +226,7 @@ class Federation:
             if callbacks.on_round_end:
                 callbacks.on_round_end(record)
 
-        summary = self._summary(run.history, run.epsilons, run.elapsed)
+        summary = run_summary(self, run.history, run.steps, run.epsilons, run.elapsed)
         if self.data.test.is_sequence:  # a causal LM: the base model's scores, greedy answers of base and final
             answers = write_generations(self.model, base, run.state, self.data.test_pairs, out)
             scores = evaluate(self.model, base, self.data.test, spec.train.eval_batch_size)  # FedSA: none kept yet
@@ -300,49 +304,6 @@ class Federation:
         missed = run.base_bytes[run.last_sync.get(cid, 0) :]
         run.last_sync[cid] = len(run.base_bytes)
         return traffic.download_bytes(run.state, sent, client_rank(self.spec.model, cid), self.spec.model.rank, missed)
-
-    def _summary(self, history: list[dict[str, Any]], epsilons: dict[int, float], elapsed: float) -> dict[str, Any]:
-        spec = self.spec
-        last = history[-1]
-        whole = [r for r in history if r["accuracy"] is not None and r.get("scored_on", "whole") == "whole"]
-        return {
-            "name": spec.name,
-            "strategy": spec.strategy.name,
-            "adapter": spec.model.adapter,
-            # per client: every tensor of the kinds it trains (the head too, when the spec trains it)
-            "trained_parameters": sum(
-                t.numel() for n, t in self.model.state().tensors.items() if kind_of(n) in self.plan.trains
-            ),
-            "rounds": len(history),
-            "accuracy": last["accuracy"],
-            "loss": last["loss"],
-            # over the rounds scored on the whole test split (subset scores are not comparable)
-            "best_accuracy": max(r["accuracy"] for r in whole),
-            # the mean of the last three: less of one round's luck than the final
-            "accuracy_last3": _mean([r["accuracy"] for r in whole[-3:]]),
-            "accuracy_last3_rounds": [r["round"] for r in whole[-3:]],
-            "adapter_change": last.get("adapter_change"),
-            "majority_rate": self.data.majority_rate,
-            "epsilon": (max(epsilons.values()) if epsilons else 0.0) if spec.privacy.enabled else None,
-            "epsilon_per_client": {str(k): v for k, v in sorted(epsilons.items())} if spec.privacy.enabled else None,
-            "target_epsilon": spec.privacy.epsilon if spec.privacy.enabled else None,
-            # client-level DP-FedAvg: epsilon of the whole run for any one client's data, and its z
-            "client_epsilon": last.get("client_epsilon"),
-            "client_target_epsilon": spec.privacy.client_epsilon if self.client_dp is not None else None,
-            "client_noise_multiplier": self.client_dp.noise_multiplier if self.client_dp is not None else None,
-            "delta": spec.privacy.delta if spec.privacy.enabled else None,
-            "sigma_per_client": self.sigmas,
-            "noise": self.executor.noise if spec.privacy.enabled else None,  # the clients' batches and DP noise
-            # per mechanism: "seeded" (reproducible from the spec, the simulator's guarantee) or "secret" (never sent)
-            "randomness": randomness(self.executor.noise if spec.privacy.enabled else None, self.client_dp, spec),
-            "seed": spec.federation.seed,
-            "clients": [len(c) for c in self.data.clients],
-            "test_examples": len(self.data.test),
-            "bytes_up": sum(r["bytes_up"] for r in history),
-            "bytes_down": sum(r["bytes_down"] for r in history),
-            "seconds": elapsed,
-            "spec": spec.to_dict(),
-        }
 
 
 def _mean(values: list[float]) -> float | None:

@@ -146,6 +146,12 @@ def spec_diff(old: Spec, new: Spec, what: str = "run") -> str:
     )
 
 
+def run_diff(old: Spec, new: Spec, what: str = "run") -> str:
+    """`spec_diff` over what a run depends on: the [sweep] table is left out (it chooses cells;
+    each cell's values are set in its spec), so a sweep may grow while one of its cells is cut."""
+    return spec_diff(dataclasses.replace(old, sweep=new.sweep), new, what)
+
+
 def load_spec(path: str | Path) -> Spec:
     """Read a spec from a TOML file. Missing keys take the defaults of fedpeft.config."""
     path = Path(path)

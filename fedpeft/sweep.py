@@ -4,8 +4,9 @@ then the report.
 Every cell is an ordinary run (the same files as `fedpeft simulate`) in
 DIR/<strategy>/eps-<epsilon>/seed-<seed>/ (DIR/<strategy>+<family>/... for a linear family). A finished cell (summary.json) is skipped, an
 interrupted one (checkpoint.pt) resumes, so a sweep started again loses nothing. The spec of the
-sweep is written to DIR/sweep.json; a second start with a different spec is refused, unless it only
-adds seeds (more power for the same design: the finished cells are kept).
+sweep is written to DIR/sweep.json; a second start may add cells (seeds, strategies, families,
+budgets: the finished cells are kept), and any other change is refused, as is any cell already run
+with other values than the grid now gives it (the error names it and what to run).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from fedpeft.config import ConfigError, Spec, StrategyConfig
 from fedpeft.federation import Federation
 from fedpeft.progress import ProgressDisplay, make_console
 from fedpeft.report import eps_label, run_label, write_report
-from fedpeft.runfiles import SUMMARY, has_checkpoint, write_json
-from fedpeft.spec_io import spec_diff
+from fedpeft.runfiles import SUMMARY, has_checkpoint, load_checkpoint, write_json
+from fedpeft.spec_io import run_diff
 
-__all__ = ["Cell", "cells", "run_sweep"]
+__all__ = ["Cell", "cells", "prepare_sweep", "run_sweep"]
 
 SWEEP_SPEC = "sweep.json"
 
@@ -108,34 +109,75 @@ def arm_values(key: str, entries: tuple[str, ...], arms: set[str], epsilons: tup
     return out
 
 
-def _check_sweep_spec(out: Path, spec: Spec) -> None:
+def _check_sweep_spec(out: Path, spec: Spec, grid: list[Cell]) -> None:
+    """A sweep started again may add cells (seeds, strategies, families, budgets) to the one in `out`;
+    any other change to what its runs depend on is refused, saying what to run."""
     path = out / SWEEP_SPEC
     if path.exists():
         try:
             saved = Spec.from_dict(json.loads(path.read_text()))
         except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as exc:
             raise ConfigError(
-                f"{path} is not a readable sweep spec ({exc}); remove it to start this sweep again in {out}"
+                f"{path} is not a readable sweep spec ({exc}); remove it (its cells are checked against the spec "
+                f"you run) and run the sweep again into {out}"
             ) from None
-        if saved != spec:  # allowed only as the same sweep with seeds added: its cells so far stay valid
-            same_design = replace(spec, sweep=replace(spec.sweep, seeds=saved.sweep.seeds)) == saved
-            if not (same_design and set(saved.sweep.seeds) <= set(spec.sweep.seeds)):
-                raise ConfigError(
-                    f"{out} holds a sweep of a different spec ({spec_diff(saved, spec, 'sweep')}); choose another --out"
-                )
-            write_json(path, spec.to_dict())
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(path, spec.to_dict())
+        if diff := run_diff(saved, spec, "sweep"):
+            raise ConfigError(
+                f"{out} holds a sweep of a different spec ({diff}); run this one into another --out, or remove "
+                f"{out} to start over"
+            )
+        if left := sorted({c.path for c in cells(saved, out)} - {c.path for c in grid}):
+            raise ConfigError(
+                f"this spec's grid leaves out {len(left)} cell(s) of the sweep in {out} (e.g. "
+                f"{left[0].relative_to(out)}): a sweep started again may add seeds, strategies, families and "
+                "budgets, not drop them; put them back, or run into another --out"
+            )
+
+
+def _check_cells(out: Path, grid: list[Cell]) -> None:
+    """Every cell already run (finished or cut) in `out` was run with its spec in this grid: a cell
+    run with other values (a changed lr, rounds after sweep.json was removed) is never reported beside
+    the others, nor resumed; the error names them and what to run."""
+    stale = []
+    for cell in grid:
+        if (cell.path / SUMMARY).exists():
+            try:
+                saved = Spec.from_dict(json.loads((cell.path / SUMMARY).read_text())["spec"])
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ConfigError):
+                stale.append((cell, "its summary.json is not readable"))
+                continue
+        elif has_checkpoint(cell.path):
+            saved = Spec.from_dict(load_checkpoint(cell.path)["spec"])
+        else:
+            continue
+        if diff := run_diff(saved, cell.spec, "cell"):
+            stale.append((cell, diff))
+    if stale:
+        rm = " ".join(str(c.path) for c, _ in stale[:3]) + (" ..." if len(stale) > 3 else "")
+        raise ConfigError(
+            f"{len(stale)} cell(s) in {out} were run with another spec than this sweep gives them, e.g. "
+            f"{stale[0][0].path.relative_to(out)}: {stale[0][1]}; to re-run them with this spec: rm -r {rm} "
+            "(or run the sweep into another --out)"
+        )
+
+
+def prepare_sweep(spec: Spec, out: Path) -> list[Cell]:
+    """The grid, once the spec may (re)start the sweep in `out` (a ConfigError saying what to run if
+    not); then `out`/sweep.json is written. A refused start leaves the sweep as it was."""
+    grid = cells(spec, out)
+    for cell in grid:
+        check_names(cell.spec)  # fail before any work
+    _check_sweep_spec(out, spec, grid)
+    _check_cells(out, grid)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / SWEEP_SPEC, spec.to_dict())
+    return grid
 
 
 def run_sweep(spec: Spec, out: Path, console: Console | None = None) -> dict[str, Path]:
     """Run every unfinished cell of the grid, then write the report. Returns the report's paths."""
     console = console or make_console()
-    grid = cells(spec, out)
-    for cell in grid:
-        check_names(cell.spec)  # fail before any work
-    _check_sweep_spec(out, spec)
+    grid = prepare_sweep(spec, out)
     units = [c.spec.federation.rounds * c.spec.federation.clients_per_round for c in grid]
     done = [(c.path / SUMMARY).exists() for c in grid]
     console.print(f"[bold]sweep[/] {spec.name}: {len(grid)} runs ({sum(done)} already finished) into {out}/")

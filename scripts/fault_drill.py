@@ -30,13 +30,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
 
+from fedpeft.build import public_size  # noqa: E402
 from fedpeft.client import DPSGD, train_client  # noqa: E402
 from fedpeft.config import Spec  # noqa: E402
 from fedpeft.federation import Federation  # noqa: E402
 from fedpeft.flower import wire  # noqa: E402
 from fedpeft.flower.executor import FlowerExecutor  # noqa: E402
 from fedpeft.flower.local import LocalGrid  # noqa: E402
-from fedpeft.state import LORA_A, LORA_B, kind_of  # noqa: E402
+from fedpeft.state import LORA_A, LORA_B, AdapterState, ClientUpdate, kind_of  # noqa: E402
 from fedpeft.validation import at_rank, change_and_bound, expected_reply, noise_ratio, outlier_factor, padding  # noqa: E402
 
 BAD_NODE, BAD_CLIENT = 103, 3
@@ -125,6 +126,30 @@ def _padded(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _forged_scores(request: Message, reply: Message) -> Message:
+    """A FedSA node's evaluate reply with 30 clients it does not hold at accuracy 1.0 and its own
+    client's accuracy 1e300 (before: summary.json reported 0.9685 against a clean 0.7217)."""
+    content = _content(reply)
+    for cid in range(1000, 1030):
+        content[wire.metrics_key(cid)] = MetricRecord({"accuracy": 1.0, "loss": 0.0})
+    content[wire.metrics_key(BAD_CLIENT)] = MetricRecord({"accuracy": 1e300, "loss": 0.0})
+    return _replace(reply, request, content)
+
+
+def _count_scores(executor: FlowerExecutor) -> list[tuple[int, bool]]:
+    """Record each personalised evaluation's (scores read, any outside [0, 1])."""
+    read: list[tuple[int, bool]] = []
+    inner = executor.evaluate_personal
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        scores = inner(*args, **kwargs)
+        read.append((len(scores), any(not 0 <= s["accuracy"] <= 1 for s in scores)))
+        return scores
+
+    executor.evaluate_personal = counted
+    return read
+
+
 def _missing_tensor(up: dict, sent: dict) -> dict:
     return {n: t for i, (n, t) in enumerate(sorted(up.items())) if i}
 
@@ -170,6 +195,10 @@ FAULTS: dict[str, Tamper | str] = {
     "lies: 1 example, no sigma, x-200": _LYING,
     "rank lie: claims 8, padding full": _then(_ALL_PADDED, _metric(wire.RANK, 8)),
     "rank left out, padding full": _then(_ALL_PADDED, _metric(wire.RANK, None)),
+    "sigma lie: sigma_max, -5.5x": "sigma lie",
+    "metric key with a newline and escapes": _metric("x\n\x1b[31mround 9: client 0: accepted\x1b[0m", 1.0),
+    "metric key of 200 kB": _metric("k" * 200_000, 1.0),
+    "forged evaluation (FedSA)": "forged evaluation",
     "crash": "crash",
     "silent past the timeout": "silent",
     "duplicate identity": "impostor",
@@ -294,7 +323,9 @@ def drill_spec(rounds: int) -> Spec:
     return Spec().with_flat({**DRILL_SPEC, "federation.rounds": rounds})
 
 
-def run_one(spec: Spec, fault: str | None, out: Path) -> dict:
+def run_one(spec: Spec, fault: str | None, out: Path, attack: Callable[[Federation], Tamper] | None = None) -> dict:
+    """One federation through the real ClientApp with node 103 doing `fault` (or, from `attack`, a
+    tamper made once the federation is built: one that needs the server's public numbers)."""
     grid = LocalGrid(4, state_dir=out / "nodes")
     kind = FAULTS.get(fault) if fault else None
     if kind == "crash":
@@ -307,21 +338,35 @@ def run_one(spec: Spec, fault: str | None, out: Path) -> dict:
         grid.add_node(50, BAD_CLIENT)  # asked before node 103: claims partition 3 first
     elif kind == "all of one":
         grid.add_node(50, 0, num_partitions=1)  # asked first: claims every client
+    elif kind == "sigma lie":
+        attack = _sigma_lie
+    elif kind == "forged evaluation":  # FedSA: the nodes score their personalised models
+        spec = spec.with_flat({"strategy.name": "fedsa"})
+        grid.tamper_evaluate[BAD_NODE] = _forged_scores
     elif kind is not None:
         grid.tamper[BAD_NODE] = kind
     row = {"fault": fault or "(clean)", "ended": False, "bad_aggregated": 0, "accuracy": None, "dropped": ""}
     try:
-        executor = FlowerExecutor(grid, spec, connect_timeout=0)
-        result = Federation.build(spec, executor=executor).run(out / "run")
+        fed = Federation.build(spec, executor=FlowerExecutor(grid, spec, connect_timeout=0))
+        if attack is not None:
+            grid.tamper[BAD_NODE] = attack(fed)
+        read = _count_scores(fed.executor)
+        result = fed.run(out / "run")
     except Exception as exc:  # the drill's failure: a fault that ended the federation
         row.update(ended=True, error=f"{type(exc).__name__}: {exc}"[:300])
         return row
     history = result.history
     row["accuracy"] = history[-1]["accuracy"]
+    row["client_3_aggregated"] = sum(BAD_CLIENT in r["clients"] for r in history)
+    scored = [r["accuracy"] for r in history if r["accuracy"] is not None]
+    row["accuracy_last3"] = sum(scored[-3:]) / len(scored[-3:])
     impostor = {"impostor": 200, "impostor first": 50, "all of one": 50}.get(kind)
-    if fault is not None and impostor is None:  # every round's reply from node 103 was bad
+    if (fault is not None or attack is not None) and impostor is None:  # every round's reply from node 103 was bad
         row["bad_aggregated"] = sum(BAD_CLIENT in r["clients"] for r in history)
         row["dropped"] = history[-1]["dropped"].get(str(BAD_CLIENT), "")[:140]
+    if kind == "forged evaluation":  # evaluations that read a score past the 4 clients', or outside [0, 1]
+        row["bad_aggregated"] = sum(n > 4 or bad for n, bad in read)
+        row["dropped"] = f"{sum(n for n, _ in read)} scores read in {len(read)} evaluations"
     if impostor is not None:  # the impostor must never have been asked to train
         row["bad_aggregated"] = sum(1 for nid, t in grid.calls if nid == impostor and t == "train")
         row["dropped"] = "impostor refused" if not row["bad_aggregated"] else "impostor trained"
@@ -391,6 +436,88 @@ def defence_table(rounds: int, seeds: int, out: Path) -> dict:
     return report
 
 
+# Attacks on the Flower path (the real ClientApp; node 103 tampers with its own reply, knowing only
+# public values and its own change): what a remote node can do that an in-process client cannot is
+# lie about the numbers its bound is computed from
+def _sigma_lie(fed: Federation) -> Tamper:
+    """Claim the largest honest sigma (the spec's, at q = 1: it would widen the bound and the filter's
+    unit of noise when the server divided by the node's word) and send -5.5x its own change."""
+    sigma_max = fed._limits.dp[3]
+    return _then(_metric("sigma", sigma_max), _scaled(-5.5))
+
+
+def _flip_at_bound(fed: Federation) -> Tamper:
+    """Its own (noised) change, negated and scaled to 0.99 of the norm bound the server computes from
+    public values (the spec and the client's public size), with its honest numbers."""
+
+    def edit(up: dict, sent: dict) -> dict:
+        known = (public_size(fed.spec, BAD_CLIENT, len(fed.data.clients[BAD_CLIENT])), fed.sigmas[BAD_CLIENT])
+        expect = expected_reply(fed.spec, fed.plan, None, BAD_CLIENT, known)
+        update = ClientUpdate(BAD_CLIENT, expect.num_examples or 1, up, {"sigma": known[1]}, rank=4)
+        state = AdapterState(sent, fed.spec.model.rank, fed.spec.model.alpha, ())
+        norm, bound = change_and_bound(update, list(fed.plan.uploads), state, fed._limits, expect)
+        return scale_change(up, sent, -0.99 * bound / norm, rank=4)
+
+    return _tensors(edit)
+
+
+FLOWER_ATTACKS: dict[str, Callable[[Federation], Tamper]] = {
+    "sigma lie, -5.5x": _sigma_lie,
+    "flip at the bound": _flip_at_bound,
+    "flip -1.4x (under the filter)": lambda fed: _scaled(-1.4),
+}
+
+
+def flower_defence_table(rounds: int, repeats: int, out: Path) -> dict:
+    """Every defence clean and under each Flower-path attack, `repeats` times (federation.seed =
+    repeat; the nodes' noise is secret, so runs are not paired: each cost is the difference of means,
+    with its standard error from both arms)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedpeft-flower-defences-") as tmp:
+        for seed in range(repeats):
+            for robust, outlier in DEFENCES:
+                spec = drill_spec(rounds).with_flat(
+                    {"federation.seed": seed, "strategy.robust": robust, "federation.outlier_norm": outlier}
+                )
+                for attack in (None, *FLOWER_ATTACKS):
+                    tic = time.perf_counter()
+                    where = Path(tmp) / f"{seed}-{robust}-{outlier}-{attack}".replace(" ", "-").replace(",", "")
+                    row = run_one(spec, None, where, FLOWER_ATTACKS.get(attack or ""))
+                    row.update(defence=defence_name(robust, outlier), attack=attack or "(clean)", seed=seed,
+                               seconds=time.perf_counter() - tic)  # fmt: skip
+                    rows.append(row)
+                    acc = "-" if row["accuracy"] is None else f"{row['accuracy_last3']:.4f}"
+                    print(f"repeat {seed} {row['defence']:30s} {row['attack']:30s} last3 {acc} client 3 aggregated "
+                          f"{row.get('client_3_aggregated')}/{rounds} ({row['seconds']:.0f} s) {row['dropped'][:80]}",
+                          flush=True)  # fmt: skip
+                out.write_text(json.dumps({"rounds": rounds, "repeats": seed + 1, "runs": rows}, indent=2) + "\n")
+
+    def last3(defence: str, attack: str) -> list[float]:
+        return [r["accuracy_last3"] for r in rows if r["defence"] == defence and r["attack"] == attack]
+
+    def aggregated(defence: str, attack: str) -> int:
+        return sum(r.get("client_3_aggregated", 0) for r in rows if r["defence"] == defence and r["attack"] == attack)
+
+    table, reference = {}, last3(defence_name(*DEFENCES[1]), "(clean)")  # the default's clean runs
+    for name in (defence_name(*d) for d in DEFENCES):
+        for attack in ("(clean)", *FLOWER_ATTACKS):
+            arm = last3(name, attack)
+            se = math.sqrt(statistics.variance(arm) / len(arm) + statistics.variance(reference) / len(reference))
+            table[f"{name} / {attack}"] = t = {
+                "last3": statistics.mean(arm), "cost": statistics.mean(arm) - statistics.mean(reference), "cost_se": se,
+                "client_3_aggregated": aggregated(name, attack),
+                "rounds": rounds * len(arm),
+            }  # fmt: skip
+            agg = f" client 3 aggregated {t['client_3_aggregated']}/{t['rounds']}"
+            print(f"{name:30s} {attack:30s} last3 {t['last3']:.4f}  vs the default's clean {100 * t['cost']:+5.1f} "
+                  f"+- {100 * se:.1f} points{agg}")  # fmt: skip
+    report = {"path": "Flower (LocalGrid + the real ClientApp)", "rounds": rounds, "repeats": repeats,
+              "spec": drill_spec(rounds).to_dict(), "table": table, "runs": rows}  # fmt: skip
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -404,10 +531,20 @@ def main() -> None:
         help="instead: every defence (strategy.robust) clean and under each attack inside the bound, "
         "over this many seeds, at --rounds; writes attack-defences.json beside --out",
     )  # fmt: skip
+    parser.add_argument(
+        "--flower-defences", type=int, default=0, metavar="REPEATS",
+        help="instead: every defence clean and under each Flower-path attack (the sigma lie among them), "
+        "through the real ClientApp, this many repeats, at --rounds; writes attack-defences-flower.json",
+    )  # fmt: skip
     args = parser.parse_args()
-    if args.rounds < 1 or args.defences < 0 or args.quickstart_seeds < 0:
-        parser.error("--rounds must be >= 1, --defences and --quickstart-seeds >= 0")
+    if args.rounds < 1 or min(args.defences, args.quickstart_seeds, args.flower_defences) < 0:
+        parser.error("--rounds must be >= 1, --defences, --flower-defences and --quickstart-seeds >= 0")
     torch.set_num_threads(1)
+    if args.flower_defences:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        target = Path(args.out).with_name("attack-defences-flower.json")
+        flower_defence_table(args.rounds, args.flower_defences, target)
+        return
     if args.defences:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         defence_table(args.rounds, args.defences, Path(args.out).with_name("attack-defences.json"))

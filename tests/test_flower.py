@@ -357,6 +357,9 @@ def test_a_node_lying_about_its_sigma_is_dropped_every_round(tmp_path):
     grid.tamper[101] = lie
     result = _run_flower(spec, tmp_path / "run", grid)
     assert all(r["clients"] == [0, 2] and "sigma" in r["dropped"]["1"] for r in result.history)
+    # its replies left the node: the server's accounting charges them, dropped or not
+    honest = client_budget(spec, 1, len(fed.data.clients[1]))
+    assert result.summary["epsilon_per_client"]["1"] == pytest.approx(honest.epsilon_after(3 * fed.plan.steps))
 
 
 def test_data_file_errors_are_clear(tmp_path):
@@ -400,3 +403,30 @@ def test_a_reply_reporting_an_impossible_epsilon_is_dropped(tmp_path, epsilon):
     result = _run_flower(spec, tmp_path / "run", grid)
     assert result.history[0]["clients"] == [0] and "epsilon" in result.history[0]["dropped"]["1"]
     assert result.summary["epsilon"] <= 5.0
+
+
+def test_the_summary_epsilon_is_the_servers_accounting_not_a_nodes_word(tmp_path):
+    """A node that reports a plausible but false epsilon (0.001, inside (0, target]) is aggregated (its
+    update is sound) but moves nothing the server reports: summary.json's epsilon is the server's own
+    accounting, which for the honest nodes equals what they report."""
+    from fedpeft.flower import wire
+
+    spec = tiny_spec(federation__rounds=2, federation__clients=2, federation__clients_per_round=2, privacy__epsilon=5.0)
+
+    def understate(request, reply):  # noqa: ANN001, ANN202
+        if wire.metrics_key(1) in reply.content:
+            reply.content[wire.metrics_key(1)]["epsilon"] = 0.001
+        return reply
+
+    grid = LocalGrid(2)
+    grid.tamper[101] = understate
+    summary = _run_flower(spec, tmp_path / "run", grid).summary
+    ours, said = summary["epsilon_per_client"], summary["epsilon_reported_per_client"]
+    assert said["1"] == 0.001 and ours["0"] == pytest.approx(said["0"], rel=1e-9)
+    parts = Federation.build(spec)
+    steps = 2 * parts.plan.steps
+    for cid in (0, 1):
+        assert ours[str(cid)] == pytest.approx(
+            client_budget(spec, cid, len(parts.data.clients[cid])).epsilon_after(steps)
+        )
+    assert summary["epsilon"] == max(ours.values()) > 1.0

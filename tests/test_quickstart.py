@@ -34,12 +34,13 @@ def test_quickstart_is_private_and_its_adapters_beat_majority_and_the_frozen_mod
 
 @pytest.mark.slow
 def test_the_default_run_is_byte_identical_in_two_processes(tmp_path):
-    """`fedpeft simulate` with no spec, twice in separate processes (shortened to 2 rounds): the same
-    adapter bytes and the same rounds.jsonl scores. Its cohort executor is the one whose dropout came
+    """`fedpeft simulate` with no spec, twice in separate processes (shortened to 2 rounds), and once
+    killed after round 1 and resumed in a third: the same adapter bytes and rounds.jsonl scores. Its cohort executor is the one whose dropout came
     from torch's global generator; the sequential path's reproducibility has in-process tests."""
     import json
     import subprocess
     import sys
+    import time
 
     outs = []
     for i in range(2):
@@ -52,3 +53,16 @@ def test_the_default_run_is_byte_identical_in_two_processes(tmp_path):
     scores = [[(r["accuracy"], r["loss"]) for r in map(json.loads, (o / "rounds.jsonl").read_text().splitlines())]
               for o in outs]  # fmt: skip
     assert scores[0] == scores[1]
+    # killed (SIGKILL) after its first round's checkpoint, then resumed in a new process: the same bytes
+    cut = tmp_path / "cut"
+    killed = subprocess.Popen([*cmd[:-1], str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rounds, deadline = cut / "rounds.jsonl", time.monotonic() + 600
+    while not (rounds.exists() and rounds.read_text().strip()) and killed.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    killed.kill()
+    killed.wait()
+    assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
+    subprocess.run([*cmd[:-1], str(cut), "--resume"], capture_output=True, text=True, timeout=600, check=True)
+    assert (cut / "adapter_model.safetensors").read_bytes() == a
+    assert [(r["accuracy"], r["loss"]) for r in map(json.loads, rounds.read_text().splitlines())] == scores[0]

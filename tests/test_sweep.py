@@ -89,25 +89,73 @@ def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path, monkeypatch):
 
 
 def test_a_different_spec_cannot_reuse_a_sweep_directory(tmp_path, capsys):
-    from fedpeft.sweep import _check_sweep_spec
+    from fedpeft.sweep import prepare_sweep
 
-    _check_sweep_spec(tmp_path, _sweep_spec())
-    with pytest.raises(ValueError, match="train.lr: sweep has 0.3, now 0.1"):
-        _check_sweep_spec(tmp_path, _sweep_spec(train__lr=0.1))
-    with pytest.raises(ValueError, match="sweep.seeds"):  # fewer or other seeds: a different sweep
-        _check_sweep_spec(tmp_path, _sweep_spec(sweep__seeds=[0, 2]))
+    prepare_sweep(_sweep_spec(), tmp_path)
+    with pytest.raises(ValueError, match="train.lr: sweep has 0.3, now 0.1.*another --out, or remove"):
+        prepare_sweep(_sweep_spec(train__lr=0.1), tmp_path)
+    with pytest.raises(ValueError, match=r"leaves out 4 cell\(s\).*seed-1.*not drop them"):  # other seeds
+        prepare_sweep(_sweep_spec(sweep__seeds=[0, 2]), tmp_path)
 
 
-def test_a_sweep_can_gain_seeds_and_keeps_its_finished_cells(tmp_path):
-    from fedpeft.sweep import SWEEP_SPEC, _check_sweep_spec
+def test_a_sweep_can_gain_seeds_and_arms_and_keeps_its_finished_cells(tmp_path):
+    from fedpeft.sweep import SWEEP_SPEC, prepare_sweep
 
-    _check_sweep_spec(tmp_path, _sweep_spec())
-    _check_sweep_spec(tmp_path, _sweep_spec(sweep__seeds=[0, 1, 2]))  # the same design, more power
+    prepare_sweep(_sweep_spec(), tmp_path)
+    assert len(prepare_sweep(_sweep_spec(sweep__seeds=[0, 1, 2]), tmp_path)) == 12  # the same design, more power
     assert json.loads((tmp_path / SWEEP_SPEC).read_text())["sweep"]["seeds"] == [0, 1, 2]
-    with pytest.raises(ValueError, match="sweep.seeds"):
-        _check_sweep_spec(tmp_path, _sweep_spec(sweep__seeds=[0, 1]))  # now 3 seeds were asked for
+    with pytest.raises(ValueError, match="leaves out 4 cell"):
+        prepare_sweep(_sweep_spec(sweep__seeds=[0, 1]), tmp_path)  # now 3 seeds were asked for
+    assert json.loads((tmp_path / SWEEP_SPEC).read_text())["sweep"]["seeds"] == [0, 1, 2]  # refused: unchanged
     with pytest.raises(ValueError, match="train.lr"):
-        _check_sweep_spec(tmp_path, _sweep_spec(sweep__seeds=[0, 1, 2, 3], train__lr=0.1))
+        prepare_sweep(_sweep_spec(sweep__seeds=[0, 1, 2, 3], train__lr=0.1), tmp_path)
+    more = _sweep_spec(sweep__seeds=[0, 1, 2], sweep__strategies=["fedavg", "fedsvd", "ffa"])
+    assert len(prepare_sweep(more, tmp_path)) == 18  # an arm added
+
+
+def _cut_in_third_cell(monkeypatch):  # noqa: ANN001, ANN202
+    """Federation.run killed after the first round of the sweep's third cell (its checkpoint written)."""
+    from fedpeft.federation import Callbacks
+
+    original, calls = Federation.run, []
+
+    def cut(self, out, resume=False, callbacks=None):  # noqa: ANN001, ANN202
+        calls.append(out)
+        if len(calls) == 3:
+            callbacks = Callbacks(on_round_end=lambda record: (_ for _ in ()).throw(KeyboardInterrupt()))
+        return original(self, out, resume=resume, callbacks=callbacks)
+
+    monkeypatch.setattr(Federation, "run", cut)
+    return original
+
+
+def test_a_sweep_cut_mid_cell_continues_with_a_seed_added(tmp_path, monkeypatch):
+    """Before: the cut cell's checkpoint carried the old [sweep] table, so the grown spec was refused,
+    and sweep.json was already rewritten, so the old spec was refused too: wedged."""
+    spec = _sweep_spec(sweep__strategies=["fedavg"])
+    original = _cut_in_third_cell(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, tmp_path)
+    cut = [p.parent for p in tmp_path.rglob("checkpoint.pt") if not (p.parent / "summary.json").exists()]
+    assert len(cut) == 1
+    monkeypatch.setattr(Federation, "run", original)
+    run_sweep(_sweep_spec(sweep__strategies=["fedavg"], sweep__seeds=[0, 1, 2]), tmp_path)
+    assert len(list(tmp_path.rglob("summary.json"))) == 6
+    assert [json.loads(line)["round"] for line in (cut[0] / "rounds.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_cells_run_with_another_spec_are_refused_never_reported_beside_the_others(tmp_path):
+    """Before: sweep.json removed (as its error advised when torn), then rounds 2 -> 3: 2-round and
+    3-round cells were reported side by side."""
+    from fedpeft.sweep import SWEEP_SPEC
+
+    spec = _sweep_spec(sweep__strategies=["fedavg"], sweep__epsilons=[float("inf")])
+    run_sweep(spec, tmp_path)
+    (tmp_path / SWEEP_SPEC).unlink()
+    with pytest.raises(ValueError, match=r"2 cell\(s\).*federation.rounds: cell has 2, now 3.*rm -r .*seed-0"):
+        run_sweep(_sweep_spec(sweep__strategies=["fedavg"], sweep__epsilons=[float("inf")], federation__rounds=3),
+                  tmp_path)  # fmt: skip
+    assert not (tmp_path / SWEEP_SPEC).exists()  # a refused start writes nothing
 
 
 def test_confidence_interval_is_student_t():

@@ -37,7 +37,7 @@ class LocalGrid(Grid):
     `silent` ones never answer (both answer the server's first question, which partition they
     hold: a round that asks a silent node returns after the finite timeout it was given, as a real
     grid does, and at once when none was given); `tamper[nid](request, reply)` replaces a node's
-    train reply (fault drills)."""
+    train reply and `tamper_evaluate[nid]` its evaluate reply (fault drills)."""
 
     def __init__(
         self, n: int, state_dir: Path | None = None, run_id: int = 7, node_config: dict | None = None,
@@ -50,6 +50,7 @@ class LocalGrid(Grid):
         self.crash: set[int] = set()
         self.silent: set[int] = set()
         self.tamper: dict[int, Callable[[Message, Message], Message]] = {}
+        self.tamper_evaluate: dict[int, Callable[[Message, Message], Message]] = {}
         self.calls: list[tuple[int, str]] = []
 
     def add_node(
@@ -92,6 +93,8 @@ class LocalGrid(Grid):
                 reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
             if training and nid in self.tamper:
                 reply = self.tamper[nid](message, reply)
+            elif message.metadata.message_type == "evaluate" and nid in self.tamper_evaluate:
+                reply = self.tamper_evaluate[nid](message, reply)
             replies.append(reply)
         if waits and timeout is not None and math.isfinite(timeout):
             time.sleep(timeout)
