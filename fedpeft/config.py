@@ -78,6 +78,7 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         _require(all(n >= 0 for n in self.public_sizes), f"federation.public_sizes must be >= 0 (got {self.public_sizes})")  # fmt: skip
+        _require(len(set(self.node_ids)) == len(self.node_ids), f"federation.node_ids names a node twice ({self.node_ids}): one node, one partition")  # fmt: skip
         _require(self.eval_every >= 1, f"federation.eval_every must be >= 1 (got {self.eval_every})")
         _require(self.eval_subset >= 0, f"federation.eval_subset must be >= 0 (got {self.eval_subset})")
         _require(self.update_bound >= 0, f"federation.update_bound must be >= 0 (got {self.update_bound})")
@@ -90,11 +91,8 @@ class FederationConfig:
             f"federation.clients_per_round must be between 1 and federation.clients={self.clients} "
             f"(got {self.clients_per_round}); lower it or raise federation.clients",
         )
-        _require(
-            1 <= self.min_clients <= self.clients_per_round,
-            f"federation.min_clients must be between 1 and clients_per_round={self.clients_per_round} "
-            f"(got {self.min_clients})",
-        )
+        _require(1 <= self.min_clients <= self.clients_per_round, f"federation.min_clients must be between 1 and "
+                 f"clients_per_round={self.clients_per_round} (got {self.min_clients})")  # fmt: skip
         _require(self.seed >= 0, f"federation.seed must be >= 0 (got {self.seed})")
         _require(self.continues >= 0, f"federation.continues must be >= 0 (got {self.continues})")
         _require(self.cohort_chunk >= 0, f"federation.cohort_chunk must be >= 0 (got {self.cohort_chunk})")

@@ -8,8 +8,6 @@ and every SuperNode authenticates with its own key, registered with the SuperLin
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import math
 import os
 import re
@@ -22,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedpeft.certs import Certificates, make_certs
 from fedpeft.config import Spec
 from fedpeft.spec_io import to_run_config
 
@@ -34,86 +33,6 @@ __all__ = [
     "run_config_arg",
     "stop_processes_started_with",
 ]
-
-
-@dataclass(frozen=True)
-class Certificates:
-    ca: Path  # the CA certificate SuperNodes and the flwr CLI trust (--root-certificates)
-    server_cert: Path
-    server_key: Path
-    node_keys: tuple[Path, ...]  # private keys (OpenSSH, ECDSA P-384); public halves beside them (.pub)
-
-
-def make_certs(
-    directory: str | Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"), nodes: int = 0
-) -> Certificates:
-    """A local CA, a SuperLink certificate for `hosts` signed by it, and `nodes` SuperNode key pairs.
-
-    Keys are written with mode 600. For production, use certificates from your own CA; the layout
-    (ca.crt, server.pem, server.key) is what `flower-superlink --ssl-*` and `--root-certificates` take.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-
-    def write_key(path: Path, key: ec.EllipticCurvePrivateKey, fmt: serialization.PrivateFormat) -> None:
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
-        path.chmod(0o600)
-
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedpeft local CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )  # key_cert_sign, crl_sign
-        .sign(ca_key, hashes.SHA256())
-    )
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    (out / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    write_key(out / "ca.key", ca_key, serialization.PrivateFormat.TraditionalOpenSSL)
-    (out / "server.pem").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    write_key(out / "server.key", server_key, serialization.PrivateFormat.TraditionalOpenSSL)
-    node_keys = []
-    for k in range(nodes):
-        key = ec.generate_private_key(ec.SECP384R1())
-        path = out / f"node-{k}"
-        write_key(path, key, serialization.PrivateFormat.OpenSSH)
-        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        path.with_suffix(".pub").write_bytes(public + f" fedpeft-node-{k}\n".encode())
-        node_keys.append(path)
-    return Certificates(out / "ca.crt", out / "server.pem", out / "server.key", tuple(node_keys))
 
 
 NODE_IDS = "federation.node_ids"
@@ -284,6 +203,26 @@ class LocalDeployment:
                 "--node-config", f'partition-id={k} num-partitions={self.nodes} state-dir="{state}" {self.node_config}'.strip(),
             ],
         )  # fmt: skip
+
+    def restart_node(
+        self, k: int, timeout: float = 180.0, settle: float = 10.0, pause: float = 5.0
+    ) -> subprocess.Popen:
+        """Start node k again after it died. Until the SuperLink expires the dead session (Flower's
+        heartbeat: 2 x 30 s) it refuses the same key, and the SuperNode exits (code 305) instead of
+        retrying; so it is started again every `pause` s until one stays up `settle` s (connected), or
+        RuntimeError after `timeout`. On a real machine a supervisor does the same (systemd
+        `Restart=on-failure`, `RestartSec=15`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            proc = self.start_node(k)
+            try:
+                code = proc.wait(timeout=settle)
+            except subprocess.TimeoutExpired:
+                return proc
+            self.processes.pop(f"node-{k}", None)
+            if time.monotonic() + pause > deadline:
+                raise RuntimeError(f"node {k} kept exiting (last code {code}); see {self.directory / f'node-{k}.log'}")
+            time.sleep(pause)
 
     def kill_node(self, k: int) -> None:
         """The node dies without a goodbye (SIGKILL to its whole process group)."""

@@ -7,6 +7,7 @@ file first and is then renamed, so a reader never sees half a file.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import json
@@ -14,14 +15,17 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 from fedpeft.config import ConfigError
+
+log = logging.getLogger("fedpeft")
 
 __all__ = [
     "CHECKPOINT", "RESULT_FILES", "ROUNDS", "SUMMARY", "atomic_write", "jsonable", "load_checkpoint", "save_checkpoint",
@@ -53,6 +57,25 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def wait_for_lock(handle: IO, path: Path, timeout: float, holders: str, say_after: float = 1.0) -> None:
+    """Take an exclusive flock on `handle` (the open file `path`), waiting at most `timeout` s
+    (TimeoutError naming the file); a wait past `say_after` s is logged once, saying what it waits for."""
+    start = time.monotonic()
+    said = False
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            waited = time.monotonic() - start
+            if waited > timeout:
+                raise TimeoutError(f"{path} held for over {timeout:g} s (by {holders})") from None
+            if not said and waited > say_after:
+                said = True
+                log.warning("waiting for %s, held by %s (at most %g s)", path, holders, timeout)
+            time.sleep(0.05)
+
+
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
     """Hold `out` for one run: a second run on the same directory fails at once, naming the holder."""
@@ -75,6 +98,7 @@ def locked(out: Path) -> Iterator[None]:
         handle.truncate()
         handle.write(f"pid {os.getpid()}\n")
         handle.flush()
+        remove_stale_temporaries(out)
         yield
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
@@ -112,10 +136,26 @@ def write_rounds(out: Path, history: list[dict[str, Any]]) -> None:
 
 
 def save_checkpoint(out: Path, checkpoint: dict[str, Any]) -> None:
-    """The new checkpoint, keeping the previous one beside it."""
+    """The new checkpoint, keeping the previous one beside it. A failed write (torch says RuntimeError
+    for a full disk) is an OSError naming the file; the previous checkpoint is intact."""
+
+    def write(tmp: Path) -> None:
+        try:
+            torch.save(checkpoint, tmp)
+        except RuntimeError as exc:
+            raise OSError(errno.EIO, f"could not write the checkpoint ({str(exc).splitlines()[0][:160]})",
+                          str(out / CHECKPOINT)) from None  # fmt: skip
+
     if (out / CHECKPOINT).is_file():
         os.replace(out / CHECKPOINT, out / PREVIOUS)
-    atomic_write(out / CHECKPOINT, functools.partial(torch.save, checkpoint))
+    atomic_write(out / CHECKPOINT, write)
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """The temporary files of writes a killed run left in `out` (call with `out` locked: no writer is live)."""
+    for name in (CHECKPOINT, PREVIOUS, ROUNDS, *RESULT_FILES):
+        for tmp in out.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def has_checkpoint(out: Path) -> bool:

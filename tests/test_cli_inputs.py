@@ -131,3 +131,24 @@ def test_a_run_name_never_leaves_runs(name):
 
     path = (Path("runs") / f"{spec.name}-20260101-000000").resolve()
     assert Path("runs").resolve() in path.parents
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_a_killed_writes_temporaries_are_swept(tmp_path, capsys,
+                                                                                            monkeypatch):  # fmt: skip
+    """torch reports a failed write as RuntimeError (before: ~40 lines of traceback); the temporary files
+    of writes a killed run left are removed when the directory is next locked."""
+    import torch
+
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / ".checkpoint.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+
+    def full(obj, f, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", full)
+    code, err = _answer(["simulate", *TINY, "--out", str(out)], capsys)
+    _one_line_error(code, err, "could not write the checkpoint (")
+    assert str(out / "checkpoint.pt") in err and not stale.exists()
+    assert not list(out.glob(".*.tmp"))

@@ -1,5 +1,7 @@
 """Datasets, the held-out split and partitioners; the offline model and data packages."""
 
+import json
+
 import pytest
 import torch
 
@@ -99,3 +101,32 @@ def test_chatterbot_test_split_shares_no_conversation_and_no_answer_with_any_cli
     assert not {unit[pair] for pair in data.test_pairs} & {unit[pair] for pair in clients}
     client_text = {p for p, _ in clients} | {a for _, a in clients}
     assert not [a for _, a in data.test_pairs if a in client_text]
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        (
+            "big.csv",
+            "text,label\n" + '"' + "x" * 200_000 + '",0\n',
+            "big.csv:2: not CSV (field larger than field limit",
+        ),
+        ("sup.jsonl", json.dumps({"text": "a", "label": "\u00b2"}) + "\n", "sup.jsonl:1: its label is none of"),
+        ("long.jsonl", '{"text": "a", "label": "' + "7" * 5000 + '"}\n', "long.jsonl:1: its label is none of"),
+        ("int.jsonl", '{"text": "a", "label": ' + "7" * 5000 + "}\n", "int.jsonl:1: not usable JSON"),
+        ("deep.jsonl", "[" * 100_000 + "]" * 100_000 + "\n", "deep.jsonl:1: JSON nested too deep"),
+        ("line.jsonl", json.dumps({"text": "x" * 2_000_000, "label": 0}) + "\n", "line.jsonl:1: a line of 2,000,0"),
+        ("text.jsonl", json.dumps({"text": "x" * 200_000, "label": 0}) + "\n", "text.jsonl:1: a text of 200,000"),
+    ],
+)
+def test_a_hostile_data_file_is_one_clear_error(tmp_path, name, content, expected):
+    """Before: a CSV field over 128 kB, the label "²", a 5,000-digit label and JSON nested 100,000 deep
+    escaped as tracebacks, and one 40 MB line was tokenised (53 s, 7 GB)."""
+    from fedpeft.config import ConfigError
+    from fedpeft.data import load_file
+
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ConfigError) as caught:
+        load_file(path, ("negative", "positive"))
+    assert str(caught.value).startswith(str(tmp_path / expected.split(":")[0])) and expected in str(caught.value)

@@ -265,3 +265,27 @@ def test_two_processes_cannot_race_the_ledger_past_its_limit(tmp_path):
     granted = out.get(timeout=5) + out.get(timeout=5)
     book = Lifetime(tmp_path).read()
     assert granted == 5 == len(book["data"]["bundled:x"]["records"])  # no reservation lost, none past the limit
+
+
+def test_a_wait_on_a_held_ledger_says_what_it_waits_for(tmp_path, caplog):
+    """Before: `node ledger --reset` waited up to 120 s in silence while a node held the ledger."""
+    import fcntl
+    import threading
+
+    from fedpeft.flower.lifetime import LOCK_FILE
+
+    ledger = Lifetime(tmp_path)
+    ledger.table()  # makes the state dir
+    holder = (tmp_path / LOCK_FILE).open("a+")  # another open file: flock blocks this process too
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    threading.Timer(1.6, lambda: fcntl.flock(holder, fcntl.LOCK_UN)).start()
+    with caplog.at_level("WARNING", logger="fedpeft"):
+        with pytest.raises(ConfigError, match="no lifetime entry"):  # it waited, then did its work
+            ledger.reset("nothing-here.jsonl")
+    holder.close()
+    assert f"waiting for {tmp_path / LOCK_FILE}, held by a node training on this data" in caplog.text
+    with (tmp_path / LOCK_FILE).open("a+") as again:
+        fcntl.flock(again, fcntl.LOCK_EX)
+        with pytest.raises(TimeoutError, match="held for over 0.2 s"):
+            with ledger._held(timeout=0.2):
+                pass

@@ -443,7 +443,7 @@ def test_a_claim_of_k_of_n_that_disagrees_with_the_federation_s_n_is_refused(tmp
     assert "node 100 claims to be partition 0 of 1, but federation.node_ids make(s) 2 partitions" in caplog.text
 
 
-def test_a_deployment_without_node_ids_is_warned_about_and_the_helper_binds_its_nodes():
+def test_a_deployment_without_node_ids_is_refused_unless_allowed_and_the_helper_binds_its_nodes(tmp_path):
     from flwr.superlink.grid.http_grid import HttpGrid
 
     from fedpeft.deploy import LocalDeployment, registered_node_id, run_config_arg
@@ -451,6 +451,17 @@ def test_a_deployment_without_node_ids_is_warned_about_and_the_helper_binds_its_
 
     deployed = HttpGrid.__new__(HttpGrid)  # the SuperLink's grid, unconnected
     assert "UNBOUND PARTITIONS" in unbound_warning(deployed, tiny_spec())
+    assert unbound_warning(deployed, tiny_spec()).endswith("allow-unbound=true to let the first claim win: refused")
+    assert unbound_warning(deployed, tiny_spec(), allowed=True).endswith("(allowed by allow-unbound=true)")
+    with pytest.raises(ConfigError, match="federation.node_ids names a node twice"):
+        tiny_spec(federation__clients=2, federation__clients_per_round=2, federation__node_ids=(7, 7))
+    from flwr.app import Context, RecordDict
+
+    from fedpeft.flower import server_app
+
+    out = tmp_path / "unbound"  # the ServerApp on that grid stops before it asks a node anything
+    server_app.main(deployed, Context(1, 0, {}, RecordDict(), {"out": str(out)}))
+    assert not out.exists()
     bound = tiny_spec(federation__clients=2, federation__clients_per_round=2, federation__node_ids=(7, 9))
     assert unbound_warning(deployed, bound) is None
     assert unbound_warning(LocalGrid(2), tiny_spec()) is None  # the simulation's grids: no warning
@@ -567,11 +578,11 @@ def test_an_unreadable_checkpoint_is_one_line_naming_the_files(tmp_path):
 
 
 def test_a_torn_sweep_json_names_the_file(tmp_path):
-    from fedpeft.sweep import _check_sweep_spec
+    from fedpeft.sweep import prepare_sweep
 
     (tmp_path / "sweep.json").write_text('{"name": "x", "federation": {')
-    with pytest.raises(ConfigError, match=r"sweep.json is not a readable sweep spec"):
-        _check_sweep_spec(tmp_path, tiny_spec())
+    with pytest.raises(ConfigError, match=r"sweep.json is not a readable sweep spec.*remove it"):
+        prepare_sweep(tiny_spec(), tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -639,3 +650,27 @@ def test_a_metric_key_cannot_forge_log_lines_or_flood_the_log():
         result = wire.read_train_reply(wire.train_reply([update], private=False), 0, 100)
         assert isinstance(result, ClientFailure) and "no key a reply carries" in result.reason
         assert "\n" not in result.reason and "\x1b" not in result.reason and len(result.reason) < 400
+
+
+def test_a_restarted_node_is_started_again_until_the_superlink_lets_it_rejoin(tmp_path, monkeypatch):
+    """Flower's SuperLink refuses a key whose old session is live (until 2 heartbeats pass) and the
+    SuperNode exits with 305 (before: the node stayed down for the rest of the run); the helper starts
+    it again until one stays up, and gives up with the node's log named."""
+    from fedpeft.deploy import LocalDeployment
+
+    class Node:  # a SuperNode process: exits with `code` at once, or (None) stays up
+        def __init__(self, code):  # noqa: ANN001
+            self.code = code
+
+        def wait(self, timeout=None):  # noqa: ANN001, ANN202
+            if self.code is None:
+                raise subprocess.TimeoutExpired("flower-supernode", timeout)
+            return self.code
+
+    dep = LocalDeployment(tmp_path, nodes=3)
+    started = [Node(305), Node(305), Node(None)]
+    monkeypatch.setattr(dep, "start_node", lambda k: started.pop(0))
+    assert dep.restart_node(2, timeout=5, settle=0.01, pause=0.01).code is None and not started
+    monkeypatch.setattr(dep, "start_node", lambda k: Node(305))
+    with pytest.raises(RuntimeError, match=r"node 2 kept exiting \(last code 305\); see .*node-2.log"):
+        dep.restart_node(2, timeout=0.05, settle=0.01, pause=0.01)

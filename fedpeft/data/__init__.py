@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +49,13 @@ def tokenize(raw: TextDataset, tokenizer: Tokenizer, max_length: int) -> Tokeniz
     return TokenizedData(input_ids, attention_mask, torch.tensor(raw.labels, dtype=torch.long))
 
 
+# a node's data file is read before anything checks it: limits keep a hostile or broken file to one line
+# of error (a 40 MB line cost 53 s and 7 GB to tokenise; the model reads max_length tokens of a text)
+MAX_LINE_CHARS = 1_000_000  # a JSON line
+MAX_TEXT_CHARS = 100_000  # a text (CSV fields stop at the csv module's 131,072)
+_INDEX = re.compile(r"-?[0-9]{1,9}")  # a label given as its index: ASCII digits, never "²" or 5,000 digits
+
+
 def _rows(path: Path) -> list[tuple[int, object]]:
     """(line number, row) of a JSON-lines or CSV file; ConfigError naming file and line otherwise."""
     raw = path.read_bytes()
@@ -59,17 +67,26 @@ def _rows(path: Path) -> list[tuple[int, object]]:
     if path.suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
         rows = []
-        for row in reader:
-            rows.append((reader.line_num, row))
+        try:
+            for row in reader:
+                rows.append((reader.line_num, row))
+        except csv.Error as exc:  # a field over the csv module's limit: raised before line_num counts its line
+            raise ConfigError(f"{path}:{reader.line_num + 1}: not CSV ({exc})") from None
         return rows
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        if len(line) > MAX_LINE_CHARS:
+            raise ConfigError(f"{path}:{number}: a line of {len(line):,} characters (at most {MAX_LINE_CHARS:,})")
         try:
             rows.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}:{number}: JSON nested too deep") from None
+        except ValueError as exc:  # an integer of over 4,300 digits
+            raise ConfigError(f"{path}:{number}: not usable JSON ({str(exc)[:80]})") from None
     return rows
 
 
@@ -89,12 +106,14 @@ def load_file(path: str | Path, label_names: tuple[str, ...]) -> TextDataset:
             raise ConfigError(f"{where}: needs 'text' and 'label' (got {sorted(map(str, row))})")
         if not isinstance(row["text"], str):
             raise ConfigError(f"{where}: text must be a string (got {type(row['text']).__name__})")
+        if len(row["text"]) > MAX_TEXT_CHARS:
+            raise ConfigError(f"{where}: a text of {len(row['text']):,} characters (at most {MAX_TEXT_CHARS:,})")
         label = row["label"]
         if isinstance(label, bool) or not isinstance(label, (str, int)):
             raise ConfigError(f"{where}: label must be a name or an index (got {type(label).__name__})")
         if str(label) in label_names:
             labels.append(label_names.index(str(label)))
-        elif str(label).lstrip("-").isdigit() and 0 <= int(label) < len(label_names):
+        elif _INDEX.fullmatch(str(label)) and 0 <= int(label) < len(label_names):
             labels.append(int(label))
         else:
             # the message may reach the server: it names the line, never the line's values

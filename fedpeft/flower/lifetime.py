@@ -38,7 +38,7 @@ from pathlib import Path
 
 from fedpeft.config import ConfigError
 from fedpeft.privacy.accounting import Entry, epsilon
-from fedpeft.runfiles import atomic_write
+from fedpeft.runfiles import atomic_write, wait_for_lock
 
 __all__ = ["DataKey", "Lifetime", "LifetimeRefusal", "bundled_key", "file_key", "ledger_command", "row_prints"]
 
@@ -122,15 +122,9 @@ class Lifetime:
         when the block ends."""
         self.root.mkdir(parents=True, exist_ok=True)
         with (self.root / LOCK_FILE).open("a+") as handle:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"{self.root / LOCK_FILE} held for over {timeout:g} s") from None
-                    time.sleep(0.05)
+            wait_for_lock(
+                handle, self.root / LOCK_FILE, timeout, "a node training on this data or another ledger command"
+            )
             try:
                 book = self.read()
                 before = json.dumps(book, sort_keys=True)

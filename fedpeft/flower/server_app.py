@@ -55,18 +55,22 @@ def _show_progress() -> None:
         log.propagate = False
 
 
-def unbound_warning(grid: Grid, spec: Spec) -> str | None:
+def unbound_warning(grid: Grid, spec: Spec, allowed: bool = False) -> str | None:
     """A deployment (the SuperLink's grid, not the simulation's in-memory one) whose partitions no
-    federation.node_ids binds: any registered node may claim any partition, first come first served."""
+    federation.node_ids binds: any registered node could claim any partition, first come first served.
+    The run is refused (`main` logs this and stops) unless the operator allows it (`allowed`, the
+    run-config key allow-unbound=true); then it is a warning."""
     from flwr.superlink.grid.http_grid import HttpGrid
 
     if spec.federation.node_ids or not isinstance(grid, HttpGrid):
         return None
     return (
-        "UNBOUND PARTITIONS: federation.node_ids is not set, so the first node to claim a partition holds it; "
+        "UNBOUND PARTITIONS: federation.node_ids is not set, so the first node to claim a partition would hold it; "
         "node authentication proves a node is registered, not which data it should hold. Set "
         "federation.node_ids = [id of partition 0, ...] (the ids `flwr supernode register` printed)"
-    )
+        + (" (allowed by allow-unbound=true)" if allowed else "; or submit with --run-config allow-unbound=true "
+           "to let the first claim win: refused")
+    )  # fmt: skip
 
 
 def _refusal(out: Path, resume: bool) -> str | None:
@@ -90,8 +94,11 @@ def main(grid: Grid, context: Context) -> None:
         log.warning(warning)
     spec = spec_from_run_config(context.run_config, default_spec())
     check_names(spec)
-    if warning := unbound_warning(grid, spec):
-        log.warning(warning)
+    allow_unbound = str(context.run_config.get("allow-unbound", "false")).lower() in ("true", "1", "yes")
+    if warning := unbound_warning(grid, spec, allow_unbound):
+        (log.warning if allow_unbound else log.error)(warning)
+        if not allow_unbound:
+            return
     out = Path(str(context.run_config.get("out") or f"runs/{spec.name}-flwr-{context.run_id}")).resolve()
     resume = str(context.run_config.get("resume", "false")).lower() in ("true", "1", "yes")
     if (why := _refusal(out, resume)) is not None:
