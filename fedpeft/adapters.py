@@ -19,7 +19,7 @@ from fedpeft.classifier import label_name_rows
 from fedpeft.config import ConfigError, ModelConfig
 from fedpeft.data.base import TokenizedData
 from fedpeft.families import FAMILIES, inject, load_family, save_family
-from fedpeft.models import MODELS, Tokenizer, build_model
+from fedpeft.models import Tokenizer, build_model, model_entry, model_source
 from fedpeft.state import (
     BASE,
     HEAD,
@@ -73,8 +73,8 @@ class AdaptedModel:
         self.num_labels = num_labels
         self.seed = seed
         base, self.tokenizer = build_model(cfg.name, num_labels, cfg.layers, seed)
-        self.causal = MODELS.get(cfg.name).task == "causal-lm"  # a causal LM (no head) or a classifier
-        self.targets = cfg.targets or MODELS.get(cfg.name).default_targets
+        self.causal = model_entry(cfg.name).task == "causal-lm"  # a causal LM (no head) or a classifier
+        self.targets = cfg.targets or model_entry(cfg.name).default_targets
         self.family = FAMILIES.get(cfg.adapter)
         if self.family.linear:
             inject(base, cfg.adapter, tuple(self.targets), cfg.rank, cfg.alpha / cfg.rank, cfg.dropout, seed)
@@ -111,7 +111,7 @@ class AdaptedModel:
             modules_to_save=None if self.causal else ["head"],
             task_type="CAUSAL_LM" if self.causal else None,
         )
-        base.name_or_path = cfg.name  # PEFT records it as base_model_name_or_path
+        base.name_or_path = model_source(cfg.name)  # PEFT records it as base_model_name_or_path
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)  # the shared initial A (PEFT: kaiming-uniform; B = 0)
             with warnings.catch_warnings():  # transformers 5 deprecation that PEFT 0.21 triggers
@@ -121,7 +121,7 @@ class AdaptedModel:
                 except ValueError as exc:
                     if "not found in the base model" not in str(exc):
                         raise
-        default = list(MODELS.get(cfg.name).default_targets)
+        default = list(model_entry(cfg.name).default_targets)
         raise ConfigError(
             f"model.targets = {list(self.targets)} names no module of model {cfg.name!r}; its default is {default} "
             "(model.targets = [] picks it)"
@@ -293,7 +293,7 @@ class AdaptedModel:
             save_file(deltas, str(directory / EXPORT_BASE))
         self.load(state)
         meta = {
-            "model": self.cfg.name,
+            "model": model_source(self.cfg.name),  # a directory as its absolute path: loads from any process
             "layers": self.cfg.layers,
             "num_labels": self.num_labels,
             "seed": self.seed,

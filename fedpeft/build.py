@@ -12,7 +12,7 @@ from fedpeft.adapters import AdaptedModel
 from fedpeft.catalog import check_names
 from fedpeft.client import LocalTraining
 from fedpeft.config import ConfigError, Spec
-from fedpeft.data import DATASETS, FederatedData, TokenizedData, prepare
+from fedpeft.data import FederatedData, TokenizedData, load_raw, prepare
 from fedpeft.executors import EXECUTORS, Executor
 from fedpeft.optim import LocalOptimizer
 from fedpeft.privacy.accounting import ClientBudget, calibrate_budget
@@ -93,7 +93,7 @@ def build_parts(spec: Spec) -> Parts:
     check_names(spec)
     strategy = make_strategy(spec.strategy.name, spec.strategy.kwargs)
     fed = spec.federation
-    raw = DATASETS.get(spec.data.name)()
+    raw = load_raw(spec.data)
     model = AdaptedModel(spec.model, num_labels=len(raw.label_names), seed=fed.seed, device=fed.device)
     data = prepare(spec.data, fed.clients, model.tokenizer, spec.model.max_length, fed.seed, raw=raw)
     if spec.model.head_init == "public" and data.public is None:

@@ -67,16 +67,15 @@ def check_names(spec: Spec) -> None:
     """Unknown names fail before any work, each listing the valid ones, and so does a combination
     that cannot run: an adapter family the strategy cannot aggregate, client-level DP or secure
     aggregation with a strategy that needs more than the sum of the updates."""
-    from fedpeft.data import DATASETS, INSTRUCTION_DATASETS  # torch-free, as is fedpeft.models
-    from fedpeft.models import MODELS
+    from fedpeft.data import INSTRUCTION_DATASETS, is_instruction  # torch-free, as is fedpeft.models
+    from fedpeft.models import model_entry
 
-    causal = MODELS.get(spec.model.name).task == "causal-lm"
-    DATASETS.get(spec.data.name)
-    if causal != (spec.data.name in INSTRUCTION_DATASETS):
+    causal = model_entry(spec.model.name).task == "causal-lm"
+    if causal != (instruction := is_instruction(spec.data)):
         raise ConfigError(
             f"model {spec.model.name!r} is a {'causal LM' if causal else 'classifier'} and dataset {spec.data.name!r} "
-            f"is {'instruction' if spec.data.name in INSTRUCTION_DATASETS else 'classification'} data: causal LMs "
-            f"train on {', '.join(INSTRUCTION_DATASETS)}, classifiers on the others (`fedpeft list`)"
+            f"is {'instruction' if instruction else 'classification'} data: causal LMs train on instruction data "
+            f"({', '.join(INSTRUCTION_DATASETS)}, or a file with prompt and answer columns), classifiers on the others"
         )
     if causal and (
         spec.federation.executor == "cohort" or spec.model.adapter != "lora" or spec.model.head_init != "random"

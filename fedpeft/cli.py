@@ -228,9 +228,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("models:     " + ", ".join(n for n in MODELS.names() if n not in causal) + "  (classifiers)")
     print("            " + ", ".join(causal) + "  (causal LMs: instruction tuning)")
     print(
-        "datasets:   " + ", ".join(n for n in DATASETS.names() if n not in INSTRUCTION_DATASETS) + "  (classification)"
+        "            or a local directory or Hugging Face id (transformers' Auto classes; README, Your model and data)"
     )
+    print("datasets:   " + ", ".join(n for n in DATASETS.names() if n not in INSTRUCTION_DATASETS) + "  (classification)")  # fmt: skip
     print("            " + ", ".join(INSTRUCTION_DATASETS) + "  (instruction: prompt and answer, for causal LMs)")
+    print(
+        "            or a .csv, .json, .jsonl or .parquet file, a save_to_disk directory or a Hugging Face id ID:CONFIG"
+    )
     strategies = sorted(STRATEGY_INFO)
     print("strategies: " + ", ".join(strategies))
     sums = ", ".join(n for n in strategies if STRATEGY_INFO[n].sum_only)

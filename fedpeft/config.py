@@ -104,7 +104,8 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = field(default="minilm", metadata=_help("model registry name (see `fedpeft models`)"))
+    name: str = field(default="minilm", metadata=_help(
+        "a registered model (`fedpeft list`), a local directory or a Hugging Face id (transformers' Auto classes)"))  # fmt: skip
     rank: int = field(default=8, metadata=_help("LoRA rank r"))
     alpha: float = field(default=8.0, metadata=_help("LoRA alpha; scale = alpha / rank"))
     dropout: float = field(default=0.0, metadata=_help("LoRA dropout"))
@@ -148,7 +149,11 @@ def client_rank(cfg: ModelConfig, client_id: int) -> int | None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = field(default="rotten-tomatoes", metadata=_help("dataset registry name"))
+    name: str = field(default="rotten-tomatoes", metadata=_help(
+        "a registered dataset, a local file (.csv, .jsonl, .json, .parquet) or save_to_disk directory, or a "
+        "Hugging Face id (ID:CONFIG)"))  # fmt: skip
+    columns: tuple[str, ...] = field(default=(), metadata={"item": str, "help": (
+        "ROLE=COLUMN for a file or hub dataset: text, text_pair, label, group, prompt, answer (fedpeft.data.files)")})  # fmt: skip
     partition: str = field(default="natural", metadata=_help("iid | dirichlet | natural"))
     dirichlet_alpha: float = field(default=0.5, metadata=_help("label-skew concentration (dirichlet)"))
     test_size: int = field(default=1000, metadata=_help("examples held out on the server for evaluation"))
@@ -160,10 +165,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         valid = ("iid", "dirichlet", "natural")
-        _require(
-            self.partition in valid,
-            f"data.partition must be one of {', '.join(valid)} (got {self.partition!r})",
-        )
+        _require(self.partition in valid, f"data.partition must be one of {', '.join(valid)} (got {self.partition!r})")
         _require(self.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0 (got {self.dirichlet_alpha})")
         _require(self.test_size >= 1, f"data.test_size must be >= 1 (got {self.test_size})")
         _require(self.max_examples >= 0, f"data.max_examples must be >= 0 (got {self.max_examples})")

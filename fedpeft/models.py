@@ -10,113 +10,20 @@ with, learns (DESIGN.md).
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Callable, Mapping
+import functools
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedpeft.registry import Registry
+from fedpeft.tokenizers import HashTokenizer, HFTokenizer, Tokenizer
 
 if TYPE_CHECKING:  # torch is imported by the builders: the registry alone (`fedpeft list`) needs none
-    import torch
     from torch import nn
 
-__all__ = ["MODELS", "ModelEntry", "HashTokenizer", "Tokenizer", "build_model"]
-
-
-class Tokenizer(Protocol):
-    """What fedpeft needs of a tokenizer (`encode_batch`), and what a user calls after training:
-    `tok(text_or_texts, padding=..., truncation=..., max_length=..., return_tensors=None | "pt")`,
-    answering a dict with input_ids and attention_mask, as a Hugging Face tokenizer does."""
-
-    def encode_batch(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (input_ids, attention_mask), both [N, max_length] int64, right-padded."""
-
-    def __call__(self, text: str | list[str], **kwargs: Any) -> Mapping[str, Any]: ...
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer behind the small `Tokenizer` protocol."""
-
-    def __init__(self, tokenizer) -> None:  # noqa: ANN001 - any PreTrainedTokenizerBase
-        self._tok = tokenizer
-
-    def encode_batch(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self._tok(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
-        return enc["input_ids"].long(), enc["attention_mask"].long()
-
-    def __call__(self, text: str | list[str], **kwargs: Any) -> Mapping[str, Any]:
-        return self._tok(text, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:  # decode, vocab_size, ...: the Hugging Face tokenizer's
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self._tok, name)
-
-
-class HashTokenizer:
-    """Dependency-free word tokenizer for tiny test models: lower-cased words hashed into buckets.
-
-    Ids: 0 = pad, 1 = [CLS], 2 = [SEP], 3.. = hashed words (crc32, so stable across processes).
-    """
-
-    def __init__(self, vocab_size: int) -> None:
-        if vocab_size < 8:
-            raise ValueError("HashTokenizer needs vocab_size >= 8")
-        self.vocab_size = vocab_size
-
-    def _word_id(self, word: str) -> int:
-        return 3 + zlib.crc32(word.encode()) % (self.vocab_size - 3)
-
-    pad_token_id = 0
-    model_max_length = 512
-
-    def _row(self, text: str, max_length: int | None) -> list[int]:
-        words = "".join(c if c.isalnum() else " " for c in text.lower()).split()
-        ids = [self._word_id(w) for w in words]
-        if max_length is not None:
-            ids = ids[: max(max_length - 2, 0)]
-        return [1, *ids, 2]
-
-    def encode_batch(self, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        ids = torch.zeros(len(texts), max_length, dtype=torch.long)
-        for i, text in enumerate(texts):
-            row = self._row(text, max_length)
-            ids[i, : len(row)] = torch.tensor(row)
-        return ids, (ids != 0).long()
-
-    def __call__(
-        self,
-        text: str | list[str],
-        padding: bool | str = False,
-        truncation: bool = False,
-        max_length: int | None = None,
-        return_tensors: str | None = None,
-    ) -> dict[str, Any]:
-        """Hugging Face's call: padding False, True/"longest" or "max_length"; return_tensors None
-        (lists) or "pt" (which needs rows of one length, as Hugging Face's does)."""
-        if padding not in (False, True, "longest", "max_length", "do_not_pad"):
-            raise ValueError(f"padding={padding!r}: use False, True, 'longest' or 'max_length'")
-        if return_tensors not in (None, "pt"):
-            raise ValueError(f"return_tensors={return_tensors!r}: this tokenizer returns lists or 'pt' tensors")
-        texts = [text] if isinstance(text, str) else list(text)
-        limit = (max_length or self.model_max_length) if truncation else None
-        rows = [self._row(t, limit) for t in texts]
-        width = (max_length or self.model_max_length) if padding == "max_length" else max(map(len, rows), default=0)
-        if padding in (True, "longest", "max_length"):
-            rows = [r + [self.pad_token_id] * (width - len(r)) for r in rows]
-        masks = [[int(i != self.pad_token_id) for i in r] for r in rows]
-        if return_tensors == "pt":
-            import torch
-
-            if len({len(r) for r in rows}) > 1:
-                raise ValueError("rows of different lengths cannot be one tensor: pass padding=True")
-            return {"input_ids": torch.tensor(rows, dtype=torch.long), "attention_mask": torch.tensor(masks)}
-        if isinstance(text, str):
-            return {"input_ids": rows[0], "attention_mask": masks[0]}
-        return {"input_ids": rows, "attention_mask": masks}
+__all__ = ["MODELS", "ModelEntry", "HashTokenizer", "Tokenizer", "build_model", "model_entry", "model_source"]
 
 
 @dataclass(frozen=True)
@@ -133,10 +40,12 @@ MODELS: Registry[ModelEntry] = Registry("model")
 
 
 def _quiet_transformers() -> None:
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()
 
 
 def _build_minilm(num_labels: int, layers: int) -> tuple[nn.Module, int, Tokenizer]:
@@ -266,6 +175,80 @@ MODELS.register("tiny-llama")(
 )
 
 
+def model_entry(name: str) -> ModelEntry:
+    """`model.name`'s entry: a registered alias (`fedpeft list`), else a local directory or a Hugging
+    Face id, read with transformers' Auto classes (a config whose architectures end in ForCausalLM is a
+    causal LM; any other an encoder under fedpeft's mean-pool classifier). Its LoRA targets default to
+    PEFT's for the architecture."""
+    if name in MODELS:
+        return MODELS.get(name)
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+        from fedpeft.config import ConfigError
+
+        raise ConfigError(f"model directory {name!r} does not exist")
+    if not (Path(name).expanduser().is_dir() or HUB_ID.fullmatch(name)):
+        from fedpeft.registry import UnknownNameError
+
+        try:
+            MODELS.get(name)
+        except UnknownNameError as exc:  # answered at once: no network, no torch
+            raise UnknownNameError(f"{exc}; or a local directory, or a Hugging Face id ORG/NAME") from None
+    return _auto_entry(model_source(name))
+
+
+def model_source(name: str) -> str:
+    """What loads `name` in any process: an alias as it is, a local directory as its absolute path."""
+    path = Path(name).expanduser()
+    return name if name in MODELS or not path.is_dir() else str(path.resolve())
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # ORG/NAME: a bare name is a registered alias or unknown
+
+
+@functools.lru_cache(maxsize=16)
+def _auto_entry(source: str) -> ModelEntry:
+    from fedpeft.config import ConfigError
+
+    try:
+        from transformers import AutoConfig
+
+        _quiet_transformers()
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"model {source!r} is not a registered model ({', '.join(MODELS.names())}), a local directory with a "
+            f"config.json, nor a Hugging Face id that loads here ({str(exc).splitlines()[0][:160]})"
+        ) from None
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    causal = any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None) or ())
+    return ModelEntry(
+        build=functools.partial(_build_auto, source, causal),
+        default_targets=tuple(PEFT_TARGETS.get(config.model_type, ())),
+        description=f"{source} ({config.model_type}, {'causal LM' if causal else 'encoder'})",
+        task="causal-lm" if causal else "classify",
+    )
+
+
+def _build_auto(source: str, causal: bool, num_labels: int, layers: int) -> tuple[nn.Module, int, Tokenizer]:
+    """A Hugging Face model from `source` (a directory or an id), in float32: an encoder with its tokenizer
+    (the caller puts the mean-pool head on it), or a causal LM with its chat tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    config = AutoConfig.from_pretrained(source)
+    _cut(config, layers, source)
+    if causal:
+        from fedpeft.causal import ChatTokenizer
+
+        config.use_cache = False
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32)
+        return model, config.vocab_size, ChatTokenizer(AutoTokenizer.from_pretrained(source))
+    model = AutoModel.from_pretrained(source, config=config, dtype=torch.float32)
+    return model, config.hidden_size, HFTokenizer(AutoTokenizer.from_pretrained(source))
+
+
 def build_model(name: str, num_labels: int, layers: int, seed: int) -> tuple[nn.Module, Tokenizer]:
     """Build the base model and its tokenizer: a classifier (frozen encoder + head at a seeded
     init), or a causal LM as it is (a random one at a seeded init)."""
@@ -273,7 +256,7 @@ def build_model(name: str, num_labels: int, layers: int, seed: int) -> tuple[nn.
 
     from fedpeft.classifier import MeanPoolClassifier
 
-    entry = MODELS.get(name)
+    entry = model_entry(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone, hidden, tokenizer = entry.build(num_labels, layers)

@@ -192,7 +192,12 @@ def _name_part(key: str, value: Any) -> str:
     if isinstance(value, float) and (math.isinf(value) or value == int(value)):
         value = "inf" if math.isinf(value) else int(value)
     text = "_".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-    return text if leaf == "name" else f"{leaf}{text}"
+    if leaf == "name":  # a model or dataset path or id by its last part: /data/sst2.parquet -> sst2
+        head, _, config = text.rstrip("/").partition(":")
+        last = Path(head).name
+        last = Path(last).stem if Path(last).suffix in (".csv", ".json", ".jsonl", ".parquet") else last
+        return last + (f"_{config}" if config else "")
+    return f"{leaf}{text}"
 
 
 def named_for_changes(base: Spec, spec: Spec, limit: int = 64) -> Spec:

@@ -63,8 +63,8 @@ def _threads():
 # appear; pyproject turns off xdist's reordering by size, which sent the one-test quickstart file last):
 # the long end-to-end tests start at once and the short ones fill the cores around them.
 SLOWEST_FIRST = (
-    "test_flower_deployment.py", "test_quickstart.py", "test_audit.py", "test_flower_deployment_faults.py",
-    "test_flower_simulation.py",
+    "test_quickstart.py", "test_flower_deployment.py", "test_audit.py", "test_flower_deployment_faults.py",
+    "test_reproducible.py", "test_flower_simulation.py",
 )  # fmt: skip
 
 

@@ -79,7 +79,7 @@ def test_the_noise_checks_power_at_the_default_pairs_is_stated_in_sigma_and_epsi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("claim", [1.0, 2.0])
+@pytest.mark.parametrize("claim", [1.0])  # the tightest claim 200 trials can test well (2.0 passed too: 3 min more)
 def test_under_dp_the_audit_with_more_trials_stays_below_the_claim(claim):
     # 200 trials a side can prove at most epsilon 3.98 (perfect separation at the 95% bounds): a
     # claim above that could not fail here (epsilon 8 was such a case and is no longer run)

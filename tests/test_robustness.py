@@ -650,6 +650,10 @@ def test_a_metric_key_cannot_forge_log_lines_or_flood_the_log():
         result = wire.read_train_reply(wire.train_reply([update], private=False), 0, 100)
         assert isinstance(result, ClientFailure) and "no key a reply carries" in result.reason
         assert "\n" not in result.reason and "\x1b" not in result.reason and len(result.reason) < 400
+    content = wire.train_reply([ClientUpdate(0, 10, {"x": torch.zeros(2)}, {"steps": 5.0})], private=False)
+    content[wire.metrics_key(0)]["steps"] = [1.5] * 100_000  # a value a MetricRecord can hold: its repr capped
+    result = wire.read_train_reply(content, 0, 100)
+    assert isinstance(result, ClientFailure) and "is not a finite number" in result.reason and len(result.reason) < 400
 
 
 def test_a_restarted_node_is_started_again_until_the_superlink_lets_it_rejoin(tmp_path, monkeypatch):

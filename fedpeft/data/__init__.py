@@ -22,7 +22,9 @@ __all__ = [
     "FederatedData",
     "TextDataset",
     "TokenizedData",
+    "is_instruction",
     "load_file",
+    "load_raw",
     "prepare",
     "tokenize",
 ]
@@ -45,7 +47,10 @@ def tokenize(raw: TextDataset, tokenizer: Tokenizer, max_length: int) -> Tokeniz
         return TokenizedData(*tokenizer.encode_pairs(raw.texts, raw.answers, max_length))
     if not hasattr(tokenizer, "encode_batch"):
         raise ConfigError("a causal-LM model trains on instruction data (prompts and answers): use such a dataset")
-    input_ids, attention_mask = tokenizer.encode_batch(raw.texts, max_length)
+    if raw.pairs is not None:
+        input_ids, attention_mask = tokenizer.encode_batch(raw.texts, max_length, pairs=raw.pairs)
+    else:
+        input_ids, attention_mask = tokenizer.encode_batch(raw.texts, max_length)
     return TokenizedData(input_ids, attention_mask, torch.tensor(raw.labels, dtype=torch.long))
 
 
@@ -124,6 +129,21 @@ def load_file(path: str | Path, label_names: tuple[str, ...]) -> TextDataset:
     return TextDataset(texts, labels, [path.stem] * len(texts), label_names)
 
 
+def load_raw(cfg: DataConfig) -> TextDataset:
+    """data.name's examples: a registered dataset, or a file, saved directory or Hugging Face id
+    (fedpeft.data.files, with data.columns)."""
+    from fedpeft.data.files import is_external, load_external
+
+    return load_external(cfg.name, cfg.columns) if is_external(cfg.name) else DATASETS.get(cfg.name)()
+
+
+def is_instruction(cfg: DataConfig) -> bool:
+    """data.name is (prompt, answer) data, for a causal LM."""
+    from fedpeft.data.files import is_external
+
+    return load_raw(cfg).answers is not None if is_external(cfg.name) else cfg.name in INSTRUCTION_DATASETS
+
+
 def _by_unit(raw: TextDataset, test_size: int, public_size: int, seed: int) -> tuple[list[int], list[int], list[int]]:
     """Held-out rows by whole units: units in seeded random order to the test split until it holds
     `test_size` rows, then to the public split, the rest to the pool. With `raw.novel_answers`, a
@@ -157,15 +177,19 @@ def prepare(
     `raw` is the loaded dataset `cfg.name`; it is loaded here when not given."""
     import torch
 
-    raw = raw if raw is not None else DATASETS.get(cfg.name)()
+    raw = raw if raw is not None else load_raw(cfg)
     n = len(raw.texts)
-    held = cfg.test_size + cfg.public_size
-    if held >= n:
+    own = raw.test_rows or ()  # the dataset's own test split: at most test_size of it, the rest trains
+    held = (0 if own else cfg.test_size) + cfg.public_size
+    if held >= n - len(own):
         raise ValueError(f"data.test_size + data.public_size = {held} leaves no training data ({n} examples)")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    test_rows, pool = order[: cfg.test_size], sorted(order[held:])
-    public_rows = order[cfg.test_size : held]
-    if raw.units is not None:  # whole units (conversations) to the server, never split with a client
+    generator, skip = torch.Generator().manual_seed(seed), set(own)
+    order = [i for i in torch.randperm(n, generator=generator).tolist() if i not in skip]
+    test_rows, public_rows, pool = order[: cfg.test_size], order[cfg.test_size : held], sorted(order[held:])
+    if own:
+        pick = torch.randperm(len(own), generator=torch.Generator().manual_seed(seed))[: cfg.test_size]
+        test_rows, public_rows, pool = sorted(own[i] for i in pick.tolist()), order[:held], sorted(order[held:])
+    elif raw.units is not None:  # whole units (conversations) to the server, never split with a client
         test_rows, public_rows, pool = _by_unit(raw, cfg.test_size, cfg.public_size, seed)
     if cfg.max_examples:
         keep = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 1))[: cfg.max_examples]

@@ -26,6 +26,8 @@ class TextDataset:
     units: list[str] | None = None
     # instruction data: a held-out pair whose answer is verbatim a prompt or answer of the training side is dropped
     novel_answers: bool = False
+    pairs: list[str] | None = None  # each text's second text (sentence pairs), given to the tokenizer as a pair
+    test_rows: tuple[int, ...] | None = None  # the dataset's own test split (None: held out from one pool)
 
     def __post_init__(self) -> None:
         if not (len(self.texts) == len(self.labels) == len(self.groups)):
@@ -34,6 +36,8 @@ class TextDataset:
             raise ValueError("an instruction dataset needs one answer per prompt")
         if self.units is not None and len(self.units) != len(self.texts):
             raise ValueError("units must give one holdout unit per example")
+        if self.pairs is not None and len(self.pairs) != len(self.texts):
+            raise ValueError("sentence pairs need one second text per text")
 
 
 @dataclass(frozen=True)

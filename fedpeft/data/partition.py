@@ -26,7 +26,9 @@ def _natural(groups: list[str], num_clients: int, seed: int) -> list[list[int]]:
         raise ValueError(
             f"natural partition: {len(by_group)} groups cannot fill {num_clients} clients; "
             "lower federation.clients or use data.partition = 'iid' or 'dirichlet'"
-        )
+            + (" (a file without a group column is one group: name one with data.columns = ['group=COLUMN'])"
+               if len(by_group) == 1 else "")
+        )  # fmt: skip
     names = sorted(by_group)
     random.Random(seed).shuffle(names)
     clients: list[list[int]] = [[] for _ in range(num_clients)]

@@ -37,7 +37,7 @@ from fedpeft.executors.cohort_layers import (
     length_buckets,
 )
 from fedpeft.families import FAMILIES, inject, replace_linear
-from fedpeft.models import MODELS, build_model
+from fedpeft.models import build_model, model_entry
 from fedpeft.optim import StackedOptimizer
 from fedpeft.privacy.accounting import ClientBudget, sample_rate
 from fedpeft.privacy.dpsgd import zero_non_finite
@@ -86,7 +86,7 @@ class CohortExecutor(InProcess):
         self.model = base.to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        targets = tuple(cfg.targets or MODELS.get(cfg.name).default_targets)
+        targets = tuple(cfg.targets or model_entry(cfg.name).default_targets)
         scale = cfg.alpha / cfg.rank
         self.layers: dict[str, CohortLinear]
         if FAMILIES.get(cfg.adapter).linear:  # the same layers (frames, PaCA's columns) as AdaptedModel's

@@ -238,13 +238,13 @@ def _read_train_reply(content: RecordDict, cid: int, nid: int, shapes: Shapes | 
         raise _Malformed(f"{metrics_key(cid)}: {node_text(unknown[0], 40)!r} is no key a reply carries")
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise _Malformed(f"{metrics_key(cid)}.{key} = {value!r} is not a finite number")
+            raise _Malformed(f"{metrics_key(cid)}.{key} = {node_text(repr(value), 60)} is not a finite number")
     num_examples = metrics.pop(NUM_EXAMPLES, None)
     if not isinstance(num_examples, int):
-        raise _Malformed(f"{metrics_key(cid)}.{NUM_EXAMPLES} = {num_examples!r} is not an integer")
+        raise _Malformed(f"{metrics_key(cid)}.{NUM_EXAMPLES} = {node_text(repr(num_examples), 60)} is not an integer")
     rank = metrics.pop(RANK, None)
     if rank is not None and not isinstance(rank, int):
-        raise _Malformed(f"{metrics_key(cid)}.{RANK} = {rank!r} is not an integer")
+        raise _Malformed(f"{metrics_key(cid)}.{RANK} = {node_text(repr(rank), 60)} is not an integer")
     if shapes is not None and (why := array_size_error(content[update_key(cid)], shapes)):
         raise _Malformed(why)
     return ClientUpdate(cid, num_examples, from_record(content[update_key(cid)]), metrics, rank)

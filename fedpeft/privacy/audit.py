@@ -175,14 +175,14 @@ def audit(
 ) -> AuditResult:
     """Play the game `trials` times per side on `spec`'s client training (`size` examples in D), then
     the noise check and the replay on `pairs` pairs (none for the control); `fault` breaks the node."""
-    from fedpeft.data import DATASETS
+    from fedpeft.data import load_raw
     from fedpeft.flower.audit_node import FAULTS, broken, game_scores, noise_check
 
     if fault is not None and fault not in FAULTS:
         raise ConfigError(f"unknown fault {fault!r}; valid: {', '.join(FAULTS)}")
     if no_noise:
         spec = spec.with_flat({"privacy.epsilon": math.inf})
-    raw = DATASETS.get(spec.data.name)()
+    raw = load_raw(spec.data)
     if len(raw.texts) <= size:
         raise ConfigError(f"the audit needs more than {size} examples; {spec.data.name} has {len(raw.texts)}")
     texts, labels = raw.texts[:size], raw.labels[:size]
