@@ -97,5 +97,9 @@ def test_every_shipped_spec_loads_and_can_run(path):
     """Each spec in simulations/ parses, and its names and combinations pass the checks a run
     makes before any work (instruct and instruct-gpu: a causal LM on instruction data)."""
     from fedpeft.catalog import check_names
+    from fedpeft.models import HUB_ID
 
-    check_names(load_spec(path))
+    spec = load_spec(path)
+    if HUB_ID.fullmatch(spec.model.name):  # a hub spec (glue-fedsvd): its names need the hub; the rest is
+        spec = spec.with_flat({"model.name": "minilm", "data.name": "rotten-tomatoes"})  # checked here, and
+    check_names(spec)  # it runs on local stand-ins in tests/test_your_model.py

@@ -52,7 +52,7 @@ def own(tmp_path_factory) -> Path:  # noqa: ANN001
     tok.save_pretrained(root / "encoder")
     pd.DataFrame(_pairs(240, 0)).to_parquet(root / "pairs.parquet")
     pd.DataFrame(_pairs(60, 1)).rename(columns={"sentence1": "review"}).to_csv(root / "reviews.csv", index=False)
-    splits = {"train": _pairs(200, 2), "validation": _pairs(37, 3)}
+    splits = {"train": _pairs(600, 2), "validation": _pairs(37, 3)}
     DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(root / "saved"))
     return root
 
@@ -107,10 +107,10 @@ def test_a_saved_dataset_scores_on_its_own_validation_split(own):
 
     spec = _spec(own, data__name=str(own / "saved"), data__test_size=1000)
     raw = load_raw(spec.data)
-    assert raw.test_rows == tuple(range(200, 237)) and raw.pairs is not None
+    assert raw.test_rows == tuple(range(600, 637)) and raw.pairs is not None
     fed = Federation.build(spec)
     assert len(fed.data.test) == 37  # all of its validation split (at most data.test_size)
-    assert sum(len(c) for c in fed.data.clients) == 200  # every train row, none of the validation's
+    assert sum(len(c) for c in fed.data.clients) == 600  # every train row, none of the validation's
     fewer = Federation.build(_spec(own, data__name=str(own / "saved"), data__test_size=10))
     assert len(fewer.data.test) == 10
 
@@ -188,3 +188,23 @@ def test_a_saved_causal_lm_tunes_on_an_instruction_file(tmp_path):
     assert fed.model.causal and fed.model.targets == ("q_proj", "v_proj")  # PEFT's default for LLaMA
     result = fed.run(tmp_path / "run")
     assert 0 < result.summary["epsilon"] <= 8.0 and (tmp_path / "run" / "generations.jsonl").is_file()
+
+
+def test_the_glue_spec_runs_with_local_stand_ins_for_the_hub(own, tmp_path):
+    """simulations/glue-fedsvd.toml (RoBERTa-large on GLUE, by hub ids) with the model and the data
+    swapped for the saved stand-ins, shortened: its first cell builds and trains under DP."""
+    from fedpeft.spec_io import load_spec
+    from fedpeft.sweep import cells
+
+    spec = load_spec(Path(__file__).parents[1] / "simulations" / "glue-fedsvd.toml")
+    assert (spec.model.name, spec.data.name) == ("FacebookAI/roberta-large", "nyu-mll/glue:sst2")
+    assert len(cells(spec, tmp_path)) == 5 * 3 * 5
+    local = spec.with_flat({
+        "model.name": str(own / "encoder"), "data.name": str(own / "saved"), "model.max_length": 32,
+        "federation.rounds": 1, "train.local_steps": 1, "train.batch_size": 16, "federation.device": "cpu",
+    })  # fmt: skip
+    first = cells(local, tmp_path)[0]
+    assert (first.spec.strategy.name, first.spec.privacy.epsilon) == ("fedsvd", float("inf"))
+    cell = first.spec.with_flat({"privacy.epsilon": 6.0})
+    result = Federation.build(cell).run(tmp_path / "cell")
+    assert 0 < result.summary["epsilon"] <= 6.0 and result.summary["test_examples"] == 37  # its validation split
