@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from fedpeft.config import ConfigError, Spec
+from fedpeft.plugins import load_plugins
 from fedpeft.registry import UnknownNameError
 from fedpeft.spec_io import load_spec, parse_overrides, resolve_spec
 
@@ -273,12 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="tables (CSV, Markdown) and plots of every finished run under DIR")
     rep.add_argument("dir", nargs="+", help="a sweep's (or any) directory of runs; several make one table")
     rep.add_argument("--out", help="where to write the report (default: the first DIR)")
-    rep.add_argument(
-        "--baseline",
-        action="append",
-        metavar="STRATEGY",
-        help="paired differences against it (repeatable; default fedavg)",
-    )
+    rep.add_argument("--baseline", action="append", metavar="STRATEGY", help="paired differences against it (repeatable; default fedavg)")  # fmt: skip
     rep.set_defaults(func=cmd_report)
 
     priv = sub.add_parser("privacy", help="calibrate sigma for a target epsilon, or compute epsilon")
@@ -304,10 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--out", help="write the results as JSON here")
     aud.set_defaults(func=cmd_audit)
 
-    pre = sub.add_parser(
-        "predict",
-        help="labels and probabilities for texts from a finished run's model (a causal LM: answers to prompts)",
-    )
+    pre = sub.add_parser("predict", help="labels and probabilities for texts from a finished run's model (a causal LM: answers to prompts)")  # fmt: skip
     pre.add_argument("run_dir", help="a finished run's directory (it holds the exported adapter)")
     pre.add_argument("texts", nargs="*", help="texts to label")
     pre.add_argument("--file", help="also label each non-empty line of FILE (- for stdin)")
@@ -324,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="list registered models, datasets, strategies and adapter families")
     lst.set_defaults(func=cmd_list)
+    for command in (sim, swp, aud, pre, lst):  # user code that registers models, datasets, strategies
+        command.add_argument("--plugin", action="append", default=[], metavar="MODULE_OR_FILE", help="import it first: it registers models, datasets or strategies (fedpeft.plugins)")  # fmt: skip
     return parser
 
 
@@ -331,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        load_plugins(getattr(args, "plugin", []))
         return args.func(args)
     except (ConfigError, UnknownNameError, ValueError) as exc:
         if os.environ.get("FEDPEFT_DEBUG"):

@@ -26,7 +26,7 @@ __all__ = [
 
 DEFAULT_SPEC = "quickstart.toml"
 # Keys of Flower's run-config that belong to the app, not to the spec.
-APP_KEYS = ("spec", "out", "resume", "allow-unbound")
+APP_KEYS = ("spec", "out", "resume", "allow-unbound", "plugins")
 
 
 # -- coercion: one function per field type -----------------------------------------------------

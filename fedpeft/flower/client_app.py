@@ -88,7 +88,9 @@ def make_app(node: Node | None = None) -> ClientApp:
         """One round of this node's sampled clients; the reply carries every upload (under
         secure aggregation, their weighted mean, which Flower's secaggplus mod masks)."""
         from fedpeft.flower import secagg, wire
+        from fedpeft.plugins import PLUGINS, load_plugins
 
+        load_plugins(str(context.node_config.get(PLUGINS, "")))  # the node operator's, never the server's
         node = the_node()
         if wire.is_secure_train(message.content):
             return Message(secagg.node_reply(node, message.content, context), reply_to=message)
@@ -102,7 +104,9 @@ def make_app(node: Node | None = None) -> ClientApp:
     def evaluate(message: Message, context: Context) -> Message:
         """This node's personalised models (FedSA) on the federation's test split."""
         from fedpeft.flower import wire
+        from fedpeft.plugins import PLUGINS, load_plugins
 
+        load_plugins(str(context.node_config.get(PLUGINS, "")))
         spec_json, adapter = wire.read_evaluate(message.content)
         return Message(wire.evaluate_reply(the_node().evaluate(spec_json, adapter, context)), reply_to=message)
 

@@ -23,6 +23,7 @@ from fedpeft.federation import Callbacks, Federation
 from fedpeft.flower.environment import runtime_install_warning
 from fedpeft.flower.executor import FlowerExecutor
 from fedpeft.plots import write_run_plot
+from fedpeft.plugins import PLUGINS, load_plugins
 from fedpeft.progress import fmt_metric
 from fedpeft.runfiles import SUMMARY, has_checkpoint, load_checkpoint
 from fedpeft.spec_io import default_spec, spec_from_run_config
@@ -92,6 +93,11 @@ def main(grid: Grid, context: Context) -> None:
     _show_progress()
     if warning := runtime_install_warning():
         log.warning(warning)
+    try:  # user code the operator names for this run (fedpeft.plugins), before the spec names it
+        load_plugins(str(context.run_config.get(PLUGINS, "")))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return
     spec = spec_from_run_config(context.run_config, default_spec())
     check_names(spec)
     allow_unbound = str(context.run_config.get("allow-unbound", "false")).lower() in ("true", "1", "yes")
