@@ -258,11 +258,26 @@ def evaluate(model: AdaptedModel, state: AdapterState, data: TokenizedData, batc
         return evaluate_lm(model.forward, data, batch_size, model.classifier.config.vocab_size)
     lengths = data.attention_mask.sum(1)
     order = torch.argsort(lengths, stable=True)
-    correct, loss_sum = 0, 0.0
+    loss_sum, k = 0.0, model.num_labels
+    confusion = torch.zeros(k, k, dtype=torch.float64)  # [true, predicted]
     for start in range(0, len(order), batch_size):
         input_ids, mask, labels = data.batch(order[start : start + batch_size])
         logits = model.forward(input_ids, mask).float().cpu()
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
+        confusion += torch.bincount(labels * k + logits.argmax(-1), minlength=k * k).reshape(k, k).double()
     n = max(len(data), 1)
-    return {"accuracy": correct / n, "loss": loss_sum / n}
+    return {"accuracy": float(confusion.trace()) / n, "loss": loss_sum / n, **class_scores(confusion)}
+
+
+def class_scores(confusion: torch.Tensor) -> dict[str, float]:
+    """Macro-F1 (the mean over classes of 2TP / (2TP + FP + FN), a class never true nor predicted left
+    out) and the Matthews correlation (Gorodkin's multi-class form; 0 when a side is constant) of a
+    confusion matrix [true, predicted]."""
+    tp = confusion.diag()
+    true, predicted, n = confusion.sum(1), confusion.sum(0), confusion.sum()
+    seen = (true + predicted) > 0
+    f1 = (2 * tp[seen] / (true[seen] + predicted[seen])).mean() if bool(seen.any()) else torch.tensor(0.0)
+    c = tp.sum()
+    denominator = torch.sqrt((n * n - (predicted * predicted).sum()) * (n * n - (true * true).sum()))
+    mcc = (c * n - (true * predicted).sum()) / denominator if float(denominator) > 0 else torch.tensor(0.0)
+    return {"f1_macro": float(f1), "mcc": float(mcc)}

@@ -295,7 +295,8 @@ class Federation:
         scores = self.executor.evaluate_personal(state, self.plan, on_test) if self.strategy.personal else []
         if not scores:
             return on_test(state)
-        return {key: sum(s[key] for s in scores) / len(scores) for key in scores[0]}
+        keys = [k for k in scores[0] if all(k in s for s in scores)]  # a node may send accuracy and loss only
+        return {key: sum(s[key] for s in scores) / len(scores) for key in keys}
 
     def _download_bytes(self, run: _Progress, cid: int) -> int:
         """What a sampled client received: the adapter (at its rank, without what it keeps) and the

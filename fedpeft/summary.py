@@ -61,6 +61,9 @@ def run_summary(
         "rounds": len(history),
         "accuracy": last["accuracy"],
         "loss": last["loss"],
+        # a classifier's macro-F1 and Matthews correlation on the test split after the last round
+        "f1_macro": last.get("f1_macro"),
+        "mcc": last.get("mcc"),
         # over the rounds scored on the whole test split (subset scores are not comparable)
         "best_accuracy": max(r["accuracy"] for r in whole),
         # the mean of the last three: less of one round's luck than the final

@@ -4,6 +4,7 @@ export."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -264,3 +265,26 @@ def test_eval_every_skips_rounds_but_always_evaluates_the_last(tmp_path):
     full = Federation.build(tiny_spec(federation__rounds=3)).run(tmp_path / "full")
     assert result.history[-1]["accuracy"] == full.history[-1]["accuracy"]  # the same run, fewer evaluations
     assert result.summary["best_accuracy"] == max(r["accuracy"] for r in result.history[1:])
+
+
+def test_macro_f1_and_mcc_match_their_definitions_and_are_recorded(tmp_path):
+    """The class scores against sklearn-free references computed by hand, and in rounds.jsonl and
+    summary.json of a run."""
+    from fedpeft.client import class_scores
+
+    # 3 classes: true rows, predicted columns
+    confusion = torch.tensor([[5.0, 1.0, 0.0], [2.0, 3.0, 1.0], [0.0, 0.0, 4.0]], dtype=torch.float64)
+    f1 = [2 * 5 / (6 + 7), 2 * 3 / (6 + 4), 2 * 4 / (4 + 5)]
+    n, c = 16.0, 12.0
+    t, p = [6.0, 6.0, 4.0], [7.0, 4.0, 5.0]
+    mcc = (c * n - sum(a * b for a, b in zip(t, p, strict=True))) / math.sqrt(
+        (n * n - sum(b * b for b in p)) * (n * n - sum(a * a for a in t))
+    )
+    scores = class_scores(confusion)
+    assert scores["f1_macro"] == pytest.approx(sum(f1) / 3) and scores["mcc"] == pytest.approx(mcc)
+    binary = class_scores(torch.tensor([[3.0, 1.0], [2.0, 4.0]], dtype=torch.float64))
+    assert binary["mcc"] == pytest.approx((3 * 4 - 1 * 2) / math.sqrt(4 * 6 * 5 * 5))  # the 2x2 formula
+    assert class_scores(torch.tensor([[4.0, 0.0], [6.0, 0.0]], dtype=torch.float64))["mcc"] == 0.0  # constant
+    result = _run(tiny_spec(federation__rounds=1), tmp_path / "run")
+    assert 0 <= result.summary["f1_macro"] <= 1 and -1 <= result.summary["mcc"] <= 1
+    assert result.history[-1]["f1_macro"] == result.summary["f1_macro"]

@@ -95,7 +95,7 @@ REPLY_FIELDS: dict[str, tuple[str, str]] = {
     "query:config.num-partitions": (PUBLIC, "how many partitions: node config"),
     "evaluate:metrics.<c>.accuracy": (DP_OUTPUT, "the personalised model (global adapter + the client's kept "
         "tensors, trained by DP-SGD) on the server's public test split: post-processing of DP output"),
-    "evaluate:metrics.<c>.loss": (DP_OUTPUT, "as evaluate:metrics.<c>.accuracy"),
+    **{f"evaluate:metrics.<c>.{key}": (DP_OUTPUT, "as evaluate:metrics.<c>.accuracy") for key in ("loss", "f1_macro", "mcc")},
 }
 # fmt: on
 _TRAIN_METRICS = {k.removeprefix("metrics.<c>."): v[0] for k, v in REPLY_FIELDS.items() if k.startswith("metrics.")}
@@ -336,14 +336,14 @@ def evaluate_reply(scores: dict[int, dict[str, float]]) -> RecordDict:
 
 
 def read_evaluate_reply(content: RecordDict, held: set[int]) -> list[dict[str, float]]:
-    """The personalised scores in an evaluate reply, one per client the node holds (`held`): exactly an
-    accuracy in [0, 1] and a finite loss >= 0. Any other record (a client the node does not hold, a
-    forged or impossible score) is left out."""
-    scores = []
+    """The personalised scores in an evaluate reply, one per client the node holds (`held`): an accuracy
+    in [0, 1], a finite loss >= 0, and a macro-F1 in [0, 1] and an MCC in [-1, 1] where given. Any other
+    record (a client the node does not hold, another key, an impossible score) is left out."""
+    scores, bounds = [], {"accuracy": (0.0, 1.0), "loss": (0.0, math.inf), "f1_macro": (0.0, 1.0), "mcc": (-1.0, 1.0)}
     for cid in sorted(held):
         record = content.metric_records.get(metrics_key(cid))
         values = dict(record.items()) if record is not None else {}
-        ok = set(values) == {"accuracy", "loss"} and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values())  # fmt: skip
-        if ok and 0.0 <= values["accuracy"] <= 1.0 and 0.0 <= values["loss"] < math.inf:
+        ok = {"accuracy", "loss"} <= set(values) <= set(bounds) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values())  # fmt: skip
+        if ok and all(bounds[k][0] <= v <= bounds[k][1] and v < math.inf for k, v in values.items()):
             scores.append({k: float(v) for k, v in values.items()})
     return scores
