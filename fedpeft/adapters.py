@@ -76,6 +76,7 @@ class AdaptedModel:
         self.causal = model_entry(cfg.name).task == "causal-lm"  # a causal LM (no head) or a classifier
         self.targets = cfg.targets or model_entry(cfg.name).default_targets
         self.family = FAMILIES.get(cfg.adapter)
+        base = base.to(self.device)  # before the adapters: injected into a model then moved, Opacus keeps stale ones
         if self.family.linear:
             inject(base, cfg.adapter, tuple(self.targets), cfg.rank, cfg.alpha / cfg.rank, cfg.dropout, seed)
             self.module, self.classifier, prefix = base.to(self.device), base, ""

@@ -135,6 +135,7 @@ def train_client(
         )
 
     losses = []
+    start_values = [p.detach().clone() for p in params] if dp is not None and dp.sigma > 0 else []
     module.train()
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # Opacus's hooks fire with no input requiring grad (frozen embeddings): expected, harmless.
@@ -173,6 +174,13 @@ def train_client(
             if dp is not None:
                 module.to_standard_module()  # remove Opacus hooks and attributes from the model
     model.module.eval()
+    stepped = any(opt.lr_at(round_num, step) > 0 for step in range(len(batches)))
+    if start_values and stepped and all(torch.equal(p, v) for p, v in zip(params, start_values, strict=True)):
+        raise RuntimeError(
+            f"client {client_id}: DP-SGD took {len(batches)} noised steps and the adapter did not move: the optimizer "
+            "steps parameters the model does not use (e.g. the model moved to another device after its adapters were "
+            "injected; Opacus #820, PEFT #3409)"
+        )
     if optimizer_state is not None:
         optimizer_state.clear()
         optimizer_state.update(torch_state(inner, named))

@@ -141,6 +141,18 @@ def test_adapter_moves_under_dp(setup):
     assert not model.module._forward_hooks
 
 
+def test_a_dp_round_whose_adapter_did_not_move_fails_loudly(setup, monkeypatch):
+    """The silent failure of Opacus 820 / PEFT 3409 (the optimizer stepping parameters the model does
+    not use: loss falls, epsilon accrues, the adapter never moves) is an error, not a result."""
+    from fedpeft.privacy.dpsgd import NodeDPOptimizer
+
+    model, data, state = setup
+    plan = _plan(model, {LORA_A, LORA_B}, steps=2)
+    monkeypatch.setattr(NodeDPOptimizer, "step", lambda self, closure=None: None)  # steps nothing the model holds
+    with pytest.raises(RuntimeError, match="client 0: DP-SGD took 2 noised steps and the adapter did not move"):
+        train_client(model, state, data, plan, client_id=0, seed=1, dp=DPSGD(0.8, 1.0))
+
+
 def test_frozen_factors_stay_frozen(setup):
     model, data, state = setup
     plan = dataclasses.replace(_plan(model, {LORA_B}, steps=2), uploads=tuple(model.names))
