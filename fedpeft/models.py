@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +210,8 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # ORG/NAME: a bare name is a
 def _auto_entry(source: str) -> ModelEntry:
     from fedpeft.config import ConfigError
 
+    if not Path(source).is_dir():  # the hub answers in seconds, or after its retries (~30 s) when unreachable
+        print(f"fedpeft: reading model {source} from the Hugging Face hub (or its cache)", file=sys.stderr, flush=True)
     try:
         from transformers import AutoConfig
 

@@ -14,6 +14,7 @@ optional `text_pair` (sentence pairs, passed to the tokenizer as a pair), `label
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,11 @@ def _read(source: str) -> dict[str, Any]:
         elif path.is_dir():
             loaded = datasets.load_from_disk(str(path))
         else:
+            print(
+                f"fedpeft: reading dataset {source} from the Hugging Face hub (or its cache)",
+                file=sys.stderr,
+                flush=True,
+            )
             hub, _, config = source.partition(":")
             loaded = datasets.load_dataset(hub, config or None)
     except ConfigError:
