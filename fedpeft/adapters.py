@@ -73,8 +73,9 @@ class AdaptedModel:
         self.num_labels = num_labels
         self.seed = seed
         base, self.tokenizer = build_model(cfg.name, num_labels, cfg.layers, seed)
-        self.causal = model_entry(cfg.name).task == "causal-lm"  # a causal LM (no head) or a classifier
-        self.targets = cfg.targets or model_entry(cfg.name).default_targets
+        entry = model_entry(cfg.name)
+        self.causal = entry.task == "causal-lm"  # a causal LM (no head) or a classifier
+        self.targets = cfg.targets or entry.default_targets
         self.family = FAMILIES.get(cfg.adapter)
         base = base.to(self.device)  # before the adapters: injected into a model then moved, Opacus keeps stale ones
         if self.family.linear:

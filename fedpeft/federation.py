@@ -33,7 +33,7 @@ from fedpeft.privacy.client_level import ClientLevelDP
 from fedpeft.spec_io import run_diff
 from fedpeft.state import BASE, AdapterState, ClientUpdate, kind_of
 from fedpeft.strategies import Strategy
-from fedpeft.summary import run_summary, server_epsilons
+from fedpeft.summary import nan_mean, run_summary, server_epsilons
 from fedpeft.validation import UpdateLimits, expected_reply, norm_outliers, outlier_factor, spec_limits, validate_update
 
 __all__ = ["Callbacks", "Federation", "RunResult", "sample_clients", "seed_for"]
@@ -207,7 +207,7 @@ class Federation:
                 "clients": [cid for cid, _ in reports],
                 "dropped": {str(k): v for k, v in dropped.items()},
                 "aggregated": aggregated,
-                "train_loss": _mean([m.get("train_loss", math.nan) for _, m in reports]),
+                "train_loss": nan_mean([m.get("train_loss", math.nan) for _, m in reports]),
                 "bytes_up": sum(
                     traffic.upload_bytes(u, run.state, spec.model.rank) * (len(reports) if secure else 1)
                     for u in accepted
@@ -305,8 +305,3 @@ class Federation:
         missed = run.base_bytes[run.last_sync.get(cid, 0) :]
         run.last_sync[cid] = len(run.base_bytes)
         return traffic.download_bytes(run.state, sent, client_rank(self.spec.model, cid), self.spec.model.rank, missed)
-
-
-def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if not math.isnan(v)]
-    return sum(values) / len(values) if values else None

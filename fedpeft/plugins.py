@@ -31,7 +31,8 @@ __all__ = ["PLUGINS", "load_plugins", "register_strategy"]
 PLUGINS = "plugins"  # the run-config and node-config key
 ENTRY_POINTS = "fedpeft.plugins"
 T = TypeVar("T")
-_loaded: set[str] = set()
+_loaded: set[str] = set()  # the plugins named so far, imported once each
+_entry_points_loaded = False
 
 
 def load_plugins(names: Iterable[str] | str = ()) -> None:
@@ -44,9 +45,10 @@ def load_plugins(names: Iterable[str] | str = ()) -> None:
         if name not in _loaded:
             _import(name)
             _loaded.add(name)
-    for point in entry_points(group=ENTRY_POINTS):
-        if f"entry point {point.value}" not in _loaded:
-            _loaded.add(f"entry point {point.value}")
+    global _entry_points_loaded
+    if not _entry_points_loaded:  # scanned once per process: a node calls this for every message
+        _entry_points_loaded = True
+        for point in entry_points(group=ENTRY_POINTS):
             point.load()
 
 

@@ -19,7 +19,7 @@ from fedpeft.state import kind_of
 if TYPE_CHECKING:
     from fedpeft.federation import Federation
 
-__all__ = ["run_summary", "server_epsilons"]
+__all__ = ["nan_mean", "run_summary", "server_epsilons"]
 
 log = logging.getLogger("fedpeft")
 
@@ -67,7 +67,7 @@ def run_summary(
         # over the rounds scored on the whole test split (subset scores are not comparable)
         "best_accuracy": max(r["accuracy"] for r in whole),
         # the mean of the last three: less of one round's luck than the final
-        "accuracy_last3": _mean([r["accuracy"] for r in whole[-3:]]),
+        "accuracy_last3": nan_mean([r["accuracy"] for r in whole[-3:]]),
         "accuracy_last3_rounds": [r["round"] for r in whole[-3:]],
         "adapter_change": last.get("adapter_change"),
         "majority_rate": fed.data.majority_rate,
@@ -96,6 +96,7 @@ def run_summary(
     }
 
 
-def _mean(values: list[float]) -> float | None:
+def nan_mean(values: list[float]) -> float | None:
+    """The mean of the values that are not NaN (None when none is)."""
     values = [v for v in values if not math.isnan(v)]
     return sum(values) / len(values) if values else None
